@@ -1,0 +1,80 @@
+"""StableAdamW (Wortsman et al. 2023, AdamW-Adafactor): AdamW whose step size is clipped per tensor.
+
+For each tensor, RMS = sqrt(mean(g^2 / max(v_hat, eps^2))) and the step uses lr / max(1, RMS), so a gradient
+much larger than its running second moment cannot throw the weights far; this replaces gradient clipping.
+We use torch-optimi's implementation. Its semantics, read from optimi 0.3.3:
+- Adam's bias correction is folded into the betas (debiased betas), which gives Adam's update exactly;
+  the denominator is sqrt(v_hat) + eps.
+- Weight decay is decoupled and shrinks by the clipped lr: w *= 1 - lr_t * wd. With `decouple_lr=True`
+  ("fully decoupled", as ModernBERT) it is w *= 1 - (lr_t / max_lr) * wd, so `weight_decay` is the
+  per-step decay at peak lr (1e-5 in ModernBERT's recipe) and follows the schedule's multiplier.
+  `max_lr` defaults to the `lr` the optimizer is built with, which the Composer schedulers multiply.
+- `kahan_sum=None` turns Kahan-compensated updates on for bf16/fp16 parameters (pure low-precision
+  training); fp32 master weights under autocast need none.
+- Its update runs in Triton kernels (CUDA) or a per-tensor loop; the `foreach` path is deprecated and
+  setting `foreach` at all would turn the Triton choice off, so it stays unset.
+"""
+
+from collections.abc import Iterable
+
+import optimi
+import torch
+from optimi.utils import HAS_TRITON
+from torch import nn
+
+from modernbert_train.optim.param_groups import NO_DECAY_CATEGORIES, param_groups
+
+
+class StableAdamW(optimi.StableAdamW):
+    """optimi's StableAdamW, choosing its Triton kernels only for parameter groups that live on a GPU.
+
+    optimi 0.3.3 makes that choice (`triton=None`) from a still empty list, so it picks Triton for CPU
+    tensors too whenever Triton imports, and the step fails. We choose at the first step instead, after
+    the Trainer has moved the model to its device.
+    """
+
+    def step(self, closure=None, param=None):
+        for group in self.param_groups:
+            if group["triton"] is None:
+                on_gpu = all(p.is_cuda for p in group["params"]) and torch.cuda.is_bf16_supported()
+                group["triton"] = HAS_TRITON and on_gpu
+        return super().step(closure, param)
+
+
+def build_optimizer(
+    model: nn.Module,
+    *,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.98),
+    eps: float = 1e-6,
+    weight_decay: float = 1e-5,
+    decouple_lr: bool = True,
+    no_decay: str | Iterable[str] = NO_DECAY_CATEGORIES,
+    kahan_sum: bool | None = None,
+    triton: bool | None = None,
+) -> StableAdamW:
+    """StableAdamW over `model`'s trainable parameters, without weight decay on the `no_decay` categories.
+
+    Defaults are ModernBERT's recipe (lr 8e-4 base / 5e-4 large). `no_decay` is a comma-separated string
+    or list drawn from 'norms', 'biases', 'embeddings'; ModernBERT itself decayed embeddings
+    (`no_decay='norms,biases'`).
+    """
+    betas = tuple(betas)
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"optimizer betas={list(betas)}: expected two values in [0, 1), e.g. [0.9, 0.98]")
+    if lr <= 0:
+        raise ValueError(f"optimizer lr={lr}: must be positive")
+    if weight_decay < 0:
+        raise ValueError(f"optimizer weight_decay={weight_decay}: must be >= 0")
+    if eps < 0:
+        raise ValueError(f"optimizer eps={eps}: must be >= 0")
+    return StableAdamW(
+        param_groups(model, weight_decay, no_decay),
+        lr=lr,
+        betas=betas,
+        eps=eps,
+        weight_decay=weight_decay,
+        decouple_lr=decouple_lr,
+        kahan_sum=kahan_sum,
+        triton=triton,
+    )

@@ -1,0 +1,208 @@
+"""StableAdamW through build_optimizer against plain torch math, and the weight-decay param groups."""
+
+import math
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+from modernbert_train.optim import build_optimizer, param_groups, split_by_weight_decay
+
+BETAS = (0.9, 0.98)
+EPS = 1e-6
+
+
+def reference_stable_adamw(
+    params, grads_per_step, lrs, *, weight_decay, decay_mask, decouple_lr, max_lr, clip
+):
+    """Adam with bias correction, per-tensor update clipping by RMS(g / sqrt(v_hat)), decoupled decay.
+
+    Returns the final parameters and the largest RMS seen, in float64.
+    """
+    params = [p.detach().double().clone() for p in params]
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    largest_rms = 0.0
+    for step, (grads, lr) in enumerate(zip(grads_per_step, lrs), start=1):
+        for i, (p, g) in enumerate(zip(params, grads)):
+            g = g.double()
+            m[i] = BETAS[0] * m[i] + (1 - BETAS[0]) * g
+            v[i] = BETAS[1] * v[i] + (1 - BETAS[1]) * g * g
+            m_hat = m[i] / (1 - BETAS[0] ** step)
+            v_hat = v[i] / (1 - BETAS[1] ** step)
+            rms = math.sqrt((g * g / torch.clamp(v_hat, min=EPS**2)).mean().item())
+            largest_rms = max(largest_rms, rms)
+            step_lr = lr / max(1.0, rms) if clip else lr
+            if decay_mask[i]:
+                p.mul_(1 - (step_lr / max_lr if decouple_lr else step_lr) * weight_decay)
+            p.sub_(step_lr * m_hat / (v_hat.sqrt() + EPS))
+    return params, largest_rms
+
+
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(6, 5)
+        self.norm = nn.LayerNorm(5)
+
+
+def gradient_steps(net, seed=0):
+    """Three small gradients, then one 300x larger.
+
+    Its RMS against v_hat, which already holds it, approaches sqrt((1 - b2^t) / (1 - b2)): 1.97 at step 4.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    scales = [1e-3, 2e-3, 1e-3, 0.3, 1e-3]
+    return [[torch.randn(p.shape, generator=gen) * s for p in net.parameters()] for s in scales]
+
+
+@pytest.mark.parametrize("decouple_lr", [False, True])
+def test_stable_adamw_matches_reference(decouple_lr):
+    torch.manual_seed(0)
+    net = TinyNet()
+    start = [p.detach().clone() for p in net.parameters()]
+    lr, weight_decay = 1e-2, (5e-4 if decouple_lr else 0.1)
+    opt = build_optimizer(
+        net, lr=lr, betas=BETAS, eps=EPS, weight_decay=weight_decay, decouple_lr=decouple_lr
+    )
+    steps = gradient_steps(net)
+    lrs = [lr, lr, lr / 2, lr / 2, lr / 4]  # as a scheduler would set them, to exercise max_lr
+    for grads, step_lr in zip(steps, lrs):
+        for group in opt.param_groups:
+            group["lr"] = step_lr
+        for p, g in zip(net.parameters(), grads):
+            p.grad = g.clone()
+        opt.step()
+
+    decay_mask = [True, False, False, False]  # proj.weight; proj.bias, norm.weight, norm.bias
+    kwargs = dict(weight_decay=weight_decay, decay_mask=decay_mask, decouple_lr=decouple_lr, max_lr=lr)
+    expected, largest_rms = reference_stable_adamw(start, steps, lrs, clip=True, **kwargs)
+    unclipped, _ = reference_stable_adamw(start, steps, lrs, clip=False, **kwargs)
+
+    assert largest_rms > 1.9  # the clipping branch ran
+    assert max((e - u).abs().max().item() for e, u in zip(expected, unclipped)) > 1e-3
+    for got, want in zip(net.parameters(), expected):
+        torch.testing.assert_close(got.detach().double(), want, rtol=0, atol=1e-6)
+
+
+def tiny_hf_modernbert():
+    config = transformers.ModernBertConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        global_attn_every_n_layers=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        cls_token_id=1,
+        sep_token_id=2,
+    )
+    return transformers.ModernBertForMaskedLM(config)
+
+
+def test_modernbert_groups_by_module():
+    model = tiny_hf_modernbert()
+    decayed, not_decayed = split_by_weight_decay(model, "norms,biases,embeddings")
+    assert set(decayed) == {
+        "head.dense.weight",
+        *(
+            f"model.layers.{i}.{w}.weight"
+            for i in range(2)
+            for w in ("attn.Wqkv", "attn.Wo", "mlp.Wi", "mlp.Wo")
+        ),
+    }
+    assert set(not_decayed) == {
+        "model.embeddings.tok_embeddings.weight",
+        "model.embeddings.norm.weight",
+        "model.layers.1.attn_norm.weight",  # layer 0's attn_norm is an Identity
+        "model.layers.0.mlp_norm.weight",
+        "model.layers.1.mlp_norm.weight",
+        "model.final_norm.weight",
+        "head.norm.weight",
+        "decoder.bias",
+    }
+    # The decoder weight is the token embedding: counted once, under the embedding's name.
+    assert model.decoder.weight is model.model.embeddings.tok_embeddings.weight
+    assert len(decayed) + len(not_decayed) == len(list(model.parameters()))
+
+    decayed, not_decayed = split_by_weight_decay(model, ["norms", "biases"])  # ModernBERT's own choice
+    assert "model.embeddings.tok_embeddings.weight" in decayed
+    decayed, not_decayed = split_by_weight_decay(model, "")
+    assert not not_decayed
+
+
+def test_decay_reaches_only_the_decayed_group():
+    """With zero gradients the Adam step is zero, so one step shows the weight decay alone."""
+    model = tiny_hf_modernbert()
+    model.model.layers[0].mlp.Wo.weight.requires_grad_(False)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    weight_decay = 1e-4
+    opt = build_optimizer(model, lr=8e-4, weight_decay=weight_decay)  # decouple_lr: w *= 1 - wd at peak lr
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p) if p.requires_grad else None
+    opt.step()
+    decayed, _ = split_by_weight_decay(model)
+    assert "model.layers.0.mlp.Wo.weight" not in decayed  # frozen: not in any group
+    for name, p in model.named_parameters():
+        factor = 1 - weight_decay if name in decayed else 1.0
+        torch.testing.assert_close(p.detach(), before[name] * factor, rtol=0, atol=1e-9)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters())) - 1
+
+
+def test_bf16_parameters_use_kahan_summation():
+    """Steps of 1e-3 vanish against a bf16 weight of 1.0 (spacing 2^-7) unless compensated."""
+    steps, lr = 100, 1e-3
+
+    def train(kahan_sum):
+        net = nn.Linear(4, 4, bias=False).to(torch.bfloat16)
+        nn.init.ones_(net.weight)
+        opt = build_optimizer(net, lr=lr, weight_decay=0.0, kahan_sum=kahan_sum)
+        for _ in range(steps):
+            net.weight.grad = torch.ones_like(net.weight)  # Adam's step is then exactly lr
+            opt.step()
+        return net.weight.float()
+
+    assert torch.all(train(kahan_sum=False) == 1.0)
+    torch.testing.assert_close(train(kahan_sum=None), torch.full((4, 4), 1 - steps * lr), rtol=0, atol=4e-3)
+
+
+def test_bad_optimizer_arguments_name_themselves():
+    net = TinyNet()
+    with pytest.raises(ValueError, match=r"^no_decay: unknown category 'bias'; choose from"):
+        param_groups(net, 0.1, "norms,bias")
+    with pytest.raises(ValueError, match=r"^optimizer betas=\[0.9\]: expected two values"):
+        build_optimizer(net, lr=1e-3, betas=[0.9])
+    with pytest.raises(ValueError, match=r"^optimizer lr=0: must be positive"):
+        build_optimizer(net, lr=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("triton", [False, None])
+def test_cuda_matches_reference(triton):
+    torch.manual_seed(0)
+    net = TinyNet().cuda()
+    start = [p.detach().cpu().clone() for p in net.parameters()]
+    lr, weight_decay = 1e-2, 5e-4
+    opt = build_optimizer(net, lr=lr, weight_decay=weight_decay, triton=triton)
+    steps = gradient_steps(net)
+    for grads in steps:
+        for p, g in zip(net.parameters(), grads):
+            p.grad = g.cuda()
+        opt.step()
+    expected, _ = reference_stable_adamw(
+        start,
+        steps,
+        [lr] * len(steps),
+        weight_decay=weight_decay,
+        decay_mask=[True, False, False, False],
+        decouple_lr=True,
+        max_lr=lr,
+        clip=True,
+    )
+    for got, want in zip(net.parameters(), expected):
+        torch.testing.assert_close(got.detach().cpu().double(), want, rtol=0, atol=1e-5)
