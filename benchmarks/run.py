@@ -33,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     names = (argv if argv is not None else sys.argv[1:]) or BENCHMARKS
     unknown = sorted(set(names) - set(BENCHMARKS))
     if unknown:
-        print(f"error: unknown benchmark {unknown[0]!r}; choose from {', '.join(BENCHMARKS)}", file=sys.stderr)
+        print(
+            f"error: unknown benchmark {unknown[0]!r}; choose from {', '.join(BENCHMARKS)}", file=sys.stderr
+        )
         return 2
     results = {"date": datetime.date.today().isoformat(), "machine": machine()}
     for name in names:

@@ -1,0 +1,274 @@
+"""PackedMLMDataset: a torch IterableDataset yielding whole packed, masked batches, resumable exactly.
+
+Producers. With a DataLoader of W workers each rank runs W producers (one with no workers). A
+producer reads its own part of the epoch (streaming's partition), splits each document into
+chunks, masks it, packs chunks into rows and rows into batches. Its whole state after a batch is
+small: (epoch, cursor into its sample list, keys of the buffered chunks, batches emitted). Every
+batch carries that snapshot under `pack_state`.
+
+Order. The loader (loader.py) keeps the batches in strict round robin over producers: the k-th
+batch of an epoch comes from producer k % W, and the epoch ends when the next producer has none
+left. The k-th batch of the epoch is therefore global batch `batches_before_epoch + k` on every
+rank, which is what the batch-size schedule is keyed on.
+
+Resume. The trainer pops `pack_state` with `observe(batch)` for each batch it trains on; the main
+process keeps the latest snapshot of each producer. `state_dict` returns them (from every rank
+under torch.distributed); `load_state_dict` stages them, and the next iteration restarts each
+producer from its snapshot, handing producer (k + w) % W to worker w so the round robin goes on
+where it stopped. The state format is documented in docs/internals.md.
+"""
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from streaming import StreamingDataset
+from streaming.base.world import World
+from torch.utils.data import IterableDataset, get_worker_info
+
+from modernbert_train.data.batch_schedule import BatchSizeSchedule
+from modernbert_train.data.chunking import chunk_bounds, wrap_chunk
+from modernbert_train.data.masking import IGNORE_INDEX, document_rng, mask_tokens
+from modernbert_train.data.mixture import ShardPrefetcher, epoch_sample_ids
+from modernbert_train.data.packing import BestFitPacker, Chunk, rows_to_batch
+from modernbert_train.data.tokens import TokenizerInfo
+
+STATE_FORMAT = "modernbert_train.data/packed-v1"
+
+
+class PackedMLMDataset(IterableDataset):
+    def __init__(
+        self,
+        samples: StreamingDataset,
+        *,
+        tokenizer: TokenizerInfo,
+        max_seq_len: int,
+        schedule: BatchSizeSchedule,
+        mlm_probability: float,
+        seed: int,
+        lookahead: int,
+        drop_last: bool = True,
+        resumable: bool = True,
+        prefetch_shards: bool = False,
+    ):
+        """`resumable=True` is the training stream: epochs advance by one per iteration, the last
+        partial batch of an epoch is dropped (`drop_last`), strict round robin, `pack_state` kept
+        for `observe`. `resumable=False` is evaluation: the same epoch every time, all batches."""
+        if max_seq_len < 3:
+            raise ValueError(f"max_seq_len must be >= 3 to hold [CLS] token [SEP], got {max_seq_len}")
+        if not 0.0 < mlm_probability < 1.0:
+            raise ValueError(f"mlm_probability must be in (0, 1), got {mlm_probability}")
+        self.samples = samples
+        self.tokenizer = tokenizer
+        self.max_seq_len = max_seq_len
+        self.schedule = schedule
+        self.mlm_probability = mlm_probability
+        self.seed = seed
+        self.lookahead = lookahead
+        self.drop_last = drop_last
+        self.resumable = resumable
+        self.prefetch_shards = prefetch_shards
+        world = World.detect()
+        self.rank, self.world_size = world.rank, world.num_ranks
+        if schedule.world_size != self.world_size:
+            raise ValueError(
+                f"world_size={schedule.world_size} but the environment has {self.world_size} ranks"
+            )
+
+        # Main-process bookkeeping: where the stream this rank trained on stands.
+        self.epoch = 0
+        self._iterated = False  # an iteration of self.epoch has begun
+        self._batches_seen = 0  # batches observed since training began, all epochs
+        self._batches_in_epoch = 0
+        self._num_producers = 1
+        self._observed: dict[int, dict[str, Any]] = {}  # producer -> latest pack_state
+        self._pending: dict[str, Any] | None = None  # this rank's state from load_state_dict
+        self._plan: dict[str, Any] | None = None  # what the current iteration's producers start from
+
+    # -- main process -------------------------------------------------------------------------
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next iteration cover `epoch` from its start (unless a loaded state already
+        resumes that epoch). Optional: without it each iteration advances one epoch."""
+        if self._pending is not None and self._pending["epoch"] == epoch:
+            return
+        self.epoch, self._iterated, self._pending = epoch, False, None
+
+    def begin_iteration(self, num_producers: int) -> dict[str, Any]:
+        """Decide what the producers of the coming iteration start from (the loader calls this
+        before its workers start, so they inherit the plan)."""
+        if self._pending is not None:
+            plan, self._pending = self._pending, None
+            saved = plan["num_producers"]
+            if saved is not None and saved != num_producers:
+                raise ValueError(
+                    f"data state was saved with num_workers={saved if saved > 1 else 0}; "
+                    f"resume needs the same num_workers, got {num_producers if num_producers > 1 else 0}"
+                )
+        else:
+            if self._iterated and self.resumable:
+                self.epoch += 1
+            plan = self._fresh_state(self.epoch)
+        plan = {**plan, "num_producers": num_producers}
+        self.epoch = plan["epoch"]
+        self._batches_seen = plan["batches_before_epoch"] + plan["batches_in_epoch"]
+        self._batches_in_epoch = plan["batches_in_epoch"]
+        self._observed = dict(plan["producers"])
+        self._num_producers = num_producers
+        self._iterated = True
+        self._plan = plan
+        return plan
+
+    def observe(self, batch: dict[str, Any]) -> None:
+        """Record the producer snapshot of a batch about to be trained on; pops `pack_state` so the
+        batch holds tensors only. A batch without one (already observed) is left alone."""
+        state = batch.pop("pack_state", None)
+        if state is None:
+            return
+        self._observed[state["producer"]] = state
+        self._batches_seen += 1
+        self._batches_in_epoch += 1
+
+    def state_dict(self, num_samples: int = -1, from_beginning: bool = True) -> dict[str, Any]:
+        """Every rank's stream state (Composer calls this on all ranks; rank 0 writes it).
+
+        `num_samples` is Composer's sample count in the current epoch: 0 after batches of this
+        epoch were observed means the epoch has ended, so the state points at the next epoch."""
+        del from_beginning  # we count batches ourselves
+        local = self._rank_state(num_samples)
+        if self.world_size > 1 and dist.is_available() and dist.is_initialized():
+            ranks: list[Any] = [None] * self.world_size
+            dist.all_gather_object(ranks, local)
+        else:
+            ranks = [local]
+        return {"format": STATE_FORMAT, "ranks": ranks}
+
+    def load_state_dict(self, obj: dict[str, Any] | None) -> None:
+        """Stage this rank's part of a `state_dict`; the next iteration resumes from it."""
+        if obj is None:
+            return
+        if not isinstance(obj, dict) or obj.get("format") != STATE_FORMAT:
+            raise ValueError(
+                f"data state: not a {STATE_FORMAT} state (was the checkpoint written by another loader?)"
+            )
+        ranks = obj["ranks"]
+        if len(ranks) != self.world_size:
+            raise ValueError(
+                f"data state was saved by {len(ranks)} rank(s); this run has {self.world_size}: "
+                "exact resume needs the same world size"
+            )
+        self._pending = ranks[self.rank]
+        self.epoch = self._pending["epoch"]
+
+    def _fresh_state(self, epoch: int) -> dict[str, Any]:
+        return {
+            "epoch": epoch,
+            "batches_before_epoch": self._batches_seen,
+            "batches_in_epoch": 0,
+            "num_producers": None,
+            "producers": {},
+        }
+
+    def _rank_state(self, num_samples: int) -> dict[str, Any]:
+        if self._pending is not None:
+            return self._pending
+        if not self._iterated:
+            return self._fresh_state(self.epoch)
+        if num_samples == 0 and self._batches_in_epoch > 0:
+            return self._fresh_state(self.epoch + 1 if self.resumable else self.epoch)
+        return {
+            "epoch": self.epoch,
+            "batches_before_epoch": self._batches_seen - self._batches_in_epoch,
+            "batches_in_epoch": self._batches_in_epoch,
+            "num_producers": self._num_producers,
+            "producers": dict(self._observed),
+        }
+
+    # -- producers (DataLoader workers, or the main process with num_workers=0) ---------------
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        # Not a generator function: the plan is read now, when the DataLoader creates its iterator.
+        plan = self._plan if self._plan is not None else {**self._fresh_state(self.epoch), "num_producers": 1}
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if num_workers != plan["num_producers"]:
+            raise RuntimeError(f"planned {plan['num_producers']} producers but running {num_workers} workers")
+        producer = (worker + plan["batches_in_epoch"]) % num_workers
+        return self._produce(plan, producer)
+
+    def _produce(self, plan: dict[str, Any], producer: int) -> Iterator[dict[str, Any]]:
+        num_producers, epoch = plan["num_producers"], plan["epoch"]
+        snapshot = plan["producers"].get(producer)
+        sample_ids = epoch_sample_ids(self.samples, epoch, producer, num_producers)
+        packer = BestFitPacker(self.max_seq_len, self.lookahead)
+        cursor, emitted = 0, 0
+        if snapshot is not None:
+            cursor, emitted = snapshot["cursor"], snapshot["batches_emitted"]
+            self._refill(packer, epoch, snapshot["buffer"])
+        prefetcher = ShardPrefetcher(self.samples, sample_ids, cursor) if self.prefetch_shards else None
+        try:
+            while True:
+                batch_index = plan["batches_before_epoch"] + producer + emitted * num_producers
+                wanted = self.schedule.rank_rows(batch_index)
+                rows = []
+                while len(rows) < wanted:
+                    while not packer.full and cursor < len(sample_ids):
+                        for chunk in self._document_chunks(epoch, int(sample_ids[cursor])):
+                            packer.add(chunk)
+                        cursor += 1
+                        if prefetcher is not None:
+                            prefetcher.position = cursor
+                    if not len(packer):
+                        break
+                    rows.append(packer.next_row())
+                if not rows or (len(rows) < wanted and self.drop_last):
+                    return
+                batch = rows_to_batch(rows, self.max_seq_len, self.tokenizer.pad_id)
+                emitted += 1
+                batch["pack_state"] = {
+                    "rank": self.rank,
+                    "producer": producer,
+                    "epoch": epoch,
+                    "cursor": cursor,
+                    "buffer": packer.buffered_keys(),
+                    "batches_emitted": emitted,
+                }
+                yield batch
+        finally:
+            if prefetcher is not None:
+                prefetcher.close()
+
+    def _document_chunks(self, epoch: int, sample_id: int) -> list[Chunk]:
+        tokens = self.samples[sample_id]["input_ids"]
+        if not len(tokens):
+            return []
+        rng = document_rng(self.seed, epoch, sample_id)
+        input_ids, labels = mask_tokens(tokens, rng, self.mlm_probability, self.tokenizer)
+        cls_id, sep_id = self.tokenizer.cls_id, self.tokenizer.sep_id
+        return [
+            Chunk(
+                key=(sample_id, i),
+                input_ids=wrap_chunk(input_ids[start:end], cls_id, sep_id),
+                labels=wrap_chunk(labels[start:end], IGNORE_INDEX, IGNORE_INDEX),
+            )
+            for i, (start, end) in enumerate(chunk_bounds(len(tokens), self.max_seq_len))
+        ]
+
+    def _refill(self, packer: BestFitPacker, epoch: int, keys: list[tuple[int, int]]) -> None:
+        """Put the buffered chunks of a snapshot back, in their order, re-reading their documents."""
+        documents: dict[int, list[Chunk]] = {}
+        for sample_id, chunk_index in keys:
+            if sample_id not in documents:
+                documents[sample_id] = self._document_chunks(epoch, sample_id)
+            packer.add(documents[sample_id][chunk_index])
+
+
+def batch_num_rows(batch: dict[str, Any]) -> int:
+    """Rows in a batch (Composer's samples), for a DataSpec: `pack_state` hides it from Composer's default."""
+    return int(batch["input_ids"].shape[0])
+
+
+def batch_num_tokens(batch: dict[str, Any]) -> int:
+    """Real (non-pad) tokens in a batch."""
+    return int(torch.count_nonzero(batch["attention_mask"]))

@@ -1,0 +1,177 @@
+"""Builders: sources + token ids -> PackedMLMDataset -> DataLoader of whole batches.
+
+Typical use (the Composer glue):
+
+    dataset = build_train_dataset(sources, tokenizer=TokenizerInfo(...), max_seq_len=1024,
+                                  global_batch_size=4608, micro_batch_size=96)
+    loader = build_dataloader(dataset, num_workers=4)
+    for batch in loader:            # Composer iterates; one batch per optimizer step
+        dataset.observe(batch)      # AFTER_DATALOADER callback: pops batch["pack_state"]
+    dataset.state_dict(n, True) / dataset.load_state_dict(obj)   # Composer checkpoints
+
+Side channel: `pack_state` rides in the batch from the worker that made it to `observe`, which
+runs only for batches the trainer really trains on (Composer drops a fetched batch when another
+rank ran out), so the recorded state is exactly the trained stream.
+"""
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from streaming.base.world import World
+from torch.utils.data import DataLoader
+
+from modernbert_train.data.batch_schedule import BatchSizeSchedule
+from modernbert_train.data.dataset import PackedMLMDataset
+from modernbert_train.data.mixture import build_sample_space
+from modernbert_train.data.tokens import TokenizerInfo
+
+
+class PackedLoader(DataLoader):
+    """A DataLoader (Composer finds `.dataset` through it) that plans each iteration in the main
+    process before its workers fork, and keeps training batches in strict round robin."""
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        dataset: PackedMLMDataset = self.dataset
+        num_producers = max(self.num_workers, 1)
+        plan = dataset.begin_iteration(num_producers)
+        for k, batch in enumerate(super().__iter__()):
+            if not dataset.resumable:
+                batch.pop("pack_state")
+            elif batch["pack_state"]["producer"] != (plan["batches_in_epoch"] + k) % num_producers:
+                return  # the producer due next has run dry: the epoch ends here, on every replay
+            yield batch
+
+
+def build_dataloader(
+    dataset: PackedMLMDataset, num_workers: int = 0, *, prefetch_factor: int = 2, pin_memory: bool = False
+) -> PackedLoader:
+    """A loader of whole batches (batch_size=None). Workers are not persistent: each iteration
+    forks them afresh so they inherit the plan (epoch, resume state) made in the main process."""
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    return PackedLoader(
+        dataset,
+        batch_size=None,
+        collate_fn=_as_is,  # batches are built whole; the default would walk every pack_state entry
+        num_workers=num_workers,
+        prefetch_factor=prefetch_factor if num_workers else None,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+    )
+
+
+def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
+    return batch
+
+
+def build_train_dataset(
+    sources: Sequence[dict[str, Any]],
+    *,
+    tokenizer: TokenizerInfo,
+    max_seq_len: int,
+    global_batch_size: int,
+    micro_batch_size: int = 1,
+    world_size: int | None = None,
+    mlm_probability: float = 0.3,
+    seed: int = 17,
+    lookahead: int = 512,
+    batch_size_warmup: dict[str, int] | None = None,
+    shuffle: bool = True,
+    shuffle_algo: str = "py1e",
+    shuffle_block_size: int | None = None,
+    num_canonical_nodes: int | None = None,
+    epoch_size: int | None = None,
+    predownload: int | None = None,
+    cache_limit: int | str | None = None,
+    drop_last: bool = True,
+) -> PackedMLMDataset:
+    """The training stream.
+
+    sources: list of {name?, local and/or remote, split?, proportion | repeat | choose} (streaming's
+        Stream arguments). global_batch_size: rows (sequences of max_seq_len slots) per optimizer
+        step, all ranks together. world_size: defaults to the environment's (RANK/WORLD_SIZE).
+    batch_size_warmup: {"start": rows, "tokens": row slots} grows the batch linearly from `start`
+        to global_batch_size over that many tokens, in steps of micro_batch_size * world_size.
+    lookahead: chunks buffered for best-fit packing. epoch_size: samples per epoch (streaming).
+    """
+    world_size = _world_size(world_size)
+    warmup = _parse_warmup(batch_size_warmup)
+    schedule = BatchSizeSchedule(
+        global_rows=global_batch_size,
+        max_seq_len=max_seq_len,
+        micro_batch_size=micro_batch_size,
+        world_size=world_size,
+        **warmup,
+    )
+    samples = build_sample_space(
+        sources,
+        shuffle=shuffle,
+        seed=seed,
+        shuffle_algo=shuffle_algo,
+        shuffle_block_size=shuffle_block_size,
+        num_canonical_nodes=num_canonical_nodes,
+        epoch_size=epoch_size,
+        predownload=predownload,
+        cache_limit=cache_limit,
+    )
+    return PackedMLMDataset(
+        samples,
+        tokenizer=tokenizer,
+        max_seq_len=max_seq_len,
+        schedule=schedule,
+        mlm_probability=mlm_probability,
+        seed=seed,
+        lookahead=lookahead,
+        drop_last=drop_last,
+        resumable=True,
+        prefetch_shards=any(source.get("remote") for source in sources),
+    )
+
+
+def build_eval_dataset(
+    sources: Sequence[dict[str, Any]],
+    *,
+    tokenizer: TokenizerInfo,
+    max_seq_len: int,
+    global_batch_size: int,
+    world_size: int | None = None,
+    mlm_probability: float = 0.15,
+    seed: int = 17,
+    lookahead: int = 512,
+) -> PackedMLMDataset:
+    """The evaluation stream: no shuffling, fixed masks, every iteration identical and finite, the
+    last partial batch kept."""
+    world_size = _world_size(world_size)
+    samples = build_sample_space(sources, shuffle=False, seed=seed)
+    return PackedMLMDataset(
+        samples,
+        tokenizer=tokenizer,
+        max_seq_len=max_seq_len,
+        schedule=BatchSizeSchedule(
+            global_rows=global_batch_size, max_seq_len=max_seq_len, world_size=world_size
+        ),
+        mlm_probability=mlm_probability,
+        seed=seed,
+        lookahead=lookahead,
+        drop_last=False,
+        resumable=False,
+        prefetch_shards=any(source.get("remote") for source in sources),
+    )
+
+
+def _world_size(world_size: int | None) -> int:
+    detected = World.detect().num_ranks
+    if world_size is not None and world_size != detected:
+        raise ValueError(f"world_size={world_size} but the environment (WORLD_SIZE) has {detected} ranks")
+    return detected
+
+
+def _parse_warmup(config: dict[str, int] | None) -> dict[str, int]:
+    if config is None:
+        return {}
+    if not isinstance(config, dict) or set(config) != {"start", "tokens"}:
+        raise ValueError(f"batch_size_warmup: expected {{start: rows, tokens: count}}, got {config!r}")
+    for key in ("start", "tokens"):
+        if isinstance(config[key], bool) or not isinstance(config[key], int):
+            raise ValueError(f"batch_size_warmup.{key}: expected an integer, got {config[key]!r}")
+    return {"start_rows": config["start"], "warmup_tokens": config["tokens"]}

@@ -1,0 +1,140 @@
+"""The sample space: a mixture of MDS sources as one streaming `StreamingDataset`.
+
+Streaming does the mixing (proportion / repeat / choose), the shard-aware shuffle, the partition
+over nodes, ranks and workers, and the downloads and caching of remote shards. We only read its
+per-(rank, worker) sample order for an epoch (`epoch_sample_ids`) and fetch samples by id, so a
+packer can restart from any position in that order without replaying the epoch.
+"""
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from streaming import Stream, StreamingDataset
+from streaming.base.world import World
+
+SOURCE_KEYS = ("name", "local", "remote", "split", "proportion", "repeat", "choose")
+
+
+def validate_sources(sources: Sequence[dict[str, Any]]) -> None:
+    """One-line errors naming the source index and key."""
+    if isinstance(sources, dict) or not isinstance(sources, Sequence) or not sources:
+        raise ValueError(
+            "data sources: expected a non-empty list of {local|remote, proportion|repeat|choose}"
+        )
+    weighted_by_proportion = None
+    for i, source in enumerate(sources):
+        where = f"data source {i}" + (
+            f" ({source['name']})" if isinstance(source, dict) and "name" in source else ""
+        )
+        if not isinstance(source, dict):
+            raise ValueError(f"{where}: expected a mapping, got {type(source).__name__}")
+        unknown = sorted(set(source) - set(SOURCE_KEYS))
+        if unknown:
+            raise ValueError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(SOURCE_KEYS)})")
+        if not source.get("local") and not source.get("remote"):
+            raise ValueError(f"{where}: needs 'local' or 'remote'")
+        for key in ("name", "local", "remote", "split"):
+            if key in source and not isinstance(source[key], str):
+                raise ValueError(f"{where}: {key!r} must be a string, got {source[key]!r}")
+        weights = [key for key in ("proportion", "repeat", "choose") if key in source]
+        if len(weights) > 1:
+            raise ValueError(f"{where}: give at most one of 'proportion', 'repeat', 'choose' (got {weights})")
+        for key in weights:
+            value = source[key]
+            valid = isinstance(value, int) if key == "choose" else isinstance(value, (int, float))
+            if isinstance(value, bool) or not valid or value <= 0:
+                raise ValueError(f"{where}: {key!r} must be a positive number, got {value!r}")
+        has_proportion = "proportion" in source
+        if weighted_by_proportion is None:
+            weighted_by_proportion = has_proportion
+        elif has_proportion != weighted_by_proportion:
+            raise ValueError(
+                f"{where}: 'proportion' cannot be mixed with 'repeat'/'choose'/unweighted sources"
+            )
+
+
+def build_sample_space(
+    sources: Sequence[dict[str, Any]],
+    *,
+    shuffle: bool,
+    seed: int,
+    shuffle_algo: str = "py1e",
+    shuffle_block_size: int | None = None,
+    num_canonical_nodes: int | None = None,
+    epoch_size: int | None = None,
+    predownload: int | None = None,
+    cache_limit: int | str | None = None,
+) -> StreamingDataset:
+    """One StreamingDataset over every source. Build it in the main process; iterate it only
+    through `epoch_sample_ids` (in DataLoader workers, or in the main process with no workers)."""
+    validate_sources(sources)
+    streams = [Stream(**{key: value for key, value in source.items() if key != "name"}) for source in sources]
+    if num_canonical_nodes is None:
+        num_canonical_nodes = World.detect().num_nodes
+    if shuffle_block_size is None:
+        shuffle_block_size = max(4_000_000 // num_canonical_nodes, 1 << 18)  # streaming's own default
+    return StreamingDataset(
+        streams=streams,
+        shuffle=shuffle,
+        shuffle_algo=shuffle_algo,
+        shuffle_seed=seed,
+        shuffle_block_size=shuffle_block_size,
+        num_canonical_nodes=num_canonical_nodes,
+        epoch_size=epoch_size,
+        predownload=predownload,
+        cache_limit=cache_limit,
+        batch_size=1,  # streaming groups samples into device batches; we pack, so one sample each
+    )
+
+
+def epoch_sample_ids(samples: StreamingDataset, epoch: int, producer: int, num_producers: int) -> np.ndarray:
+    """The sample ids producer `producer` of this rank reads in `epoch`, in order.
+
+    This is streaming's own partition (`_get_work`, what `StreamingDataset.__iter__` iterates),
+    asked for a given producer so a resumed run can hand a producer's work to any worker. Every
+    DataLoader worker of every rank on the node must call it together (streaming computes the
+    epoch once per node and shares it through shared memory). Private API of the pinned
+    mosaicml-streaming 0.13.0.
+    """
+    samples._unique_worker_world = samples._unique_rank_world.detect_workers()
+    rank_world = samples._parallel_rank_world
+    samples._parallel_worker_world = World(
+        num_nodes=rank_world.num_nodes,
+        ranks_per_node=rank_world.ranks_per_node,
+        workers_per_rank=num_producers,
+        worker=rank_world.rank * num_producers + producer,
+    )
+    ids = samples._get_work(epoch, 0)
+    return ids[ids >= 0]  # -1 pads the partition; it names no sample
+
+
+class ShardPrefetcher:
+    """Downloads the shards of upcoming samples in a background thread, a bounded distance ahead
+    of the reader, so remote streams don't stall the packer. Local streams need none."""
+
+    def __init__(self, samples: StreamingDataset, sample_ids: np.ndarray, start: int, ahead: int = 256):
+        self._samples = samples
+        self._shard_ids = samples.spanner  # sample id -> (shard id, index in shard)
+        self._sample_ids = sample_ids
+        self._ahead = ahead
+        self.position = start  # the reader advances this
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(start,), daemon=True)
+        self._thread.start()
+
+    def _run(self, next_index: int) -> None:
+        prepared: set[int] = set()
+        while next_index < len(self._sample_ids) and not self._stop.is_set():
+            if next_index >= self.position + self._ahead:
+                self._stop.wait(0.01)
+                continue
+            shard_id, _ = self._shard_ids[int(self._sample_ids[next_index])]
+            if shard_id not in prepared:
+                self._samples.prepare_shard(shard_id, blocking=False)
+                prepared.add(shard_id)
+            next_index += 1
+
+    def close(self) -> None:
+        self._stop.set()

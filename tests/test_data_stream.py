@@ -1,0 +1,245 @@
+"""The packed stream end to end: exact resume, epochs, mixture, eval determinism, ranks, bad input."""
+
+import json
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from modernbert_train.data import TokenizerInfo, build_dataloader, build_eval_dataset, build_train_dataset
+from modernbert_train.data.synthetic import write_synthetic_mds
+
+INFO = TokenizerInfo(pad_id=0, cls_id=1, sep_id=2, mask_id=3, vocab_size=1000)
+KEYS = ("input_ids", "attention_mask", "labels", "seq_lens")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("corpus") / "mds"
+    write_synthetic_mds(out, 400, seed=5, median=60, size_limit=1 << 14)
+    return str(out)
+
+
+def train_dataset(corpus: str):
+    return build_train_dataset(
+        [{"local": corpus}],
+        tokenizer=INFO,
+        max_seq_len=128,
+        global_batch_size=8,
+        micro_batch_size=2,
+        lookahead=48,
+        batch_size_warmup={"start": 2, "tokens": 20 * 128 * 4},
+        seed=3,
+    )
+
+
+def run(dataset, loader, epochs: int, stop_after: int | None = None):
+    """Iterate like Composer: observe each batch; optionally stop after `stop_after` batches and
+    return the state Composer would checkpoint (num_samples = rows trained in this epoch)."""
+    batches = []
+    for _ in range(epochs):
+        rows_in_epoch = 0
+        for batch in loader:
+            dataset.observe(batch)
+            assert "pack_state" not in batch
+            batches.append(batch)
+            rows_in_epoch += batch["input_ids"].shape[0]
+            if len(batches) == stop_after:
+                return batches, pickle.loads(pickle.dumps(dataset.state_dict(rows_in_epoch, True)))
+    return batches, pickle.loads(pickle.dumps(dataset.state_dict(0, True)))
+
+
+def assert_same(a: list, b: list):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        for key in KEYS:
+            assert torch.equal(x[key], y[key]), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_exact_resume_mid_epoch_and_across_the_epoch_boundary(corpus, num_workers):
+    dataset = train_dataset(corpus)
+    full, _ = run(dataset, build_dataloader(dataset, num_workers), epochs=2)
+    sizes = [b["input_ids"].shape[0] for b in full]
+    assert sizes[0] == 2 and max(sizes) == 8  # batch-size warmup reached the full batch
+
+    for stop in (7, 12):
+        first = train_dataset(corpus)
+        head, state = run(first, build_dataloader(first, num_workers), epochs=1, stop_after=stop)
+        resumed = train_dataset(corpus)
+        resumed.load_state_dict(state)
+        loader = build_dataloader(resumed, num_workers)
+        tail = [b for b in loader if resumed.observe(b) is None]  # rest of epoch 0
+        tail += [b for b in loader if resumed.observe(b) is None]  # epoch 1
+        assert_same(head + tail, full)
+
+
+@pytest.mark.slow
+def test_resume_at_epoch_end_starts_the_next_epoch(corpus):
+    dataset = train_dataset(corpus)
+    loader = build_dataloader(dataset)
+    epoch0, state = run(dataset, loader, epochs=1)
+    epoch1, _ = run(dataset, loader, epochs=1)
+    assert state["ranks"][0]["epoch"] == 1 and state["ranks"][0]["batches_before_epoch"] == len(epoch0)
+    resumed = train_dataset(corpus)
+    resumed.load_state_dict(state)
+    again, _ = run(resumed, build_dataloader(resumed), epochs=1)
+    assert_same(again, epoch1)
+    # epochs reshuffle and remask: the second epoch is not the first one again
+    assert not torch.equal(epoch0[-1]["input_ids"], epoch1[-1]["input_ids"])
+
+
+def test_resume_rejects_a_different_worker_count(corpus):
+    dataset = train_dataset(corpus)
+    _, state = run(dataset, build_dataloader(dataset), epochs=1, stop_after=2)
+    resumed = train_dataset(corpus)
+    resumed.load_state_dict(state)
+    with pytest.raises(ValueError, match="resume needs the same num_workers, got 2"):
+        next(iter(build_dataloader(resumed, num_workers=2)))
+
+
+def test_eval_stream_is_deterministic_and_finite(corpus):
+    def eval_batches(num_workers):
+        dataset = build_eval_dataset(
+            [{"local": corpus}], tokenizer=INFO, max_seq_len=128, global_batch_size=4
+        )
+        loader = build_dataloader(dataset, num_workers)
+        return list(loader), list(loader)
+
+    first, second = eval_batches(0)
+    assert_same(first, second)
+    assert all("pack_state" not in b for b in first)
+    masked = sum(int((b["labels"] != -100).sum()) for b in first)
+    real = sum(int(b["attention_mask"].sum()) for b in first)
+    specials = 2 * sum(int((b["seq_lens"] > 0).sum()) for b in first)
+    assert abs(masked / (real - specials) - 0.15) < 0.02
+
+
+def test_masks_do_not_depend_on_worker_count(corpus):
+    """Same (seed, epoch, sample): same masked tokens, whichever worker packs the document."""
+
+    def masked_documents(num_workers):
+        dataset = build_eval_dataset(
+            [{"local": corpus}], tokenizer=INFO, max_seq_len=128, global_batch_size=4
+        )
+        pieces = set()
+        for batch in build_dataloader(dataset, num_workers):
+            for ids, labels, lens in zip(batch["input_ids"], batch["labels"], batch["seq_lens"]):
+                for piece in torch.split(
+                    torch.stack([ids, labels])[:, : int(lens.sum())], lens[lens > 0].tolist(), 1
+                ):
+                    pieces.add(tuple(piece.flatten().tolist()))
+        return pieces
+
+    assert masked_documents(0) == masked_documents(2)
+
+
+def test_two_source_mixture_proportions(tmp_path):
+    write_synthetic_mds(tmp_path / "a", 300, seed=1, median=20, token_range=(5, 500))
+    write_synthetic_mds(tmp_path / "b", 900, seed=2, median=20, token_range=(500, 1000))
+    sources = [
+        {"name": "a", "local": str(tmp_path / "a"), "proportion": 0.75},
+        {"name": "b", "local": str(tmp_path / "b"), "proportion": 0.25},
+    ]
+    dataset = build_train_dataset(
+        sources, tokenizer=INFO, max_seq_len=512, global_batch_size=4, epoch_size=2000, lookahead=64
+    )
+    from_a = from_b = 0
+    for batch in build_dataloader(dataset):
+        dataset.observe(batch)
+        starts = torch.cumsum(batch["seq_lens"], 1) - batch["seq_lens"] + 1  # first body token of each piece
+        original = torch.where(batch["labels"] != -100, batch["labels"], batch["input_ids"])
+        for row, row_starts, lens in zip(original, starts, batch["seq_lens"]):
+            first_tokens = row[row_starts[lens > 0]]
+            from_b += int((first_tokens >= 500).sum())
+            from_a += int(((first_tokens >= 5) & (first_tokens < 500)).sum())
+    share_a = from_a / (from_a + from_b)
+    assert from_a + from_b > 1800
+    assert abs(share_a - 0.75) < 0.03, share_a
+
+
+@pytest.mark.parametrize(
+    ("sources", "message"),
+    [
+        ([{"local": "x", "propotion": 1}], "data source 0: unknown key 'propotion'"),
+        ([{"name": "web"}], r"data source 0 \(web\): needs 'local' or 'remote'"),
+        ([{"local": "x", "proportion": 1, "repeat": 2}], "data source 0: give at most one of"),
+        (
+            [{"local": "x", "proportion": 1}, {"local": "y", "repeat": 2}],
+            "data source 1: 'proportion' cannot be",
+        ),
+        ([{"local": "x", "proportion": -1}], "data source 0: 'proportion' must be a positive number"),
+        ({"local": "x"}, "data sources: expected a non-empty list"),
+    ],
+)
+def test_bad_sources_give_one_line_errors(sources, message):
+    with pytest.raises(ValueError, match=message) as error:
+        build_train_dataset(sources, tokenizer=INFO, max_seq_len=64, global_batch_size=2)
+    assert "\n" not in str(error.value)
+
+
+def test_bad_batch_size_warmup_is_named(corpus):
+    with pytest.raises(ValueError, match="batch_size_warmup: expected"):
+        build_train_dataset(
+            [{"local": corpus}],
+            tokenizer=INFO,
+            max_seq_len=64,
+            global_batch_size=2,
+            batch_size_warmup={"start": 1},
+        )
+
+
+RANK_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import torch.distributed as dist
+    from modernbert_train.data import TokenizerInfo, build_dataloader, build_eval_dataset, build_train_dataset
+
+    corpus, out = sys.argv[1], sys.argv[2]
+    dist.init_process_group("gloo")
+    info = TokenizerInfo(pad_id=0, cls_id=1, sep_id=2, mask_id=3, vocab_size=1000)
+    evaluation = build_eval_dataset([{"local": corpus}], tokenizer=info, max_seq_len=128, global_batch_size=4)
+    firsts = []
+    for batch in build_dataloader(evaluation):
+        starts = (batch["seq_lens"].cumsum(1) - batch["seq_lens"]).tolist()
+        for row, row_starts, lens in zip(batch["input_ids"].tolist(), starts, batch["seq_lens"].tolist()):
+            firsts += [row[s : s + n] for s, n in zip(row_starts, lens) if n]
+    train = build_train_dataset([{"local": corpus}], tokenizer=info, max_seq_len=128, global_batch_size=4)
+    batch = next(iter(build_dataloader(train)))
+    train.observe(batch)
+    state = train.state_dict(batch["input_ids"].shape[0], True)
+    ranks = [r["producers"][0]["rank"] for r in state["ranks"]]
+    json.dump({"pieces": firsts, "ranks": ranks}, open(out, "w"))
+    dist.destroy_process_group()
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_ranks_see_disjoint_data_and_gather_state(corpus, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TMPDIR=str(tmp_path))
+        cmd = [sys.executable, str(script), corpus, str(tmp_path / f"rank{rank}.json")]
+        procs.append(subprocess.Popen(cmd, env=env, cwd=Path(__file__).parents[1], stderr=subprocess.PIPE))
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err.decode()[-2000:]
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["ranks"] for r in results] == [[0, 1], [0, 1]]  # each rank's state gathered everywhere
+    pieces = [{tuple(p) for p in r["pieces"]} for r in results]
+    total = len(pieces[0]) + len(pieces[1])
+    assert total > 400 and len(pieces[0] & pieces[1]) <= 2  # streaming pads the split with <= world repeats
