@@ -1,0 +1,197 @@
+"""`modernbert-data`: shard text into MDS, inspect a shard folder, train a tokenizer.
+
+Exit status: 0 done; 1 done but some input file could not be read (reported), or an unexpected error;
+2 bad usage (unknown flag, missing input or tokenizer, existing output without --overwrite).
+Errors are one line; `--debug` shows the traceback of unexpected ones.
+"""
+
+import argparse
+import itertools
+import json
+import os
+import sys
+from pathlib import Path
+
+from data_prep.errors import UsageError
+from data_prep.read_report import ReadReport
+
+EXIT_INPUT_PROBLEM = 1
+EXIT_USAGE = 2
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a usage error is a single line naming the problem (no usage dump)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _add_input_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--input",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="PATH",
+        help="file or folder (recursive): .jsonl[.gz|.zst], .parquet, any other text file",
+    )
+    parser.add_argument("--text-field", default="text", help="jsonl key / parquet column of the text")
+    parser.add_argument(
+        "--hf-dataset", metavar="NAME", help="a Hugging Face dataset (hub name or local folder)"
+    )
+    parser.add_argument("--hf-split", default="train", metavar="SPLIT")
+    parser.add_argument("--hf-config", metavar="CONFIG")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = OneLineErrorParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
+    parser = OneLineErrorParser(prog="modernbert-data", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    shard = commands.add_parser("shard", parents=[common], help="tokenize documents into MDS shards")
+    _add_input_arguments(shard)
+    shard.add_argument("--output", required=True, type=Path, metavar="DIR")
+    shard.add_argument(
+        "--tokenizer",
+        required=True,
+        metavar="TOK",
+        help="a tokenizer.json, a folder holding one, or a hub name",
+    )
+    shard.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=len(os.sched_getaffinity(0)),
+        help="tokenizer processes (default: the CPUs this process may use)",
+    )
+    shard.add_argument("--size-limit", default="64mb", help="uncompressed bytes per shard (e.g. 64mb)")
+    shard.add_argument("--source", metavar="NAME", help="source name of every document (default: input name)")
+
+    inspect = commands.add_parser("inspect", parents=[common], help="count documents and tokens in DIR")
+    inspect.add_argument("dir", type=Path, metavar="DIR")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object")
+
+    train = commands.add_parser("train-tokenizer", parents=[common], help="train a byte-level BPE tokenizer")
+    _add_input_arguments(train)
+    train.add_argument("--output", required=True, type=Path, metavar="DIR")
+    train.add_argument("--vocab-size", type=_positive_int, default=32768, help="a multiple of 64")
+    return parser
+
+
+def _documents(args, report: ReadReport, source: str | None = None):
+    """The documents of --input and --hf-dataset, in that order (inputs and datasets resolved now)."""
+    from data_prep.readers import expand_inputs, read_documents
+
+    if not args.input and not args.hf_dataset:
+        raise UsageError("give at least one --input PATH or --hf-dataset NAME")
+    inputs = expand_inputs(args.input, source, report)
+    streams = [read_documents(inputs, args.text_field, report)]
+    if args.hf_dataset:
+        from data_prep.hf_dataset import open_hf_dataset, read_hf_documents
+
+        dataset = open_hf_dataset(args.hf_dataset, args.hf_split, args.hf_config, args.text_field)
+        origin = f"{args.hf_dataset}[{args.hf_split}]"
+        name = source or Path(args.hf_dataset).name
+        streams.append(read_hf_documents(dataset, origin, name, args.text_field, report))
+    return itertools.chain.from_iterable(streams)
+
+
+def _finish(report: ReadReport) -> int:
+    for line in report.summary_lines():
+        print(line, file=sys.stderr)
+    return EXIT_INPUT_PROBLEM if report.unreadable else 0
+
+
+def run_shard(args) -> int:
+    from data_prep.output_dir import check_output_free
+    from data_prep.shard import parse_size_limit, shard
+    from data_prep.tokenizer_load import load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    size_limit = parse_size_limit(args.size_limit)
+    check_output_free(args.output, args.overwrite)
+    report = ReadReport()
+    documents = _documents(args, report, args.source)
+    metadata = shard(
+        documents,
+        args.output,
+        tokenizer,
+        report=report,
+        workers=args.workers,
+        size_limit=size_limit,
+        overwrite=args.overwrite,
+        progress=sys.stderr.isatty(),
+        inputs=args.input + ([f"hf:{args.hf_dataset}[{args.hf_split}]"] if args.hf_dataset else []),
+        text_field=args.text_field,
+    )
+    print(
+        f"wrote {metadata['documents']:,} documents, {metadata['tokens']:,} tokens "
+        f"({metadata['dtype']}, {metadata['shards']} shard(s)) to {args.output}"
+    )
+    for name, counts in metadata["sources"].items():
+        print(f"  {name}: {counts['documents']:,} documents, {counts['tokens']:,} tokens")
+    return _finish(report)
+
+
+def run_inspect(args) -> int:
+    from data_prep.inspect_shards import format_report, inspect_folder
+
+    result = inspect_folder(args.dir)
+    print(json.dumps(result) if args.json else format_report(result))
+    return 0
+
+
+def run_train_tokenizer(args) -> int:
+    from data_prep.output_dir import check_output_free
+    from data_prep.tokenizer_train import check_vocab_size, train_tokenizer
+
+    check_vocab_size(args.vocab_size)
+    check_output_free(args.output, args.overwrite)
+    report = ReadReport()
+    texts = (document.text for document in _documents(args, report))
+    tokenizer = train_tokenizer(texts, args.output, args.vocab_size, overwrite=args.overwrite)
+    print(f"wrote a {tokenizer.get_vocab_size():,}-token tokenizer to {args.output}")
+    return _finish(report)
+
+
+COMMANDS = {"shard": run_shard, "inspect": run_inspect, "train-tokenizer": run_train_tokenizer}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit:  # --help, or a usage error already printed
+        return exit.code
+    try:
+        return COMMANDS[args.command](args)
+    except UsageError as error:
+        print(f"modernbert-data {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"modernbert-data {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if args.debug:
+            raise
+        message = " ".join(str(error).split())
+        print(
+            f"modernbert-data {args.command}: error: {type(error).__name__}: {message} "
+            "(--debug shows the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_INPUT_PROBLEM
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""Tokenize whole documents in worker processes and write them, in input order, as MDS shards.
+
+The parent reads documents and cuts them into batches; `workers` processes encode the batches
+(single-threaded each) while the parent writes finished batches in submission order, so the shards are
+byte-identical whatever the number of workers. Columns: `input_ids` (ndarray of the tokenizer's
+smallest unsigned dtype, no special tokens), `doc_id` (int64, running index), `source` (str).
+"""
+
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from data_prep.errors import UsageError
+from data_prep.output_dir import staged_output
+from data_prep.read_report import ReadReport
+from data_prep.readers import Document
+from data_prep.tokenizer_load import LoadedTokenizer, for_sharding
+
+METADATA_FILE = "modernbert_data.json"
+FORMAT_VERSION = 1
+DEFAULT_SIZE_LIMIT = 64 << 20  # uncompressed bytes per shard before a new one starts
+BATCH_CHARS = 1 << 18  # about a fifth of a second of tokenizing on one core
+BATCH_DOCUMENTS = 4096
+BATCHES_IN_FLIGHT_PER_WORKER = 2
+SIZE = re.compile(r"(\d+)\s*(b|kb?|mb?|gb?)?")
+
+
+def mds_columns(dtype: str) -> dict[str, str]:
+    return {"input_ids": f"ndarray:{dtype}", "doc_id": "int64", "source": "str"}
+
+
+def parse_size_limit(text: str) -> int:
+    """`67108864`, `64mb`, `512kb`, `1gb` (powers of 1024, as streaming reads them) -> bytes."""
+    match = SIZE.fullmatch(text.strip().lower())
+    if not match:
+        raise UsageError(f"--size-limit {text}: not a byte size (e.g. 67108864 or 64mb)")
+    size = int(match[1]) * 1024 ** "bkmg".index((match[2] or "b")[0])
+    if not 0 < size < 1 << 32:  # MDS stores sample offsets as uint32
+        raise UsageError(f"--size-limit {text}: must be between 1 byte and 4gb")
+    return size
+
+
+# -- worker side: one tokenizer per process, set up once --------------------------------------------
+_worker_tokenizer: Tokenizer | None = None
+_worker_dtype: np.dtype | None = None
+
+
+def _init_worker(tokenizer_json: str, dtype: str) -> None:
+    global _worker_tokenizer, _worker_dtype
+    _worker_tokenizer = for_sharding(Tokenizer.from_str(tokenizer_json))
+    _worker_dtype = np.dtype(dtype)
+
+
+def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of all texts, flat, and each text's length: two arrays pickle back cheaply."""
+    encodings = _worker_tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+    ids = [np.array(encoding.ids, dtype=_worker_dtype) for encoding in encodings]
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    return np.concatenate(ids), lengths
+
+
+@contextmanager
+def _worker_pool(workers: int, tokenizer: LoadedTokenizer):
+    # Each worker encodes single-threaded: the processes are the parallelism. Setting the variable
+    # across the fork also keeps tokenizers from warning when this process used its thread pool before.
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        pool = get_context("fork").Pool(workers, _init_worker, (tokenizer.json_text, tokenizer.dtype))
+    finally:
+        if saved is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
+    try:
+        yield pool
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+# -- parent side ---------------------------------------------------------------------------------------
+@dataclass
+class ShardStats:
+    documents: int = 0
+    tokens: int = 0
+    sources: dict[str, dict[str, int]] = field(default_factory=dict)  # name -> documents, tokens
+
+    def add(self, source: str, tokens: int) -> None:
+        self.documents += 1
+        self.tokens += tokens
+        counts = self.sources.setdefault(source, {"documents": 0, "tokens": 0})
+        counts["documents"] += 1
+        counts["tokens"] += tokens
+
+
+def _batches(documents: Iterable[Document]) -> Iterator[list[Document]]:
+    batch, chars = [], 0
+    for document in documents:
+        batch.append(document)
+        chars += len(document.text)
+        if chars >= BATCH_CHARS or len(batch) >= BATCH_DOCUMENTS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+class _Progress:
+    """Documents, tokens and tokens/s on stderr, only when stderr is a terminal."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(unit=" docs", file=sys.stderr, dynamic_ncols=True)
+        self.start = time.perf_counter()
+
+    def update(self, documents: int, stats: ShardStats) -> None:
+        if self.bar is not None:
+            rate = stats.tokens / max(time.perf_counter() - self.start, 1e-9)
+            self.bar.set_postfix_str(f"{stats.tokens:,} tokens, {rate:,.0f} tokens/s", refresh=False)
+            self.bar.update(documents)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def write_shards(
+    documents: Iterable[Document],
+    folder: Path,
+    tokenizer: LoadedTokenizer,
+    *,
+    workers: int,
+    size_limit: int,
+    report: ReadReport,
+    progress: bool,
+) -> ShardStats:
+    """Tokenize and write every document into `folder` (which must be empty)."""
+    from streaming import MDSWriter  # imports torch: only pay for it when writing
+
+    stats = ShardStats()
+    bar = _Progress(progress)
+
+    def write(writer, batch: list[Document], encoded) -> None:
+        flat, lengths = encoded.get()
+        ends = np.cumsum(lengths)
+        for document, end, length in zip(batch, ends.tolist(), lengths.tolist()):
+            if length == 0:  # a tokenizer whose normalizer deletes everything the text holds
+                report.skip("no tokens", document.origin, document.line)
+                continue
+            ids = flat[end - length : end]
+            writer.write({"input_ids": ids, "doc_id": stats.documents, "source": document.source})
+            stats.add(document.source, length)
+        bar.update(len(batch), stats)
+
+    columns = mds_columns(tokenizer.dtype)
+    try:
+        with (
+            _worker_pool(workers, tokenizer) as pool,
+            MDSWriter(out=str(folder), columns=columns, compression="zstd", size_limit=size_limit) as writer,
+        ):
+            in_flight: deque = deque()
+            for batch in _batches(documents):
+                in_flight.append((batch, pool.apply_async(_encode, ([d.text for d in batch],))))
+                if len(in_flight) > BATCHES_IN_FLIGHT_PER_WORKER * workers:
+                    write(writer, *in_flight.popleft())
+            while in_flight:
+                write(writer, *in_flight.popleft())
+    finally:
+        bar.close()
+    return stats
+
+
+def shard(
+    documents: Iterable[Document],
+    output: Path,
+    tokenizer: LoadedTokenizer,
+    *,
+    report: ReadReport,
+    workers: int = 1,
+    size_limit: int = DEFAULT_SIZE_LIMIT,
+    overwrite: bool = False,
+    progress: bool = False,
+    inputs: list[str] | None = None,
+    text_field: str = "text",
+) -> dict:
+    """Write `output` (shards, tokenizer.json, modernbert_data.json) atomically; return the metadata."""
+    with staged_output(output, overwrite) as folder:
+        stats = write_shards(
+            documents,
+            folder,
+            tokenizer,
+            workers=workers,
+            size_limit=size_limit,
+            report=report,
+            progress=progress,
+        )
+        shutil.copyfile(tokenizer.json_path, folder / "tokenizer.json")
+        for companion in tokenizer.companion_files():
+            shutil.copyfile(companion, folder / companion.name)
+        shards = len(json.loads((folder / "index.json").read_text())["shards"])
+        metadata = {
+            "format_version": FORMAT_VERSION,
+            "tokenizer": {
+                "file": "tokenizer.json",
+                "from": tokenizer.spec,
+                "vocab_size": tokenizer.vocab_size,
+                **tokenizer.special_token_ids,
+            },
+            "columns": mds_columns(tokenizer.dtype),
+            "dtype": tokenizer.dtype,
+            "documents": stats.documents,
+            "tokens": stats.tokens,
+            "shards": shards,
+            "sources": dict(sorted(stats.sources.items())),
+            "inputs": inputs or [],
+            "text_field": text_field,
+            "read_problems": report.to_json(),
+        }
+        # Written last: its presence marks a finished folder even to a reader that ignores the rename.
+        (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+    return metadata

@@ -1,0 +1,104 @@
+"""Find and load the tokenizer the shards are written with: a tokenizer.json, a folder, or a hub name."""
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from data_prep.errors import UsageError
+
+# Where a tokenizer_config.json does not name them, these are the usual spellings (BERT, then RoBERTa).
+SPECIAL_TOKEN_SPELLINGS = {
+    "unk_token": ("[UNK]", "<unk>"),
+    "cls_token": ("[CLS]", "<s>"),
+    "sep_token": ("[SEP]", "</s>"),
+    "pad_token": ("[PAD]", "<pad>"),
+    "mask_token": ("[MASK]", "<mask>"),
+}
+# Files copied next to the shards with tokenizer.json when the tokenizer has them.
+COMPANION_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+HUB_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+
+
+@dataclass(frozen=True)
+class LoadedTokenizer:
+    spec: str  # what the user passed
+    json_path: Path
+    json_text: str
+    vocab_size: int  # one past the largest id, added tokens included
+    special_token_ids: dict[str, int | None]  # cls_token_id, sep_token_id, ... (None when absent)
+
+    @property
+    def dtype(self) -> str:
+        """The smallest unsigned dtype that holds every token id."""
+        return "uint16" if self.vocab_size <= 1 << 16 else "uint32"
+
+    def companion_files(self) -> list[Path]:
+        return [p for p in (self.json_path.with_name(n) for n in COMPANION_FILES) if p.is_file()]
+
+
+def for_sharding(tokenizer: Tokenizer) -> Tokenizer:
+    """Whole documents, untruncated, unpadded; special-token strings in the text are plain text."""
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    tokenizer.encode_special_tokens = True
+    return tokenizer
+
+
+def _hub_tokenizer_json(name: str) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        path = Path(hf_hub_download(name, "tokenizer.json"))
+    except Exception as error:  # offline, unknown repo, no tokenizer.json: all mean "not found"
+        reason = " ".join(str(error).split())[:200]
+        raise UsageError(
+            f"--tokenizer {name}: not a local file or folder, and the hub has no tokenizer.json for it "
+            f"({type(error).__name__}: {reason})"
+        ) from error
+    for companion in COMPANION_FILES:
+        try:
+            hf_hub_download(name, companion)  # lands next to tokenizer.json in the hub cache
+        except Exception:  # optional files: their absence only means default special-token names
+            continue
+    return path
+
+
+def _resolve_json(spec: str) -> Path:
+    path = Path(spec)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        if not (path / "tokenizer.json").is_file():
+            raise UsageError(f"--tokenizer {spec}: the folder holds no tokenizer.json")
+        return path / "tokenizer.json"
+    if spec.endswith(".json") or not HUB_NAME.match(spec):
+        raise UsageError(f"--tokenizer {spec}: no such file or folder")
+    return _hub_tokenizer_json(spec)
+
+
+def _special_token_ids(tokenizer: Tokenizer, json_path: Path) -> dict[str, int | None]:
+    config_path = json_path.with_name("tokenizer_config.json")
+    configured = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    ids = {}
+    for key, spellings in SPECIAL_TOKEN_SPELLINGS.items():
+        value = configured.get(key)
+        content = value.get("content") if isinstance(value, dict) else value
+        candidates = (content,) if content else spellings
+        found = (tokenizer.token_to_id(token) for token in candidates)
+        ids[f"{key}_id"] = next((i for i in found if i is not None), None)
+    return ids
+
+
+def load_tokenizer(spec: str) -> LoadedTokenizer:
+    json_path = _resolve_json(spec)
+    json_text = json_path.read_text(encoding="utf-8")
+    try:
+        tokenizer = Tokenizer.from_str(json_text)
+        special_token_ids = _special_token_ids(tokenizer, json_path)
+    except Exception as error:  # tokenizers raises plain Exception for a malformed file
+        raise UsageError(f"--tokenizer {spec}: cannot load {json_path}: {str(error)[:200]}") from error
+    vocab_size = max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+    return LoadedTokenizer(spec, json_path, json_text, vocab_size, special_token_ids)
