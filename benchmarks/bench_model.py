@@ -59,7 +59,7 @@ def compare(ours, theirs, batch: dict, repeats: int) -> dict:
     }
 
 
-def main(repeats: int = 5) -> dict:
+def main(repeats: int = 3) -> dict:
     torch.manual_seed(0)
     config = ModernBertConfig.from_preset("mini", attn_backend="sdpa")
     ours = ModernBertForMaskedLM(config).train()
@@ -82,5 +82,5 @@ def main(repeats: int = 5) -> dict:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     main(parser.parse_args().repeats)

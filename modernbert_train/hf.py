@@ -1,0 +1,182 @@
+"""Move models to and from transformers' ModernBERT format (config.json + model.safetensors).
+
+Our parameter names are transformers', so weights map one to one; the decoder's weight is the token
+embedding (tied), which transformers stores once, under the embedding's name. Weights are read from
+safetensors only: a pickled pytorch_model.bin can run code when loaded.
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .model import ModelConfigError, ModernBertConfig, ModernBertForMaskedLM
+
+TIED_KEY = "decoder.weight"
+EMBEDDING_KEY = "model.embeddings.tok_embeddings.weight"
+
+
+class HFCheckpointError(ValueError):
+    """A transformers checkpoint that cannot become (or come from) our model; the message says why."""
+
+
+def config_from_hf(values: dict, mask_token_id: int | None = None) -> ModernBertConfig:
+    """Our config from a transformers config.json dict; keys only transformers uses are dropped."""
+    model_type = values.get("model_type")
+    if model_type != "modernbert":
+        raise HFCheckpointError(f"config.json: model_type is {model_type!r}, expected 'modernbert'")
+    if values.get("tie_word_embeddings", True) is False:
+        raise HFCheckpointError("config.json: tie_word_embeddings is false; only tied decoders are supported")
+    names = {f.name for f in dataclasses.fields(ModernBertConfig)} - {"attn_backend"}
+    kwargs = {key: value for key, value in values.items() if key in names}
+    # transformers' config has no mask token; the checkpoint's tokenizer knows it.
+    if "mask_token_id" not in kwargs and mask_token_id is not None:
+        kwargs["mask_token_id"] = mask_token_id
+    try:
+        return ModernBertConfig(**kwargs)
+    except ModelConfigError as error:
+        raise HFCheckpointError(f"config.json: {error}") from None
+
+
+def config_to_hf(config: ModernBertConfig) -> dict:
+    """A transformers config.json dict for `config`."""
+    values = {key: value for key, value in config.to_dict().items() if key != "attn_backend"}
+    return {
+        "model_type": "modernbert",
+        "architectures": ["ModernBertForMaskedLM"],
+        **values,
+        "bos_token_id": config.cls_token_id,
+        "eos_token_id": config.sep_token_id,
+        "tie_word_embeddings": True,
+    }
+
+
+def _mask_token_id_from_tokenizer(folder: Path) -> int | None:
+    tokenizer_file = folder / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        return None
+    added = json.loads(tokenizer_file.read_text()).get("added_tokens", [])
+    return next((token["id"] for token in added if token["content"] in ("[MASK]", "<mask>")), None)
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if single.is_file():
+        return load_file(single)
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return {key: value for shard in shards for key, value in load_file(folder / shard).items()}
+    if (folder / "pytorch_model.bin").is_file():
+        raise HFCheckpointError(
+            f"{folder}: only pytorch_model.bin found; convert it to model.safetensors "
+            "(pickled weights are not loaded because they can run code)"
+        )
+    raise HFCheckpointError(f"{folder}: no model.safetensors")
+
+
+def _summarise(kind: str, keys: list[str]) -> str:
+    shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+    return f"{kind} ({len(keys)}): {shown}"
+
+
+def from_hf(path: str | Path) -> ModernBertForMaskedLM:
+    """Load a transformers ModernBertForMaskedLM folder (config.json + model.safetensors) as our model."""
+    folder = Path(path)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise HFCheckpointError(f"{folder}: no config.json")
+    try:
+        values = json.loads(config_file.read_text())
+    except json.JSONDecodeError as error:
+        raise HFCheckpointError(f"{config_file}: not valid JSON ({error})") from None
+    config = config_from_hf(values, _mask_token_id_from_tokenizer(folder))
+    weights = _read_weights(folder)
+
+    model = ModernBertForMaskedLM(config)
+    expected = model.state_dict()
+    tied = weights.pop(TIED_KEY, None)
+    if tied is not None and EMBEDDING_KEY in weights and not torch.equal(tied, weights[EMBEDDING_KEY]):
+        raise HFCheckpointError(
+            f"{folder}: {TIED_KEY} differs from {EMBEDDING_KEY}; untied decoders are unsupported"
+        )
+    if tied is not None:
+        weights.setdefault(EMBEDDING_KEY, tied)
+    problems = []
+    missing = sorted(set(expected) - set(weights) - {TIED_KEY})
+    unexpected = sorted(set(weights) - set(expected))
+    misshaped = sorted(
+        f"{key} {list(weights[key].shape)} != {list(expected[key].shape)}"
+        for key in set(weights) & set(expected)
+        if weights[key].shape != expected[key].shape
+    )
+    for kind, keys in (
+        ("missing weights", missing),
+        ("unexpected weights", unexpected),
+        ("wrong shapes", misshaped),
+    ):
+        if keys:
+            problems.append(_summarise(kind, keys))
+    if problems:
+        raise HFCheckpointError(f"{folder}: weights do not fit the config: " + "; ".join(problems))
+    model.load_state_dict(weights, strict=False)
+    return model
+
+
+def to_hf(model: ModernBertForMaskedLM, out_dir: str | Path, tokenizer=None) -> Path:
+    """Write `model` as a transformers ModernBERT folder; with `tokenizer` (a tokenizer.json path, a folder
+    holding one, a tokenizers.Tokenizer or a transformers tokenizer) also its tokenizer files."""
+    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config_to_hf(model.config), indent=2) + "\n")
+    state = {
+        key: value.detach().cpu().contiguous() for key, value in model.state_dict().items() if key != TIED_KEY
+    }
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, out, model.config)
+    return out
+
+
+def save_tokenizer(tokenizer, out_dir: Path, config: ModernBertConfig) -> None:
+    """Save a tokenizer that AutoTokenizer.from_pretrained(out_dir) loads with ModernBERT's special tokens."""
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+    if isinstance(tokenizer, PreTrainedTokenizerBase):
+        tokenizer.save_pretrained(out_dir)
+        return
+    if isinstance(tokenizer, str | Path):
+        file = Path(tokenizer)
+        file = file / "tokenizer.json" if file.is_dir() else file
+        if not file.is_file():
+            raise HFCheckpointError(f"tokenizer: {file} does not exist")
+        tokenizer = Tokenizer.from_file(str(file))
+    else:
+        tokenizer = Tokenizer.from_str(tokenizer.to_str())  # a copy: the post-processor may be set below
+    special = {}
+    for role in ("cls", "sep", "pad", "mask"):
+        token_id = getattr(config, f"{role}_token_id")
+        token = tokenizer.id_to_token(token_id)
+        if token is None:
+            raise HFCheckpointError(f"tokenizer: no token has the config's {role}_token_id={token_id}")
+        special[f"{role}_token"] = token
+    if tokenizer.token_to_id("[UNK]") is not None:
+        special["unk_token"] = "[UNK]"
+    if tokenizer.post_processor is None:
+        # Like ModernBERT's own tokenizer: [CLS] text [SEP] for single inputs and pairs.
+        cls, sep = special["cls_token"], special["sep_token"]
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{cls} $A {sep}",
+            pair=f"{cls} $A {sep} $B {sep}",
+            special_tokens=[(cls, config.cls_token_id), (sep, config.sep_token_id)],
+        )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        model_max_length=config.max_position_embeddings,
+        model_input_names=["input_ids", "attention_mask"],
+        **special,
+    )
+    fast.save_pretrained(out_dir)

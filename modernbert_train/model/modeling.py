@@ -1,0 +1,139 @@
+"""ModernBERT for masked language modelling, run unpadded end to end.
+
+A padded batch (input_ids [B, S], attention_mask) is unpadded once into a flat token stream with
+cu_seqlens; a packed batch arrives that way already. Every layer runs on the flat stream, attention stays
+within documents, and only the labelled tokens go through the head and the vocabulary-sized decoder.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import DocumentLayout, build_attention, resolve_backend
+from .config import ModernBertConfig
+from .init import init_weights
+from .layers import ModernBertEmbeddings, ModernBertEncoderLayer, ModernBertPredictionHead, layer_norm
+from .rope import RotaryEmbedding
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class MaskedLMOutput:
+    """loss: mean cross-entropy over labelled tokens, or None without labels.
+    logits: [N, V] for the N labelled tokens when labels are given; else [B, S, V] for padded input
+    (zeros at padding) or [T, V] for unpadded input."""
+
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+
+
+class ModernBertModel(nn.Module):
+    """Embeddings, the encoder layers and the final norm, over a flat token stream."""
+
+    def __init__(self, config: ModernBertConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = ModernBertEmbeddings(config)
+        self.layers = nn.ModuleList(
+            ModernBertEncoderLayer(config, i) for i in range(config.num_hidden_layers)
+        )
+        self.final_norm = layer_norm(config)
+        local_theta = config.local_rope_theta or config.global_rope_theta
+        self.rotary_global = RotaryEmbedding(config.head_dim, config.global_rope_theta)
+        self.rotary_local = RotaryEmbedding(config.head_dim, local_theta)
+        self.has_local_layers = config.num_hidden_layers > 1 and config.global_attn_every_n_layers > 1
+
+    def forward(self, input_ids: torch.Tensor, layout: DocumentLayout) -> torch.Tensor:
+        """input_ids [T] laid out as `layout` says -> final hidden states [T, hidden]."""
+        config = self.config
+        dropout = self.training and config.attention_dropout > 0
+        backend = resolve_backend(config.attn_backend, input_ids.device, dropout)
+        half_window = config.local_attention // 2 if self.has_local_layers else None
+        # Built once per forward and shared by all layers: the backend's masks and the rotary tables.
+        attend = build_attention(backend, layout, half_window)
+        rotary_global = self.rotary_global(layout.positions)
+        rotary_local = self.rotary_local(layout.positions) if self.has_local_layers else None
+        hidden = self.embeddings(input_ids)
+        for layer in self.layers:
+            hidden = layer(hidden, rotary_global if layer.attn.is_global else rotary_local, attend)
+        return self.final_norm(hidden)
+
+
+class ModernBertForMaskedLM(nn.Module):
+    """ModernBERT with its MLM head; the decoder shares its weight with the token embeddings."""
+
+    def __init__(self, config: ModernBertConfig):
+        super().__init__()
+        self.config = config
+        self.model = ModernBertModel(config)
+        self.head = ModernBertPredictionHead(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=config.decoder_bias)
+        self.decoder.weight = self.model.embeddings.tok_embeddings.weight
+        init_weights(self)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+    ) -> MaskedLMOutput:
+        """Padded: input_ids [B, S] (attention_mask 1 on real tokens, right padding), labels [B, S].
+        Unpadded/packed: input_ids [T], cu_seqlens int32 [D + 1], optional max_seqlen, labels [T]."""
+        indices = batch = seq_len = None
+        if cu_seqlens is None:
+            if input_ids.dim() != 2:
+                raise ValueError(
+                    f"input_ids must be [batch, seq] without cu_seqlens, got {list(input_ids.shape)}"
+                )
+            batch, seq_len = input_ids.shape
+            input_ids, indices, cu_seqlens, max_seqlen = unpad(input_ids, attention_mask)
+            if labels is not None:
+                labels = labels.reshape(-1) if indices is None else labels.reshape(-1)[indices]
+        else:
+            if input_ids.dim() != 1:
+                raise ValueError(
+                    f"input_ids must be flat [tokens] with cu_seqlens, got {list(input_ids.shape)}"
+                )
+            if max_seqlen is None:
+                max_seqlen = int(cu_seqlens.diff().max())
+        layout = DocumentLayout.from_cu_seqlens(cu_seqlens, max_seqlen, input_ids.shape[0])
+        hidden = self.model(input_ids, layout)
+
+        if labels is not None:
+            # Sparse prediction: the head and decoder only see the tokens that carry a label.
+            labelled = labels != IGNORE_INDEX
+            logits = self.decoder(self.head(hidden[labelled]))
+            # The mean over labelled tokens, written so that a batch without any gives 0, not NaN.
+            total = F.cross_entropy(logits.float(), labels[labelled], reduction="sum")
+            loss = total / labelled.sum().clamp(min=1)
+            return MaskedLMOutput(loss=loss, logits=logits)
+
+        logits = self.decoder(self.head(hidden))
+        if indices is not None:
+            logits = repad(logits, indices, batch, seq_len)
+        elif batch is not None:
+            logits = logits.view(batch, seq_len, -1)
+        return MaskedLMOutput(loss=None, logits=logits)
+
+
+def unpad(input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+    """[B, S] -> flat ids [T], indices of the kept tokens (None when all are kept), cu_seqlens, max_seqlen."""
+    batch, seq_len = input_ids.shape
+    if attention_mask is None:
+        cu_seqlens = torch.arange(0, batch * seq_len + 1, seq_len, dtype=torch.int32, device=input_ids.device)
+        return input_ids.reshape(-1), None, cu_seqlens, seq_len
+    seqlens = attention_mask.sum(dim=-1, dtype=torch.int32)
+    cu_seqlens = F.pad(seqlens.cumsum(0, dtype=torch.int32), (1, 0))
+    indices = attention_mask.reshape(-1).nonzero().squeeze(1)
+    return input_ids.reshape(-1)[indices], indices, cu_seqlens, int(seqlens.max())
+
+
+def repad(values: torch.Tensor, indices: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
+    """[T, ...] back to [B, S, ...], zeros at padding."""
+    out = values.new_zeros(batch * seq_len, *values.shape[1:]).index_copy(0, indices, values)
+    return out.view(batch, seq_len, *values.shape[1:])

@@ -1,0 +1,205 @@
+"""Our model against transformers' ModernBertForMaskedLM: same logits, loss and gradients; export/import."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForMaskedLM, AutoTokenizer
+from transformers import ModernBertConfig as HFConfig
+from transformers import ModernBertForMaskedLM as HFModel
+
+from modernbert_train.hf import HFCheckpointError, config_from_hf, config_to_hf, from_hf, to_hf
+from modernbert_train.model import ModernBertConfig, ModernBertForMaskedLM
+
+VOCAB = 96
+TOKEN_IDS = dict(pad_token_id=0, cls_token_id=1, sep_token_id=2, mask_token_id=3)
+
+# Depth, width, heads, global every n, window, thetas, biases: windows below the sequence length so
+# locality matters, several global/local alternations, distinct global and local thetas.
+SHAPES = {
+    "alternating-3": dict(num_hidden_layers=4, hidden_size=48, intermediate_size=80, num_attention_heads=3,
+                          global_attn_every_n_layers=3, local_attention=8),
+    "alternating-2": dict(num_hidden_layers=5, hidden_size=32, intermediate_size=40, num_attention_heads=2,
+                          global_attn_every_n_layers=2, local_attention=12, global_rope_theta=500.0,
+                          local_rope_theta=20.0),
+    "all-global": dict(num_hidden_layers=2, hidden_size=64, intermediate_size=48, num_attention_heads=4,
+                       global_attn_every_n_layers=1),
+    "biases": dict(num_hidden_layers=3, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                   global_attn_every_n_layers=2, local_attention=6, attention_bias=True, mlp_bias=True,
+                   norm_bias=True, classifier_bias=True, local_rope_theta=None),
+}  # fmt: skip
+
+
+def hf_model(shape: str, attn_implementation: str = "sdpa") -> HFModel:
+    """A transformers model with random weights; norms and biases perturbed so they are checked too, and
+    sharper attention than the init's near-uniform one, so positions and windows move the logits."""
+    config = ModernBertConfig(vocab_size=VOCAB, **TOKEN_IDS, **SHAPES[shape])
+    torch.manual_seed(0)
+    values = {k: v for k, v in config_to_hf(config).items() if k != "model_type"}
+    model = HFModel(HFConfig(**values, attn_implementation=attn_implementation))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                param.add_(0.1 * torch.randn_like(param))
+            if name.endswith("Wqkv.weight"):
+                param.mul_(10.0)
+    return model.eval()
+
+
+def padded_batch(seq_len: int = 40, lengths=(40, 27, 9, 33)):
+    torch.manual_seed(1)
+    input_ids = torch.randint(4, VOCAB, (len(lengths), seq_len))
+    attention_mask = (torch.arange(seq_len)[None, :] < torch.tensor(lengths)[:, None]).long()
+    input_ids[:, 0] = TOKEN_IDS["cls_token_id"]
+    input_ids[attention_mask == 0] = TOKEN_IDS["pad_token_id"]
+    labels = torch.where(torch.rand(input_ids.shape) < 0.3, input_ids, -100)
+    labels[attention_mask == 0] = -100
+    return input_ids, attention_mask, labels
+
+
+def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    return ((ours - theirs).abs().max() / theirs.abs().max()).item()
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_from_hf_matches_transformers_and_round_trips(shape, tmp_path):
+    theirs = hf_model(shape, "eager" if shape == "all-global" else "sdpa")
+    theirs.save_pretrained(tmp_path / "hf")
+    ours = from_hf(tmp_path / "hf").eval()
+
+    input_ids, attention_mask, labels = padded_batch()
+    real = attention_mask.bool()
+    with torch.no_grad():
+        expected = theirs(input_ids=input_ids, attention_mask=attention_mask).logits
+        got = ours(input_ids, attention_mask=attention_mask).logits
+        assert got.shape == expected.shape
+        assert relative_error(got[real], expected[real]) < 1e-4
+        assert torch.all(got[~real] == 0)
+        # Unpadded batches take the index-free path: check it against transformers too.
+        full = theirs(input_ids=input_ids[:, :9]).logits
+        assert relative_error(ours(input_ids[:, :9]).logits, full) < 1e-4
+
+    to_hf(ours, tmp_path / "back")
+    reloaded = AutoModelForMaskedLM.from_pretrained(tmp_path / "back", attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        again = reloaded(input_ids=input_ids, attention_mask=attention_mask).logits
+        original = theirs.to(torch.float32)(input_ids=input_ids, attention_mask=attention_mask).logits
+    if shape != "all-global":  # same attention implementation: bit-identical
+        assert torch.equal(again, original)
+    assert relative_error(again[real], original[real]) < 1e-5
+
+
+@pytest.mark.parametrize("shape", ["alternating-2", "biases"])
+def test_loss_and_gradients_match_transformers(shape, tmp_path):
+    theirs = hf_model(shape)
+    theirs.save_pretrained(tmp_path)
+    ours = from_hf(tmp_path)
+    input_ids, attention_mask, labels = padded_batch()
+
+    expected = theirs(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    got = ours(input_ids, attention_mask=attention_mask, labels=labels)
+    assert got.logits.shape == (int((labels != -100).sum()), VOCAB)
+    assert abs(got.loss.item() - expected.loss.item()) < 1e-5 * expected.loss.item()
+    expected.loss.backward()
+    got.loss.backward()
+
+    their_grads = dict(theirs.named_parameters())
+    our_params = dict(ours.named_parameters())
+    assert set(our_params) == set(their_grads)
+    for name, param in our_params.items():
+        assert relative_error(param.grad, their_grads[name].grad) < 1e-4, name
+
+
+def test_to_hf_writes_tied_weights_and_token_ids(tmp_path):
+    config = ModernBertConfig.from_preset("tiny", vocab_size=VOCAB, **TOKEN_IDS)
+    model = ModernBertForMaskedLM(config)
+    to_hf(model, tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    assert "decoder.weight" not in weights
+    assert torch.equal(weights["model.embeddings.tok_embeddings.weight"], model.decoder.weight)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["model_type"] == "modernbert"
+    assert written["architectures"] == ["ModernBertForMaskedLM"]
+    assert {key: written[key] for key in TOKEN_IDS} == TOKEN_IDS
+    assert config_from_hf(written) == config
+
+
+def tiny_tokenizer() -> Tokenizer:
+    vocab = {"[PAD]": 0, "[CLS]": 1, "[SEP]": 2, "[MASK]": 3, "[UNK]": 4, "hello": 5, "world": 6}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tokenizer
+
+
+@pytest.mark.parametrize("form", ["object", "file", "folder", "transformers"])
+def test_to_hf_tokenizer_loads_with_auto_tokenizer(form, tmp_path):
+    tokenizer = tiny_tokenizer()
+    (tmp_path / "tok").mkdir()
+    tokenizer.save(str(tmp_path / "tok" / "tokenizer.json"))
+    config = ModernBertConfig.from_preset("tiny", vocab_size=64, **TOKEN_IDS)
+    if form == "transformers":  # a transformers tokenizer is saved as it is
+        to_hf(ModernBertForMaskedLM(config), tmp_path / "first", tokenizer=tokenizer)
+        tokenizer = AutoTokenizer.from_pretrained(tmp_path / "first")
+    paths = {"file": tmp_path / "tok" / "tokenizer.json", "folder": tmp_path / "tok"}
+    given = paths.get(form, tokenizer)
+    to_hf(ModernBertForMaskedLM(config), tmp_path / "out", tokenizer=given)
+
+    loaded = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert (loaded.cls_token, loaded.sep_token, loaded.pad_token, loaded.mask_token) == (
+        "[CLS]", "[SEP]", "[PAD]", "[MASK]"
+    )  # fmt: skip
+    assert loaded.mask_token_id == 3
+    assert loaded("hello world")["input_ids"] == [1, 5, 6, 2]
+    assert "token_type_ids" not in loaded("hello")
+    # from_hf finds the mask token in the exported folder.
+    assert from_hf(tmp_path / "out").config.mask_token_id == 3
+
+
+def test_to_hf_rejects_tokenizer_without_the_config_token(tmp_path):
+    config = ModernBertConfig.from_preset("tiny", vocab_size=64, **{**TOKEN_IDS, "mask_token_id": 40})
+    with pytest.raises(HFCheckpointError, match="mask_token_id=40"):
+        to_hf(ModernBertForMaskedLM(config), tmp_path, tokenizer=tiny_tokenizer())
+
+
+def exported(tmp_path):
+    config = ModernBertConfig.from_preset("tiny", vocab_size=VOCAB, **TOKEN_IDS)
+    return to_hf(ModernBertForMaskedLM(config), tmp_path / "model")
+
+
+def test_from_hf_rejects_other_model_types(tmp_path):
+    folder = exported(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "bert"}))
+    with pytest.raises(HFCheckpointError, match="model_type is 'bert'"):
+        from_hf(folder)
+
+
+def test_from_hf_lists_missing_and_misshaped_weights(tmp_path):
+    folder = exported(tmp_path)
+    weights = load_file(folder / "model.safetensors")
+    del weights["model.layers.1.mlp.Wi.weight"]
+    weights["head.dense.weight"] = torch.zeros(3, 3)
+    weights["pooler.weight"] = torch.zeros(2)
+    save_file(weights, folder / "model.safetensors")
+    with pytest.raises(HFCheckpointError) as error:
+        from_hf(folder)
+    message = str(error.value)
+    assert "missing weights (1): model.layers.1.mlp.Wi.weight" in message
+    assert "unexpected weights (1): pooler.weight" in message
+    assert "head.dense.weight [3, 3] != [64, 64]" in message
+
+
+def test_from_hf_refuses_pickles_and_bad_config(tmp_path):
+    folder = exported(tmp_path)
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    with pytest.raises(HFCheckpointError, match="only pytorch_model.bin"):
+        from_hf(folder)
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(HFCheckpointError, match="not valid JSON"):
+        from_hf(folder)
+    with pytest.raises(HFCheckpointError, match="no config.json"):
+        from_hf(tmp_path / "nowhere")
+    with pytest.raises(HFCheckpointError, match="hidden_size"):
+        config_from_hf({"model_type": "modernbert", "hidden_size": 30, "num_attention_heads": 4})
