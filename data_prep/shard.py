@@ -1,15 +1,17 @@
 """Tokenize whole documents in worker processes and write them, in input order, as MDS shards.
 
 The parent reads documents and cuts them into batches; `workers` processes encode the batches
-(single-threaded each) while the parent writes finished batches in submission order, so the shards are
-byte-identical whatever the number of workers. Columns: `input_ids` (ndarray of the tokenizer's
-smallest unsigned dtype, no special tokens), `doc_id` (int64, running index), `source` (str).
+(single-threaded each) into the bytes of the `input_ids` column, while the parent writes finished batches
+in submission order, so the shards are byte-identical whatever the number of workers. Columns: `input_ids`
+(ndarray of the tokenizer's smallest unsigned dtype, no special tokens), `doc_id` (int64, running index),
+`source` (str).
 """
 
 import json
 import os
 import re
 import shutil
+import struct
 import sys
 import time
 from collections import deque
@@ -33,8 +35,9 @@ FORMAT_VERSION = 1
 DEFAULT_SIZE_LIMIT = 64 << 20  # uncompressed bytes per shard before a new one starts
 BATCH_CHARS = 1 << 18  # about a fifth of a second of tokenizing on one core
 BATCH_DOCUMENTS = 4096
-BATCHES_IN_FLIGHT_PER_WORKER = 2
+BATCHES_IN_FLIGHT_PER_WORKER = 4  # keeps workers busy while the parent compresses a shard
 SIZE = re.compile(r"(\d+)\s*(b|kb?|mb?|gb?)?")
+DOC_ID = struct.Struct("=q")  # int64 in native order, as streaming's int64 encoding writes it
 
 
 def mds_columns(dtype: str) -> dict[str, str]:
@@ -63,12 +66,24 @@ def _init_worker(tokenizer_json: str, dtype: str) -> None:
     _worker_dtype = np.dtype(dtype)
 
 
-def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids of all texts, flat, and each text's length: two arrays pickle back cheaply."""
+def ids_column(ids: list[int], dtype: np.dtype) -> bytes:
+    """`ids` as the MDS data of an `ndarray:<dtype>` column: [ndim | shape width] [length] [values].
+
+    That is streaming's NDArray layout for a fixed dtype and a free shape (one dimension here, its length
+    stored in the narrowest of uint8/16/32/64). MDSWriter takes bytes as a column's encoded value, so the
+    parent writes these without re-encoding each array in Python.
+    """
+    length = len(ids)
+    width = 0 if length < 1 << 8 else 1 if length < 1 << 16 else 2 if length < 1 << 32 else 3
+    header = bytes([1 << 2 | width]) + length.to_bytes(1 << width, sys.byteorder)
+    return header + np.array(ids, dtype=dtype).tobytes()
+
+
+def _encode(texts: list[str]) -> tuple[list[bytes], list[int]]:
+    """Each text's `input_ids` column and token count (0: a text that encodes to nothing, no column)."""
     encodings = _worker_tokenizer.encode_batch_fast(texts, add_special_tokens=False)
-    ids = [np.array(encoding.ids, dtype=_worker_dtype) for encoding in encodings]
-    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    return np.concatenate(ids), lengths
+    ids = [encoding.ids for encoding in encodings]
+    return [ids_column(i, _worker_dtype) if i else b"" for i in ids], list(map(len, ids))
 
 
 @contextmanager
@@ -151,36 +166,36 @@ def write_shards(
     progress: bool,
 ) -> ShardStats:
     """Tokenize and write every document into `folder` (which must be empty)."""
-    from streaming import MDSWriter  # imports torch: only pay for it when writing
-
     stats = ShardStats()
     bar = _Progress(progress)
 
     def write(writer, batch: list[Document], encoded) -> None:
-        flat, lengths = encoded.get()
-        ends = np.cumsum(lengths)
-        for document, end, length in zip(batch, ends.tolist(), lengths.tolist()):
-            if length == 0:  # a tokenizer whose normalizer deletes everything the text holds
+        columns, lengths = encoded.get()
+        for document, column, length in zip(batch, columns, lengths):
+            if not length:  # a tokenizer whose normalizer deletes everything the text holds
                 report.skip("no tokens", document.origin, document.line)
                 continue
-            ids = flat[end - length : end]
-            writer.write({"input_ids": ids, "doc_id": stats.documents, "source": document.source})
+            doc_id = DOC_ID.pack(stats.documents)
+            writer.write({"input_ids": column, "doc_id": doc_id, "source": document.source.encode()})
             stats.add(document.source, length)
         bar.update(len(batch), stats)
 
     columns = mds_columns(tokenizer.dtype)
     try:
-        with (
-            _worker_pool(workers, tokenizer) as pool,
-            MDSWriter(out=str(folder), columns=columns, compression="zstd", size_limit=size_limit) as writer,
-        ):
-            in_flight: deque = deque()
-            for batch in _batches(documents):
-                in_flight.append((batch, pool.apply_async(_encode, ([d.text for d in batch],))))
-                if len(in_flight) > BATCHES_IN_FLIGHT_PER_WORKER * workers:
+        # The pool forks before streaming (and torch) are imported: a smaller process forks faster.
+        with _worker_pool(workers, tokenizer) as pool:
+            from streaming import MDSWriter
+
+            with MDSWriter(
+                out=str(folder), columns=columns, compression="zstd", size_limit=size_limit
+            ) as writer:
+                in_flight: deque = deque()
+                for batch in _batches(documents):
+                    in_flight.append((batch, pool.apply_async(_encode, ([d.text for d in batch],))))
+                    if len(in_flight) > BATCHES_IN_FLIGHT_PER_WORKER * workers:
+                        write(writer, *in_flight.popleft())
+                while in_flight:
                     write(writer, *in_flight.popleft())
-            while in_flight:
-                write(writer, *in_flight.popleft())
     finally:
         bar.close()
     return stats

@@ -166,6 +166,19 @@ def test_text_field_source_name_and_special_token_strings(
     assert not set(row["input_ids"].tolist()) & {0, 1, 2, 3, 4}
 
 
+@pytest.mark.parametrize("dtype", ["uint16", "uint32"])
+def test_workers_encode_input_ids_exactly_as_streaming_does(dtype):
+    from streaming.base.format.mds.encodings import mds_decode, mds_encode
+
+    rng = np.random.default_rng(0)
+    # Lengths on both sides of each change of the width streaming stores an array's length in.
+    for length in (1, 255, 256, 65535, 65536):
+        ids = rng.integers(0, 60000, length).astype(dtype)
+        column = shard_module.ids_column(ids.tolist(), np.dtype(dtype))
+        assert column == mds_encode(f"ndarray:{dtype}", ids), length
+        assert np.array_equal(mds_decode(f"ndarray:{dtype}", column), ids)
+
+
 def test_workers_give_byte_identical_shards(tmp_path, capsys, tokenizer_dir, monkeypatch):
     monkeypatch.setattr(shard_module, "BATCH_CHARS", 300)  # many batches in flight, out of order finishes
     docs = tmp_path / "docs"
@@ -216,6 +229,25 @@ def test_bad_records_are_skipped_and_reported(tmp_path, capsys, tokenizer_dir):
     tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
     texts = [tokenizer.decode(row["input_ids"].tolist()) for row in samples(out)]
     assert texts == ["good one", "broken \ufffd\ufffd bytes", "lone \ufffd surrogate"]
+
+
+def test_documents_without_tokens_are_skipped_by_line(tmp_path, capsys, reference_tokenizer):
+    from tokenizers import normalizers
+
+    erasing = Tokenizer.from_str(reference_tokenizer.to_str())
+    erasing.normalizer = normalizers.Replace("z", "")  # a document of only z's encodes to nothing
+    (tmp_path / "tok").mkdir()
+    erasing.save(str(tmp_path / "tok" / "tokenizer.json"))
+    write_jsonl(tmp_path / "z.jsonl", [{"text": "keep me"}, {"text": "zzz"}, {"text": "and me"}])
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(
+        capsys, "shard", "--input", tmp_path / "z.jsonl", "--output", out, "--tokenizer", tmp_path / "tok"
+    )
+    assert code == 0 and "2 documents" in stdout
+    assert "skipped 1 record(s): no tokens" in err and "z.jsonl:2" in err
+    rows = samples(out)
+    assert [r["doc_id"] for r in rows] == [0, 1]
+    assert [erasing.decode(r["input_ids"].tolist()) for r in rows] == ["keep me", "and me"]
 
 
 def test_unreadable_files_are_reported_and_the_rest_sharded(tmp_path, capsys, tokenizer_dir):
