@@ -1,0 +1,248 @@
+"""Load a recipe: schema defaults <- YAML file <- `key=value` overrides, validated before anything heavy.
+
+Every problem becomes a one-line `ConfigError` that names the file (and line) or the override and the key.
+"""
+
+import dataclasses
+import difflib
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from modernbert_train.model.config import ATTN_BACKENDS
+from modernbert_train.optim.schedules import DECAY_SHAPES
+from modernbert_train.train.schema import TrainConfig
+
+_TIME_RE = re.compile(r"^(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?(ep|ba|sp|tok|dur)$")
+PRECISIONS = ("auto", "fp32", "amp_bf16", "amp_fp16")
+
+
+class ConfigError(ValueError):
+    """A bad recipe or override; the message is one line meant for the user."""
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    path = Path(path)
+    schema = OmegaConf.structured(TrainConfig)
+    recipe = _read_yaml(path)
+    _check_known_keys(schema, recipe, where=lambda key: f"{path}{_yaml_line(path, key)}")
+    cfg = _merge(schema, recipe, source=str(path))
+    for override in overrides:
+        dotted = _parse_override(override)
+        _check_known_keys(schema, dotted, where=lambda key, o=override: f"override '{o}'")
+        cfg = _merge(cfg, dotted, source=f"override '{override}'")
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path}: cannot resolve {_key_of(e)}: {_first_line(e)}") from None
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(
+            f"{path}: missing required value for '{missing[0]}' (set it in the recipe or as {missing[0]}=...)"
+        )
+    config: TrainConfig = OmegaConf.to_object(cfg)
+    _check_values(config, path)
+    return config
+
+
+def time_value(text: str) -> float:
+    """The number in a Composer time string: '5e10tok' -> 5e10."""
+    match = _TIME_RE.match(text)
+    if match is None:
+        raise ConfigError(f"not a Composer time string: '{text}'")
+    return float(text[: -len(match.group(4))])
+
+
+def to_yaml(config: TrainConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def to_dict(config: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{line}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path}: a recipe must be a mapping of keys to values, got a list")
+    return loaded
+
+
+def _parse_override(override: str) -> DictConfig:
+    key, eq, _ = override.partition("=")
+    if not eq or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key.strip()):
+        raise ConfigError(f"bad override '{override}': expected key=value, e.g. max_duration=100ba")
+    try:
+        return OmegaConf.from_dotlist([override])
+    except (OmegaConfBaseException, yaml.YAMLError) as e:
+        raise ConfigError(f"bad override '{override}': {_first_line(e)}") from None
+
+
+def _check_known_keys(schema: DictConfig, given: DictConfig, where, prefix: str = "") -> None:
+    """Unknown keys with a did-you-mean; the free-form model.overrides is checked in _check_model."""
+    for key in given:
+        full = f"{prefix}{key}"
+        # keys(), not `in`: a structured config hides keys whose value is still MISSING from `in`.
+        if key not in schema.keys():  # noqa: SIM118
+            known = [f"{prefix}{k}" for k in schema.keys()]  # noqa: SIM118
+            close = difflib.get_close_matches(full, known, n=1) or difflib.get_close_matches(
+                full, _all_keys(OmegaConf.structured(TrainConfig)), n=1
+            )
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{where(full)}: unknown key '{full}'{hint}")
+        schema_value = schema._get_node(key)
+        given_value = given._get_node(key)
+        if isinstance(schema_value, DictConfig) and schema_value._is_none():
+            # An optional section left null (loggers.wandb): check against its dataclass.
+            ref_type = schema_value._metadata.ref_type
+            schema_value = (
+                OmegaConf.structured(ref_type) if dataclasses.is_dataclass(ref_type) else schema_value
+            )
+        if isinstance(schema_value, DictConfig) and _is_structured(schema_value):
+            if isinstance(given_value, DictConfig):
+                _check_known_keys(schema_value, given_value, where, prefix=f"{full}.")
+        elif isinstance(schema_value, ListConfig) and isinstance(given_value, ListConfig):
+            item_schema = _list_item_schema(schema_value)
+            if item_schema is not None:
+                for i, item in enumerate(given_value):
+                    if isinstance(item, DictConfig):
+                        _check_known_keys(item_schema, item, where, prefix=f"{full}[{i}].")
+
+
+def _is_structured(node: DictConfig) -> bool:
+    return OmegaConf.get_type(node) not in (dict, None)
+
+
+def _list_item_schema(node: ListConfig):
+    item_type = node._metadata.element_type
+    if dataclasses.is_dataclass(item_type):
+        return OmegaConf.structured(item_type)
+    return None
+
+
+def _all_keys(node: DictConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for key in node:
+        child = node._get_node(key)
+        keys.append(f"{prefix}{key}")
+        if isinstance(child, DictConfig) and _is_structured(child) and not OmegaConf.is_missing(node, key):
+            keys += _all_keys(child, f"{prefix}{key}.")
+    return keys
+
+
+def _merge(base: DictConfig, update: DictConfig, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, update)
+    except OmegaConfBaseException as e:
+        where = source
+        if source.endswith((".yaml", ".yml")):
+            where += _yaml_line(Path(source), _key_of(e))
+        raise ConfigError(f"{where}: bad value for '{_key_of(e)}': {_first_line(e)}") from None
+
+
+def _key_of(e: OmegaConfBaseException) -> str:
+    return str(getattr(e, "full_key", None) or getattr(e, "key", None) or "?")
+
+
+def _first_line(e: Exception) -> str:
+    text = getattr(e, "msg", None) or str(e)
+    return str(text).strip().splitlines()[0]
+
+
+def _yaml_line(path: Path, dotted: str) -> str:
+    """':N' for the line of `dotted` (a.b[0].c) in the YAML file, '' when it cannot be found."""
+    try:
+        node = yaml.compose(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return ""
+    for part in re.findall(r"[^.\[\]]+", dotted):
+        if isinstance(node, yaml.MappingNode):
+            matches = [(k, v) for k, v in node.value if getattr(k, "value", None) == part]
+            if not matches:
+                return ""
+            key_node, node = matches[-1]
+            line = key_node.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and part.isdigit() and int(part) < len(node.value):
+            node = node.value[int(part)]
+            line = node.start_mark.line + 1
+        else:
+            return ""
+    return f":{line}" if dotted else ""
+
+
+def _check_values(c: TrainConfig, path: Path) -> None:
+    def fail(key: str, message: str):
+        raise ConfigError(f"{path}{_yaml_line(path, key)}: '{key}' {message}")
+
+    for key in (
+        "max_duration",
+        "eval_interval",
+        "log_interval",
+        "save_interval",
+        "scheduler.t_warmup",
+        "scheduler.t_decay",
+        "scheduler.t_max",
+        "data.batch_size_warmup.tokens",
+    ):
+        value = OmegaConf.select(OmegaConf.structured(c), key)
+        if value is not None and not _TIME_RE.match(str(value)):
+            fail(key, f"must be a Composer time string like 100ba, 3e9tok or 0.5dur, got '{value}'")
+    if c.precision not in PRECISIONS:
+        fail("precision", f"must be one of {', '.join(PRECISIONS)}, got '{c.precision}'")
+    if c.model.attn_backend not in ATTN_BACKENDS:
+        fail("model.attn_backend", f"must be one of {', '.join(ATTN_BACKENDS)}, got '{c.model.attn_backend}'")
+    if c.scheduler.decay_shape not in (None, *DECAY_SHAPES):
+        fail("scheduler.decay_shape", f"must be one of {', '.join(DECAY_SHAPES)}")
+    if c.device_train_microbatch_size is not None and c.device_train_microbatch_size <= 0:
+        fail("device_train_microbatch_size", "must be a positive integer")
+    if c.global_train_batch_size <= 0:
+        fail("global_train_batch_size", "must be positive")
+    for key in ("data.mlm_probability", "data.eval_mlm_probability"):
+        value = OmegaConf.select(OmegaConf.structured(c), key)
+        if not 0.0 < value < 1.0:
+            fail(key, f"must be between 0 and 1, got {value}")
+    if not c.data.train:
+        fail("data.train", "needs at least one source")
+    for split in ("train", "eval"):
+        for i, source in enumerate(getattr(c.data, split)):
+            if not (source.local or source.remote):
+                fail(f"data.{split}.{i}", "needs 'local' (an MDS folder) or 'remote'")
+    if c.data.max_seq_len < 8:
+        fail("data.max_seq_len", "must be at least 8")
+    fsdp = c.parallelism.fsdp
+    if fsdp is not None and fsdp.state_dict_type not in ("full", "sharded"):
+        fail("parallelism.fsdp.state_dict_type", f"must be full or sharded, got '{fsdp.state_dict_type}'")
+    if c.autoresume and not (c.run_name and c.save_folder):
+        fail("autoresume", "needs run_name and save_folder")
+    _check_model(c, path, fail)
+
+
+def _check_model(c: TrainConfig, path: Path, fail) -> None:
+    from modernbert_train.model import ModernBertConfig
+
+    fields = [f.name for f in dataclasses.fields(ModernBertConfig)]
+    for key in c.model.overrides:
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f" (did you mean 'model.overrides.{close[0]}'?)" if close else ""
+            raise ConfigError(
+                f"{path}{_yaml_line(path, f'model.overrides.{key}')}: unknown model field "
+                f"'model.overrides.{key}'{hint}"
+            )
+    try:
+        ModernBertConfig.from_preset(c.model.preset, **c.model.overrides)
+    except (ValueError, KeyError, TypeError) as e:
+        fail(
+            "model.preset", f"'{c.model.preset}' with model.overrides is not a valid model: {_first_line(e)}"
+        )

@@ -1,0 +1,136 @@
+"""The recipe's `data` section -> train and eval loaders over MDS shards, and their tokenizer."""
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from composer.utils import dist
+from tokenizers import Tokenizer
+from torch.utils.data import DataLoader
+
+from modernbert_train.data import TokenizerInfo, build_dataloader, build_eval_dataset, build_train_dataset
+from modernbert_train.train.config import ConfigError, time_value
+from modernbert_train.train.schema import DataSourceConfig, TrainConfig
+
+METADATA_FILE = "modernbert_data.json"  # written by data_prep next to the shards
+SPECIAL_TOKENS = {"pad_id": "[PAD]", "cls_id": "[CLS]", "sep_id": "[SEP]", "mask_id": "[MASK]"}
+
+
+@dataclass
+class TrainData:
+    train_loader: DataLoader
+    eval_loader: DataLoader | None
+    tokenizer_file: Path
+    tokenizer_info: TokenizerInfo
+    eval_batch_size: int  # rows per device
+
+
+def tokenizer_file(config: TrainConfig) -> Path:
+    """data.tokenizer, else the tokenizer.json that data_prep leaves in the first train source's folder."""
+    given = config.data.tokenizer
+    source = config.data.train[0].local
+    if given is None and source is None:
+        raise ConfigError("data.tokenizer: needed when the first train source has no 'local' folder")
+    path = Path(given if given is not None else source)
+    path = path / "tokenizer.json" if path.is_dir() or given is None else path
+    if not path.is_file():
+        key = "data.tokenizer" if given is not None else "data.train.0.local"
+        raise ConfigError(
+            f"{key}: no tokenizer at {path} (build the data with modernbert-data, or set data.tokenizer)"
+        )
+    return path
+
+
+def tokenizer_info(path: Path) -> TokenizerInfo:
+    """ModernBERT's special tokens and the vocabulary size, read from the tokenizer itself."""
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as e:
+        raise ConfigError(f"tokenizer {path} cannot be read: {str(e).splitlines()[0]}") from None
+    ids = {}
+    for field, token in SPECIAL_TOKENS.items():
+        ids[field] = tokenizer.token_to_id(token)
+        if ids[field] is None:
+            raise ConfigError(
+                f"tokenizer {path} has no {token} token (ModernBERT needs [PAD] [CLS] [SEP] [MASK])"
+            )
+    specials = tuple(i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special)
+    return TokenizerInfo(vocab_size=tokenizer.get_vocab_size(), special_ids=specials, **ids)
+
+
+def check_shards_match(config: TrainConfig, info: TokenizerInfo) -> None:
+    """Shards written with another tokenizer would train on wrong ids: compare their modernbert_data.json."""
+    ours = {
+        "vocab_size": info.vocab_size,
+        "pad_token_id": info.pad_id,
+        "cls_token_id": info.cls_id,
+        "sep_token_id": info.sep_id,
+        "mask_token_id": info.mask_id,
+    }
+    for split in ("train", "eval"):
+        for i, source in enumerate(getattr(config.data, split)):
+            metadata = Path(source.local or "", METADATA_FILE)
+            if not source.local or not metadata.is_file():
+                continue
+            theirs = json.loads(metadata.read_text()).get("tokenizer", {})
+            differing = [f"{k}={theirs[k]} there, {v} here" for k, v in ours.items() if theirs.get(k, v) != v]
+            if differing:
+                raise ConfigError(
+                    f"data.{split}.{i}.local: {source.local} was tokenized with another "
+                    f"tokenizer ({'; '.join(differing)})"
+                )
+
+
+def sources(items: list[DataSourceConfig]) -> list[dict]:
+    return [{k: v for k, v in asdict(item).items() if v is not None} for item in items]
+
+
+def build_data(config: TrainConfig) -> TrainData:
+    data = config.data
+    path = tokenizer_file(config)
+    info = tokenizer_info(path)
+    check_shards_match(config, info)
+    world_size = dist.get_world_size()
+    if config.global_train_batch_size % world_size:
+        raise ConfigError(
+            f"global_train_batch_size={config.global_train_batch_size} is not divisible by the "
+            f"{world_size} ranks"
+        )
+    warmup = None
+    if data.batch_size_warmup.start:
+        warmup = {
+            "start": data.batch_size_warmup.start,
+            "tokens": int(time_value(data.batch_size_warmup.tokens)),
+        }
+    train = build_train_dataset(
+        sources(data.train),
+        tokenizer=info,
+        max_seq_len=data.max_seq_len,
+        global_batch_size=config.global_train_batch_size,
+        micro_batch_size=device_microbatch_size(config),
+        mlm_probability=data.mlm_probability,
+        seed=config.seed,
+        lookahead=data.lookahead,
+        batch_size_warmup=warmup,
+        shuffle=data.shuffle,
+    )
+    eval_loader = None
+    per_device = data.eval_batch_size or config.device_train_microbatch_size or 8
+    if data.eval:
+        evaluation = build_eval_dataset(
+            sources(data.eval),
+            tokenizer=info,
+            max_seq_len=data.max_seq_len,
+            global_batch_size=per_device * world_size,
+            mlm_probability=data.eval_mlm_probability,
+            seed=config.seed,
+            lookahead=data.lookahead,
+        )
+        eval_loader = build_dataloader(evaluation, num_workers=data.num_workers)
+    return TrainData(
+        build_dataloader(train, num_workers=data.num_workers), eval_loader, path, info, per_device
+    )
+
+
+def device_microbatch_size(config: TrainConfig) -> int:
+    return config.device_train_microbatch_size or config.global_train_batch_size // dist.get_world_size()

@@ -1,0 +1,77 @@
+"""A Composer logger destination that appends one JSON object per logged step to a metrics.jsonl file."""
+
+import json
+import math
+from pathlib import Path
+
+from composer.core import State
+from composer.loggers import Logger, LoggerDestination
+from composer.utils import dist
+
+# Composer logs these counters at the start of a batch, before the batch counts; the row's own `batch`,
+# `samples` and `tokens` are taken after it.
+_PRE_BATCH_COUNTERS = (
+    "time/epoch",
+    "time/batch",
+    "time/sample",
+    "time/batch_in_epoch",
+    "time/sample_in_epoch",
+    "time/token",
+    "time/token_in_epoch",
+)
+
+
+class JSONLLogger(LoggerDestination):
+    """One row per optimizer step: `batch` (steps done), `samples`, `tokens`, `loss/train/total`, the learning
+    rates, throughput, and the eval metrics when an eval ran after that step.
+
+    A row gathers everything logged from one batch's start to the next's, so it is written when the next
+    batch starts or training ends. Until SpeedMonitor's window fills, throughput is the average since the
+    run started. Rank 0 writes; rows are appended across restarts.
+    """
+
+    def __init__(self, path: str | Path, log_every_n_batches: int = 1):
+        self.path = Path(path)
+        self.every = max(1, log_every_n_batches)
+        self.row: dict[str, float] = {}
+        self.average_throughput: dict[str, float] = {}
+        self.final = False
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        for key, value in metrics.items():
+            if key not in _PRE_BATCH_COUNTERS:
+                self.row[key] = float(value.item() if hasattr(value, "item") else value)
+
+    def batch_start(self, state: State, logger: Logger) -> None:
+        self._flush()
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        now = state.timestamp
+        self.row.update(batch=now.batch.value, samples=now.sample.value, tokens=now.token.value)
+        seconds = now.total_wct.total_seconds()
+        if seconds > 0:
+            self.average_throughput = {
+                "throughput/tokens_per_sec": now.token.value / seconds,
+                "throughput/samples_per_sec": now.sample.value / seconds,
+            }
+        self.final = state.get_elapsed_duration() is not None and state.get_elapsed_duration() >= 1.0
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        self.final = True
+        self._flush()
+
+    def close(self, state: State, logger: Logger) -> None:
+        self._flush()
+
+    def _flush(self) -> None:
+        row, self.row = self.row, {}
+        if dist.get_global_rank() != 0 or "batch" not in row or "loss/train/total" not in row:
+            return
+        if row["batch"] % self.every and row["batch"] != 1 and not self.final:
+            return
+        for key, value in self.average_throughput.items():
+            row.setdefault(key, value)
+        ordered = {"batch": row.pop("batch"), **{k: v for k, v in row.items() if math.isfinite(v)}}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps(ordered) + "\n")

@@ -1,0 +1,204 @@
+"""Wires a TrainConfig into a Composer Trainer: model, data, optimizer, schedule, callbacks, loggers.
+
+Each component is built by its own package; this file only connects them and chooses Composer's options.
+"""
+
+import logging
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from composer import Trainer
+from composer.algorithms import GradientClipping
+from composer.callbacks import LRMonitor, SpeedMonitor
+from composer.core import Evaluator, Time, TimeUnit
+from composer.loggers import WandBLogger
+from composer.utils import FSDP2Config, dist, reproducibility
+
+from modernbert_train.model import ModernBertConfig, pad_vocab_size
+from modernbert_train.optim import build_optimizer
+from modernbert_train.train.checkpoint import CheckpointError, PhaseChangeFilter, explain_mismatch
+from modernbert_train.train.composer_model import ModernBertMLM, data_spec
+from modernbert_train.train.config import to_dict, to_yaml
+from modernbert_train.train.data import TrainData, build_data, device_microbatch_size
+from modernbert_train.train.data_state import ObserveDataState
+from modernbert_train.train.export import export_trainer_model
+from modernbert_train.train.jsonl_logger import JSONLLogger
+from modernbert_train.train.preemption import SaveOnSigterm
+from modernbert_train.train.run_metadata import RunMetadata
+from modernbert_train.train.schedulers import build_scheduler
+from modernbert_train.train.schema import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    trainer: Trainer
+    model: ModernBertMLM
+    config: TrainConfig
+    data: TrainData
+    reset_time: bool
+
+    def fit(self) -> None:
+        self.trainer.fit(reset_time=self.reset_time)
+        if self.config.export.hf_dir:
+            export_trainer_model(self.model, self.config.export.hf_dir, self.data.tokenizer_file)
+            log.info("exported the model to %s", self.config.export.hf_dir)
+        self.trainer.close()
+
+
+def model_config(config: TrainConfig, data: TrainData) -> ModernBertConfig:
+    """The preset, with vocabulary and special ids from the data's tokenizer, then the recipe's overrides."""
+    info = data.tokenizer_info
+    from_tokenizer = dict(
+        vocab_size=pad_vocab_size(info.vocab_size),
+        pad_token_id=info.pad_id,
+        cls_token_id=info.cls_id,
+        sep_token_id=info.sep_id,
+        mask_token_id=info.mask_id,
+        attn_backend=config.model.attn_backend,
+    )
+    return ModernBertConfig.from_preset(config.model.preset, **{**from_tokenizer, **config.model.overrides})
+
+
+def resuming(config: TrainConfig) -> bool:
+    """Whether autoresume will pick up this run's own latest checkpoint (then load_path is ignored)."""
+    return bool(
+        config.autoresume and config.save_folder and Path(config.save_folder, "latest-rank0.pt").exists()
+    )
+
+
+def precision(config: TrainConfig) -> str:
+    if config.precision != "auto":
+        return config.precision
+    return "amp_bf16" if torch.cuda.is_available() else "fp32"
+
+
+def progress_bar(config: TrainConfig) -> bool:
+    return config.progress_bar if config.progress_bar is not None else sys.stderr.isatty()
+
+
+def save_resolved_config(config: TrainConfig) -> None:
+    if config.save_folder and dist.get_global_rank() == 0:
+        Path(config.save_folder).mkdir(parents=True, exist_ok=True)
+        Path(config.save_folder, "config.yaml").write_text(to_yaml(config))
+
+
+def parallelism(config: TrainConfig) -> dict | None:
+    """FSDP2 when the recipe asks for FSDP (Composer would otherwise pick its legacy FSDP1); else DDP."""
+    if config.parallelism.fsdp is None:
+        return None
+    return {"fsdp": FSDP2Config(**asdict(config.parallelism.fsdp))}
+
+
+def loggers(config: TrainConfig) -> list:
+    destinations = []
+    if config.save_folder:
+        every = Time.from_timestring(config.log_interval)
+        every_n = int(every.value) if every.unit == TimeUnit.BATCH else 1
+        destinations.append(JSONLLogger(Path(config.save_folder, "metrics.jsonl"), every_n))
+    wandb = config.loggers.wandb
+    if wandb is not None:
+        init_kwargs = {"config": to_dict(config)}
+        if wandb.mode:
+            init_kwargs["mode"] = wandb.mode
+        destinations.append(
+            WandBLogger(
+                project=wandb.project,
+                entity=wandb.entity,
+                group=wandb.group,
+                name=wandb.name or config.run_name,
+                tags=list(wandb.tags),
+                log_artifacts=wandb.log_artifacts,
+                init_kwargs=init_kwargs,
+            )
+        )
+    return destinations
+
+
+def build_run(config: TrainConfig) -> Run:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    reproducibility.seed_all(config.seed)  # before the model exists: its initial weights follow the seed
+    data = build_data(config)
+    model = ModernBertMLM(model_config(config, data))
+    optimizer = build_optimizer(
+        model.model,
+        lr=config.optimizer.lr,
+        betas=tuple(config.optimizer.betas),
+        eps=config.optimizer.eps,
+        weight_decay=config.optimizer.weight_decay,
+        decouple_lr=config.optimizer.decouple_lr,
+        **({"no_decay": config.optimizer.no_decay} if config.optimizer.no_decay is not None else {}),
+    )
+    scheduler = build_scheduler({k: v for k, v in to_dict(config)["scheduler"].items() if v is not None})
+
+    sigterm = SaveOnSigterm(config.save_interval)
+    callbacks = [
+        SpeedMonitor(window_size=config.speed_window),
+        LRMonitor(),
+        ObserveDataState(),
+        RunMetadata(model.config.to_dict(), str(data.tokenizer_file), to_dict(config)),
+        sigterm,
+    ]
+    evaluators = []
+    if data.eval_loader is not None:
+        evaluators.append(
+            Evaluator(
+                label="eval",
+                dataloader=data_spec(data.eval_loader),
+                metric_names=list(model.eval_metrics),
+                device_eval_microbatch_size=data.eval_batch_size,
+            )
+        )
+    resume = resuming(config)
+    phase_change = bool(config.load_path) and not resume
+    save_resolved_config(config)
+    trainer_kwargs = dict(
+        model=model,
+        train_dataloader=data_spec(data.train_loader),
+        eval_dataloader=evaluators or None,
+        eval_interval=config.eval_interval,
+        eval_subset_num_batches=config.eval_subset_num_batches,
+        max_duration=config.max_duration,
+        optimizers=optimizer,
+        schedulers=scheduler,
+        step_schedulers_every_batch=True,
+        algorithms=[GradientClipping("norm", config.grad_clip_norm)] if config.grad_clip_norm else [],
+        callbacks=callbacks,
+        loggers=loggers(config),
+        run_name=config.run_name,
+        progress_bar=progress_bar(config),
+        log_to_console=not progress_bar(config),
+        console_log_interval=config.log_interval,
+        precision=precision(config),
+        device_train_microbatch_size=device_microbatch_size(config),
+        seed=config.seed,
+        save_folder=config.save_folder,
+        save_interval=sigterm.save_interval,
+        save_num_checkpoints_to_keep=config.save_num_checkpoints_to_keep,
+        save_overwrite=not config.autoresume,
+        autoresume=config.autoresume,
+        load_path=config.load_path,
+        load_weights_only=config.load_weights_only,
+        load_ignore_keys=PhaseChangeFilter(optimizer) if phase_change and config.reset_time else None,
+        parallelism_config=parallelism(config),
+        compile_config={} if config.model.compile else None,
+        dist_timeout=config.dist_timeout,
+    )
+    load_path = Path(config.save_folder, "latest-rank0.pt") if resume else config.load_path
+    try:
+        trainer = Trainer(**trainer_kwargs)
+    except Exception as e:
+        if load_path is None:
+            raise
+        problem = (
+            explain_mismatch(load_path, model.model, model.config) if Path(load_path).is_file() else None
+        )
+        if problem is None and not Path(load_path).exists():
+            problem = f"checkpoint not found: {load_path}"
+        if problem is None:
+            raise
+        raise CheckpointError(problem) from e
+    return Run(trainer, model, config, data, reset_time=phase_change and config.reset_time)

@@ -1,0 +1,163 @@
+"""Shared fixtures: a tiny corpus, tokenizer and MDS train/val folders built once per test session.
+
+Built with the real `modernbert-data` CLI. Under xdist every worker would build its own copy; a file
+lock in the session's shared temp folder lets the first worker build it and the others reuse it.
+"""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from filelock import FileLock
+
+REPO = Path(__file__).resolve().parents[1]
+
+_SUBJECTS = ["the cat", "a dog", "the old man", "my sister", "the small bird", "our teacher", "the farmer"]
+_VERBS = ["sees", "likes", "finds", "carries", "paints", "follows", "feeds"]
+_OBJECTS = ["a red ball", "the blue house", "two green apples", "the wooden boat", "a tall tree", "the river"]
+_ENDINGS = ["in the morning", "after lunch", "near the lake", "every day", "with great care", "at night"]
+
+
+def _documents(n: int, seed: int) -> list[str]:
+    """Sentences from a small grammar: learnable, so a few hundred steps visibly lower the MLM loss."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n):
+        sentences = [
+            f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_ENDINGS)}."
+            for _ in range(rng.randint(1, 12))
+        ]
+        docs.append(" ".join(sentences).capitalize())
+    return docs
+
+
+def _data_cli(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "data_prep.cli", *args], check=True, cwd=REPO, capture_output=True)
+
+
+def _build(root: Path) -> None:
+    corpus = root / "corpus"
+    corpus.mkdir(parents=True)
+    for split, n, seed in (("train", 400, 0), ("val", 40, 1)):
+        with (corpus / f"{split}.jsonl").open("w") as f:
+            for doc in _documents(n, seed):
+                f.write(json.dumps({"text": doc}) + "\n")
+    _data_cli(
+        "train-tokenizer",
+        "--input",
+        str(corpus / "train.jsonl"),
+        "--output",
+        str(root / "tokenizer"),
+        "--vocab-size",
+        "384",
+    )
+    for split in ("train", "val"):
+        _data_cli(
+            "shard",
+            "--input",
+            str(corpus / f"{split}.jsonl"),
+            "--output",
+            str(root / split),
+            "--tokenizer",
+            str(root / "tokenizer"),
+            "--workers",
+            "1",
+        )
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A folder with `tokenizer/`, `train/` and `val/` (MDS, each with its tokenizer.json)."""
+    shared = tmp_path_factory.getbasetemp().parent
+    root = shared / "tiny_data"
+    with FileLock(str(shared / "tiny_data.lock")):
+        if not (root / "val" / "index.json").exists():
+            _build(root)
+    return root
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = _deep_merge(merged[key], value) if isinstance(value, dict) and key in merged else value
+    return merged
+
+
+@pytest.fixture
+def write_recipe(tmp_path, tiny_data):
+    """write_recipe(path=None, **sections) -> a small CPU recipe over tiny_data, sections deep-merged in."""
+
+    def write(path: Path | None = None, **sections) -> Path:
+        recipe = {
+            "run_name": "test",
+            "seed": 17,
+            "max_duration": "12ba",
+            "global_train_batch_size": 8,
+            "model": {"preset": "tiny"},
+            "data": {
+                "train": [{"local": str(tiny_data / "train")}],
+                "eval": [{"local": str(tiny_data / "val")}],
+                "max_seq_len": 64,
+                "lookahead": 16,
+                "eval_batch_size": 8,
+            },
+            "optimizer": {"lr": 3e-3},
+            "scheduler": {"t_warmup": "2ba", "t_decay": "0ba"},
+            "eval_interval": "6ba",
+            "eval_subset_num_batches": 2,
+            "log_interval": "1ba",
+            "save_folder": str(tmp_path / "run"),
+            "save_interval": "4ba",
+            "progress_bar": False,
+        }
+        path = path or tmp_path / "recipe.yaml"
+        path.write_text(yaml.safe_dump(_deep_merge(recipe, sections)))
+        return path
+
+    return write
+
+
+def train_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "modernbert_train.train", *map(str, args)]
+
+
+def run_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
+    return {**env, "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false", **extra}
+
+
+def run_train(*args: str, timeout: float = 240, **env: str) -> subprocess.CompletedProcess:
+    """`python -m modernbert_train.train ARGS` in a subprocess; fails the test with its output if it fails."""
+    done = subprocess.run(
+        train_command(*args), cwd=REPO, env=run_env(**env), capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, (
+        f"training failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    )
+    return done
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def losses_by_batch(path: Path) -> dict[int, float]:
+    """batch -> train loss; a batch logged twice (rerun after a restart) keeps its last row."""
+    return {row["batch"]: row["loss/train/total"] for row in read_metrics(path)}
+
+
+# Set by launchers; a test's own subprocesses must not inherit another run's distributed settings.
+_LAUNCHER_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "NODE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)

@@ -1,0 +1,103 @@
+"""Phase changes (pretrain -> context extension: new RoPE theta, reset_time) and bad-checkpoint errors."""
+
+import json
+import shutil
+
+import pytest
+from conftest import read_metrics, run_train
+
+from modernbert_train.train.checkpoint import read_checkpoint
+from modernbert_train.train.main import main
+from modernbert_train.train.run_metadata import metadata_from_checkpoint
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("phases")]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, tiny_data):
+    """Phase 1: 8 steps at global theta 10k; its last checkpoint."""
+    folder = tmp_path_factory.mktemp("pretrain")
+    recipe = folder / "pretrain.yaml"
+    recipe.write_text(
+        f"""
+run_name: pretrain
+max_duration: 8ba
+global_train_batch_size: 8
+model: {{preset: tiny, overrides: {{global_rope_theta: 10000.0}}}}
+data: {{train: [{{local: {tiny_data / "train"}}}], max_seq_len: 64, lookahead: 16}}
+optimizer: {{lr: 3.0e-3}}
+scheduler: {{t_warmup: 2ba, t_decay: 0ba}}
+log_interval: 1ba
+save_folder: {folder / "run"}
+save_interval: 8ba
+progress_bar: false
+"""
+    )
+    run_train(recipe)
+    return folder / "run"
+
+
+def test_context_extension_loads_with_new_theta_and_restarts_time(pretrained, write_recipe, tmp_path):
+    recipe = write_recipe(
+        run_name="extension",
+        max_duration="4ba",
+        load_path=str(pretrained / "ep0-ba8-rank0.pt"),
+        reset_time=True,
+        model={"overrides": {"global_rope_theta": 160000.0, "local_rope_theta": 10000.0}},
+        data={"max_seq_len": 128, "eval": []},
+        optimizer={"lr": 1e-3},
+        scheduler={"name": "constant", "t_warmup": "0ba", "t_decay": None},
+    )
+    run_train(recipe)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [row["batch"] for row in rows] == [1, 2, 3, 4]  # time restarted at zero
+    # This phase's schedule and lr, not the checkpoint's.
+    assert [row["lr-StableAdamW/group0"] for row in rows] == pytest.approx([1e-3] * 4)
+    # Trained weights came along: the first loss is far below a fresh model's.
+    first_pretrain_loss = read_metrics(pretrained / "metrics.jsonl")[0]["loss/train/total"]
+    assert rows[0]["loss/train/total"] < first_pretrain_loss - 0.3
+    metadata = metadata_from_checkpoint(read_checkpoint(tmp_path / "run" / "ep0-ba4-rank0.pt"))
+    assert metadata["model_config"]["global_rope_theta"] == 160000.0
+
+
+def error_from_main(args: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exited:
+        main([str(a) for a in args])
+    assert exited.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("modernbert-train: error: ")
+    return lines[0]
+
+
+def test_missing_checkpoint(write_recipe, tmp_path, capsys):
+    missing = tmp_path / "nope.pt"
+    assert error_from_main([write_recipe(), f"load_path={missing}"], capsys).endswith(
+        f"checkpoint not found: {missing}"
+    )
+
+
+def test_truncated_checkpoint(pretrained, write_recipe, tmp_path, capsys):
+    truncated = tmp_path / "truncated.pt"
+    data = (pretrained / "ep0-ba8-rank0.pt").read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    message = error_from_main([write_recipe(), f"load_path={truncated}"], capsys)
+    assert f"checkpoint {truncated} cannot be read (truncated or not a checkpoint)" in message
+
+
+def test_checkpoint_of_another_model_shape(pretrained, write_recipe, tmp_path, capsys):
+    copy = tmp_path / "other.pt"
+    shutil.copy(pretrained / "ep0-ba8-rank0.pt", copy)
+    message = error_from_main([write_recipe(), f"load_path={copy}", "model.overrides.hidden_size=32"], capsys)
+    assert f"checkpoint {copy} holds another model: hidden_size=64 there, 32 here" in message
+
+
+def test_shards_of_another_tokenizer(write_recipe, tiny_data, tmp_path, capsys):
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_data / "val", shards)
+    metadata = json.loads((shards / "modernbert_data.json").read_text())
+    metadata["tokenizer"]["vocab_size"] = 50368
+    (shards / "modernbert_data.json").write_text(json.dumps(metadata))
+    message = error_from_main([write_recipe(data={"eval": [{"local": str(shards)}]})], capsys)
+    assert (
+        f"data.eval.0.local: {shards} was tokenized with another tokenizer (vocab_size=50368 there" in message
+    )

@@ -1,0 +1,69 @@
+"""Preemption: a SIGKILLed run restarted with the same command reproduces the straight run; SIGTERM saves."""
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, losses_by_batch, read_metrics, run_env, run_train, train_command
+
+pytestmark = pytest.mark.slow
+
+
+def start(command: list[str], log: Path) -> subprocess.Popen:
+    """Output to a file: an unread pipe would fill up and stall the run."""
+    with log.open("w") as out:
+        return subprocess.Popen(command, cwd=REPO, env=run_env(), stdout=out, stderr=subprocess.STDOUT)
+
+
+def wait_for(condition, process: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, f"training ended early:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, "timed out waiting for training"
+        time.sleep(0.05)
+
+
+def latest_checkpoint(folder: Path) -> str | None:
+    link = folder / "latest-rank0.pt"
+    return os.readlink(link) if link.is_symlink() else None
+
+
+def test_sigkill_and_autoresume_reproduce_the_straight_run(write_recipe, tmp_path):
+    recipe = write_recipe(max_duration="16ba", autoresume=True, save_interval="4ba", data={"eval": []})
+    run_train(recipe, f"save_folder={tmp_path / 'straight'}")
+    straight = losses_by_batch(tmp_path / "straight" / "metrics.jsonl")
+
+    folder = tmp_path / "killed"
+    log = tmp_path / "killed.log"
+    process = start(train_command(recipe, f"save_folder={folder}"), log)
+    wait_for(lambda: latest_checkpoint(folder) == "ep0-ba4-rank0.pt", process, log)
+    process.kill()
+    process.wait()
+    assert not (folder / "ep0-ba16-rank0.pt").exists()
+
+    run_train(recipe, f"save_folder={folder}")  # the same command again
+    resumed = losses_by_batch(folder / "metrics.jsonl")
+    assert sorted(resumed) == sorted(straight) == list(range(1, 17))
+    for batch, loss in straight.items():
+        assert resumed[batch] == pytest.approx(loss, rel=1e-5), f"batch {batch}"
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(write_recipe, tmp_path):
+    recipe = write_recipe(max_duration="40ba", save_interval="1000ba", data={"eval": []})
+    folder = tmp_path / "run"
+    log = tmp_path / "run.log"
+    process = start(train_command(recipe), log)
+    metrics = folder / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, process, log)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=120)
+    assert process.returncode == 0, log.read_text()[-3000:]
+    checkpoints = sorted(folder.glob("ep*-rank0.pt"))
+    assert len(checkpoints) == 1
+    stopped_at = read_metrics(metrics)[-1]["batch"]
+    assert 3 <= stopped_at < 40
+    assert checkpoints[0].name == f"ep0-ba{stopped_at}-rank0.pt"
+    assert "SIGTERM: saving a checkpoint" in log.read_text()
