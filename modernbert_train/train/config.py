@@ -231,6 +231,11 @@ def _check_values(c: TrainConfig, path: Path) -> None:
 def _check_model(c: TrainConfig, path: Path, fail) -> None:
     from modernbert_train.model import ModernBertConfig
 
+    if c.model.init_from_hf is not None and not Path(c.model.init_from_hf, "config.json").is_file():
+        fail(
+            "model.init_from_hf",
+            f"'{c.model.init_from_hf}' is not a transformers model folder: no config.json",
+        )
     fields = [f.name for f in dataclasses.fields(ModernBertConfig)]
     for key in c.model.overrides:
         if key not in fields:

@@ -16,11 +16,12 @@ from composer.core import Evaluator, Time, TimeUnit
 from composer.loggers import WandBLogger
 from composer.utils import FSDP2Config, dist, reproducibility
 
+from modernbert_train.hf import from_hf
 from modernbert_train.model import ModernBertConfig, pad_vocab_size
 from modernbert_train.optim import build_optimizer
 from modernbert_train.train.checkpoint import CheckpointError, PhaseChangeFilter, explain_mismatch
 from modernbert_train.train.composer_model import ModernBertMLM, data_spec
-from modernbert_train.train.config import to_dict, to_yaml
+from modernbert_train.train.config import ConfigError, to_dict, to_yaml
 from modernbert_train.train.data import TrainData, build_data, device_microbatch_size
 from modernbert_train.train.data_state import ObserveDataState
 from modernbert_train.train.export import export_trainer_model
@@ -49,9 +50,19 @@ class Run:
         self.trainer.close()
 
 
-def model_config(config: TrainConfig, data: TrainData) -> ModernBertConfig:
-    """The preset, with vocabulary and special ids from the data's tokenizer, then the recipe's overrides."""
+def model_config(
+    config: TrainConfig, data: TrainData, pretrained: ModernBertConfig | None
+) -> ModernBertConfig:
+    """The preset, with vocabulary and special ids from the data's tokenizer, then the recipe's overrides.
+
+    With `model.init_from_hf`, the pretrained model's config instead of the preset: its vocabulary and
+    special ids must then be the data's, or the embeddings would mean other tokens.
+    """
     info = data.tokenizer_info
+    if pretrained is not None:
+        check_tokenizer_fits(pretrained, info, config.model.init_from_hf)
+        values = {**pretrained.to_dict(), "attn_backend": config.model.attn_backend, **config.model.overrides}
+        return ModernBertConfig.from_dict(values)
     from_tokenizer = dict(
         vocab_size=pad_vocab_size(info.vocab_size),
         pad_token_id=info.pad_id,
@@ -61,6 +72,38 @@ def model_config(config: TrainConfig, data: TrainData) -> ModernBertConfig:
         attn_backend=config.model.attn_backend,
     )
     return ModernBertConfig.from_preset(config.model.preset, **{**from_tokenizer, **config.model.overrides})
+
+
+def check_tokenizer_fits(pretrained: ModernBertConfig, info, path: str) -> None:
+    ids = {"pad_token_id": info.pad_id, "cls_token_id": info.cls_id, "sep_token_id": info.sep_id,
+           "mask_token_id": info.mask_id}  # fmt: skip
+    for name, data_id in ids.items():
+        if getattr(pretrained, name) != data_id:
+            raise ConfigError(
+                f"model.init_from_hf: {path} has {name}={getattr(pretrained, name)} but the data's tokenizer "
+                f"has {data_id}; shard the data with the checkpoint's tokenizer"
+            )
+    if info.vocab_size > pretrained.vocab_size:
+        raise ConfigError(
+            f"model.init_from_hf: {path} has vocab_size={pretrained.vocab_size}, smaller than the data's "
+            f"tokenizer ({info.vocab_size}); shard the data with the checkpoint's tokenizer"
+        )
+
+
+def load_pretrained(model: ModernBertMLM, pretrained: torch.nn.Module, path: str) -> None:
+    try:
+        model.model.load_state_dict(pretrained.state_dict())
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())
+        raise ConfigError(f"model.init_from_hf: {path} does not fit the configured model: {detail}") from None
+
+
+def compile_layers(model: ModernBertMLM) -> None:
+    """torch.compile each encoder layer in place (parameter names unchanged, so checkpoints and exports
+    are the same compiled or not). The unpadding and sparse head around them have data-dependent shapes
+    that would break one whole-model graph; the token count varies per batch, hence dynamic shapes."""
+    for layer in model.model.model.layers:
+        layer.compile(dynamic=True)
 
 
 def resuming(config: TrainConfig) -> bool:
@@ -122,7 +165,13 @@ def build_run(config: TrainConfig) -> Run:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     reproducibility.seed_all(config.seed)  # before the model exists: its initial weights follow the seed
     data = build_data(config)
-    model = ModernBertMLM(model_config(config, data))
+    pretrained = from_hf(config.model.init_from_hf) if config.model.init_from_hf else None
+    model = ModernBertMLM(model_config(config, data, pretrained.config if pretrained is not None else None))
+    resume = resuming(config)
+    if pretrained is not None and not resume and not config.load_path:
+        load_pretrained(model, pretrained, config.model.init_from_hf)
+    if config.model.compile:
+        compile_layers(model)
     optimizer = build_optimizer(
         model.model,
         lr=config.optimizer.lr,
@@ -152,7 +201,6 @@ def build_run(config: TrainConfig) -> Run:
                 device_eval_microbatch_size=data.eval_batch_size,
             )
         )
-    resume = resuming(config)
     phase_change = bool(config.load_path) and not resume
     save_resolved_config(config)
     trainer_kwargs = dict(
@@ -184,7 +232,6 @@ def build_run(config: TrainConfig) -> Run:
         load_weights_only=config.load_weights_only,
         load_ignore_keys=PhaseChangeFilter(optimizer) if phase_change and config.reset_time else None,
         parallelism_config=parallelism(config),
-        compile_config={} if config.model.compile else None,
         dist_timeout=config.dist_timeout,
     )
     load_path = Path(config.save_folder, "latest-rank0.pt") if resume else config.load_path

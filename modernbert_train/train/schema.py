@@ -15,7 +15,10 @@ class ModelConfig:
     preset: str = "tiny"  # ModernBertConfig.from_preset name: tiny | mini | base | large
     overrides: dict[str, Any] = field(default_factory=dict)  # ModernBertConfig fields, e.g. global_rope_theta
     attn_backend: str = "auto"  # auto | sdpa | flex | varlen | flash
-    compile: bool = False  # torch.compile through Composer's compile_config
+    compile: bool = False  # torch.compile each encoder layer (the unpadding around them stays eager)
+    # A transformers ModernBERT folder to start from (continued pretraining): its config replaces the
+    # preset (overrides still apply), its weights are the initial ones unless a checkpoint is resumed.
+    init_from_hf: str | None = None
 
 
 @dataclass
