@@ -1,11 +1,14 @@
 """StableAdamW through build_optimizer against plain torch math, and the weight-decay param groups."""
 
+import datetime
 import math
 
 import pytest
 import torch
 import transformers
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
 
 from modernbert_train.optim import build_optimizer, param_groups, split_by_weight_decay
 
@@ -206,3 +209,52 @@ def test_cuda_matches_reference(triton):
     )
     for got, want in zip(net.parameters(), expected):
         torch.testing.assert_close(got.detach().cpu().double(), want, rtol=0, atol=1e-5)
+
+
+def _sharded_steps(rank: int, world_size: int, init_file: str, out_file: str, start, steps, lrs) -> None:
+    """One gloo rank: TinyNet's parameters sharded on dim 0 (5 rows over 2 ranks: 3 and 2), stepped."""
+    # A timeout so a lost peer fails the test instead of hanging it.
+    torch.distributed.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=120),
+    )
+    try:
+        mesh = init_device_mesh("cpu", (world_size,))
+        net = TinyNet()
+        for module, name, value in zip(
+            [net.proj, net.proj, net.norm, net.norm], ["weight", "bias", "weight", "bias"], start
+        ):
+            setattr(module, name, nn.Parameter(distribute_tensor(value.clone(), mesh, [Shard(0)])))
+        opt = build_optimizer(net, lr=lrs[0], betas=BETAS, eps=EPS, weight_decay=5e-4)
+        for grads, step_lr in zip(steps, lrs):
+            for group in opt.param_groups:
+                group["lr"] = step_lr
+            for p, g in zip(net.parameters(), grads):
+                p.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
+            opt.step()
+        full = [p.detach().full_tensor() for p in net.parameters()]
+        if rank == 0:
+            torch.save(full, out_file)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_sharded_parameters_clip_by_the_whole_tensors_rms(tmp_path):
+    """FSDP2 shards as DTensors over gloo (no AVG all-reduce): the same weights as on one device."""
+    torch.manual_seed(0)
+    net = TinyNet()
+    start = [p.detach().clone() for p in net.parameters()]
+    steps = gradient_steps(net)
+    lrs = [1e-2, 1e-2, 5e-3, 5e-3, 2.5e-3]
+    out_file = tmp_path / "params.pt"
+    torch.multiprocessing.spawn(
+        _sharded_steps, args=(2, str(tmp_path / "init"), str(out_file), start, steps, lrs), nprocs=2
+    )
+    kwargs = dict(weight_decay=5e-4, decay_mask=[True, False, False, False], decouple_lr=True, max_lr=1e-2)
+    expected, largest_rms = reference_stable_adamw(start, steps, lrs, clip=True, **kwargs)
+    assert largest_rms > 1.9  # a per-shard RMS would clip differently
+    for got, want in zip(torch.load(out_file), expected):
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 from torch import nn
 
 from .attention import DocumentLayout, build_attention, resolve_backend
@@ -28,6 +29,14 @@ class MaskedLMOutput:
 
     loss: torch.Tensor | None
     logits: torch.Tensor
+
+
+# Visible to pytree, as transformers' outputs are: FSDP2 finds a sharded module's output tensors by pytree
+# to hook the backward pass that reduce-scatters gradients into the sharded parameters; an opaque output
+# would leave them on unsharded copies, and every optimizer step would do nothing.
+pytree.register_pytree_node(
+    MaskedLMOutput, lambda out: ([out.loss, out.logits], None), lambda values, _: MaskedLMOutput(*values)
+)
 
 
 class ModernBertModel(nn.Module):

@@ -13,32 +13,77 @@ We use torch-optimi's implementation. Its semantics, read from optimi 0.3.3:
   training); fp32 master weights under autocast need none.
 - Its update runs in Triton kernels (CUDA) or a per-tensor loop; the `foreach` path is deprecated and
   setting `foreach` at all would turn the Triton choice off, so it stays unset.
+- Sharded parameters (FSDP2's DTensors) take our own per-tensor loop, the same math, see `_sharded_step`.
 """
 
 from collections.abc import Iterable
 
 import optimi
 import torch
-from optimi.utils import HAS_TRITON
+from optimi.utils import HAS_TRITON, debias_beta
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from modernbert_train.optim.param_groups import NO_DECAY_CATEGORIES, param_groups
 
 
 class StableAdamW(optimi.StableAdamW):
-    """optimi's StableAdamW, choosing its Triton kernels only for parameter groups that live on a GPU.
+    """optimi's StableAdamW, choosing its Triton kernels only for parameter groups that live on a GPU, and
+    stepping FSDP2-sharded parameters with the RMS of the whole tensor.
 
-    optimi 0.3.3 makes that choice (`triton=None`) from a still empty list, so it picks Triton for CPU
+    optimi 0.3.3 makes the Triton choice (`triton=None`) from a still empty list, so it picks Triton for CPU
     tensors too whenever Triton imports, and the step fails. We choose at the first step instead, after
-    the Trainer has moved the model to its device.
+    the Trainer has moved the model to its device. Its kernels read raw pointers, which a DTensor has not.
     """
 
     def step(self, closure=None, param=None):
+        sharded = any(isinstance(p, DTensor) for group in self.param_groups for p in group["params"])
         for group in self.param_groups:
             if group["triton"] is None:
                 on_gpu = all(p.is_cuda for p in group["params"]) and torch.cuda.is_bf16_supported()
-                group["triton"] = HAS_TRITON and on_gpu
-        return super().step(closure, param)
+                group["triton"] = HAS_TRITON and on_gpu and not sharded
+        if not sharded or param is not None:
+            return super().step(closure, param)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._sharded_step(group)
+        return loss
+
+    @torch.no_grad()
+    def _sharded_step(self, group: dict) -> None:
+        """optimi 0.3.3's per-tensor update (`_single_param_stableadamw`), but with the mean of g^2 / v_hat
+        taken as a sum over the shards divided by the whole tensor's size: optimi's `.mean()` of a DTensor
+        all-reduces with AVG, which gloo lacks (and which averages unequal shards' means as if equal)."""
+        params, grads, exp_avgs, exp_avg_sqs, eps_sqs, kahan_comps = [], [], [], [], [], []
+        self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, eps_sqs, kahan_comps, mean_squares=[])
+        group["step"].add_(1)
+        step = group["step"].item()
+        beta1_comp = 1 - debias_beta(group["beta1"], step)
+        beta2_hat = debias_beta(group["beta2"], step)
+        for param, grad, exp_avg, exp_avg_sq, eps_sq, kahan_comp in zip(
+            params, grads, exp_avgs, exp_avg_sqs, eps_sqs, kahan_comps
+        ):
+            exp_avg.lerp_(grad, weight=beta1_comp)
+            exp_avg_sq.mul_(beta2_hat).addcmul_(grad, grad, value=1 - beta2_hat)
+            square_sum = grad.pow(2).div_(exp_avg_sq.maximum(eps_sq)).sum()
+            if isinstance(square_sum, DTensor):
+                square_sum = square_sum.full_tensor()  # a SUM all-reduce over the shards
+            rms = (square_sum / grad.numel()).sqrt().item()
+            lr = group["lr"] / max(1.0, rms)
+            if group["weight_decay"] != 0:
+                scale = lr / group["max_lr"] if group["decouple_lr"] else lr
+                param.mul_(1 - scale * group["weight_decay"])
+            if group["kahan_sum"] and param.dtype in (torch.float16, torch.bfloat16):
+                # Add the step to the carried rounding error, then keep what bf16 could not hold.
+                kahan_comp.addcdiv_(exp_avg, exp_avg_sq.sqrt().add_(group["eps"]), value=-lr)
+                before = param.detach().clone()
+                param.add_(kahan_comp)
+                kahan_comp.add_(before.sub_(param))
+            else:
+                param.addcdiv_(exp_avg, exp_avg_sq.sqrt().add_(group["eps"]), value=-lr)
 
 
 def build_optimizer(

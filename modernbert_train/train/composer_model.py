@@ -7,6 +7,7 @@ from composer.models import ComposerModel
 from torchmetrics import MeanMetric, Metric
 
 from modernbert_train.model import ModernBertConfig, ModernBertForMaskedLM, flops_per_token
+from modernbert_train.model.layers import ModernBertEncoderLayer
 
 
 def unpad(batch: dict[str, torch.Tensor]) -> dict:
@@ -39,6 +40,9 @@ class ModernBertMLM(ComposerModel):
         super().__init__()
         self.config = config
         self.model = ModernBertForMaskedLM(config)
+        # FSDP: one unit per encoder layer (Composer's policy asks the child model), so only one layer's
+        # parameters are gathered at a time; embeddings, head and the tied decoder share the root unit.
+        self.model.fsdp_wrap_fn = lambda module: isinstance(module, ModernBertEncoderLayer)
         self.eval_metrics = {"MLMLoss": MLMLoss(), "MLMAccuracy": MLMAccuracy()}
 
     def forward(self, batch: dict[str, torch.Tensor]):
