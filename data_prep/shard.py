@@ -89,11 +89,14 @@ def _encode(texts: list[str]) -> tuple[list[bytes], list[int]]:
 @contextmanager
 def _worker_pool(workers: int, tokenizer: LoadedTokenizer):
     # Each worker encodes single-threaded: the processes are the parallelism. Setting the variable
-    # across the fork also keeps tokenizers from warning when this process used its thread pool before.
+    # in the workers also keeps tokenizers from warning when this process used its thread pool before.
     saved = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
-        pool = get_context("fork").Pool(workers, _init_worker, (tokenizer.json_text, tokenizer.dtype))
+        # Spawned, not forked: a caller that already runs threads (torch's, an inductor compile pool, a
+        # test runner) can leave a forked child holding a lock nobody releases, and a pool that loses a
+        # worker waits for its batch forever. Workers import only numpy and tokenizers, so spawning is cheap.
+        pool = get_context("spawn").Pool(workers, _init_worker, (tokenizer.json_text, tokenizer.dtype))
     finally:
         if saved is None:
             del os.environ["TOKENIZERS_PARALLELISM"]
@@ -182,7 +185,6 @@ def write_shards(
 
     columns = mds_columns(tokenizer.dtype)
     try:
-        # The pool forks before streaming (and torch) are imported: a smaller process forks faster.
         with _worker_pool(workers, tokenizer) as pool:
             from streaming import MDSWriter
 
