@@ -93,10 +93,12 @@ def _worker_pool(workers: int, tokenizer: LoadedTokenizer):
     saved = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
-        # Spawned, not forked: a caller that already runs threads (torch's, an inductor compile pool, a
-        # test runner) can leave a forked child holding a lock nobody releases, and a pool that loses a
-        # worker waits for its batch forever. Workers import only numpy and tokenizers, so spawning is cheap.
-        pool = get_context("spawn").Pool(workers, _init_worker, (tokenizer.json_text, tokenizer.dtype))
+        # Forked when this process is still small and torch-free (the CLI creates the pool before it
+        # imports streaming, and so torch); spawned otherwise: in a caller that already runs torch's threads
+        # (an inductor compile pool, a test runner) a forked worker was seen to die, and a pool that loses a
+        # worker waits for its batch forever. Spawning costs ~0.2 s; workers import numpy and tokenizers.
+        method = "spawn" if "torch" in sys.modules else "fork"
+        pool = get_context(method).Pool(workers, _init_worker, (tokenizer.json_text, tokenizer.dtype))
     finally:
         if saved is None:
             del os.environ["TOKENIZERS_PARALLELISM"]
