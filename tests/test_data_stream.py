@@ -243,3 +243,27 @@ def test_two_ranks_see_disjoint_data_and_gather_state(corpus, tmp_path):
     pieces = [{tuple(p) for p in r["pieces"]} for r in results]
     total = len(pieces[0]) + len(pieces[1])
     assert total > 400 and len(pieces[0] & pieces[1]) <= 2  # streaming pads the split with <= world repeats
+
+
+def test_a_shared_memory_prefix_taken_in_a_race_is_looked_up_again(corpus, monkeypatch):
+    """Two jobs starting together can pick the same free prefix; the later one must pick again."""
+    from multiprocessing.shared_memory import SharedMemory
+
+    from streaming.base.shared import prefix
+
+    find = prefix._check_and_find_retrying
+    rival = {}
+
+    def find_then_lose_the_race(*args, **kwargs):
+        found = find(*args, **kwargs)
+        if not rival:  # another job registers the same prefix between our look and our create
+            rival["shm"] = SharedMemory(prefix._get_path(found, prefix.LOCALS), True, 8)
+        return found
+
+    monkeypatch.setattr(prefix, "_check_and_find_retrying", find_then_lose_the_race)
+    try:
+        dataset = train_dataset(corpus)
+        assert next(iter(build_dataloader(dataset)))["input_ids"].shape[1] > 0
+    finally:
+        rival["shm"].close()
+        rival["shm"].unlink()

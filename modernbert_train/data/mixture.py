@@ -7,6 +7,7 @@ packer can restart from any position in that order without replaying the epoch.
 """
 
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,6 +16,7 @@ from streaming import Stream, StreamingDataset
 from streaming.base.world import World
 
 SOURCE_KEYS = ("name", "local", "remote", "split", "proportion", "repeat", "choose")
+PREFIX_ATTEMPTS = 5
 
 
 def validate_sources(sources: Sequence[dict[str, Any]]) -> None:
@@ -70,13 +72,11 @@ def build_sample_space(
     """One StreamingDataset over every source. Build it in the main process; iterate it only
     through `epoch_sample_ids` (in DataLoader workers, or in the main process with no workers)."""
     validate_sources(sources)
-    streams = [Stream(**{key: value for key, value in source.items() if key != "name"}) for source in sources]
     if num_canonical_nodes is None:
         num_canonical_nodes = World.detect().num_nodes
     if shuffle_block_size is None:
         shuffle_block_size = max(4_000_000 // num_canonical_nodes, 1 << 18)  # streaming's own default
-    return StreamingDataset(
-        streams=streams,
+    kwargs = dict(
         shuffle=shuffle,
         shuffle_algo=shuffle_algo,
         shuffle_seed=seed,
@@ -87,6 +87,19 @@ def build_sample_space(
         cache_limit=cache_limit,
         batch_size=1,  # streaming groups samples into device batches; we pack, so one sample each
     )
+    # Streaming picks a free shared-memory prefix by looking, then creating: two jobs starting on one host
+    # at the same moment can pick the same one, and the later creation fails. Nothing was registered then,
+    # so looking again (after a random pause, to break the tie) is safe, with fresh Streams: streaming
+    # writes its resolved proportions into the ones it was given.
+    rng = np.random.default_rng()
+    for attempt in range(PREFIX_ATTEMPTS):
+        try:
+            streams = [Stream(**{k: v for k, v in source.items() if k != "name"}) for source in sources]
+            return StreamingDataset(streams=streams, **kwargs)
+        except FileExistsError:
+            if attempt == PREFIX_ATTEMPTS - 1:
+                raise
+            time.sleep(rng.uniform(0.05, 0.5))
 
 
 def epoch_sample_ids(samples: StreamingDataset, epoch: int, producer: int, num_producers: int) -> np.ndarray:
