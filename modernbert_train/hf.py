@@ -81,8 +81,8 @@ def _summarise(kind: str, keys: list[str]) -> str:
     return f"{kind} ({len(keys)}): {shown}"
 
 
-def from_hf(path: str | Path) -> ModernBertForMaskedLM:
-    """Load a transformers ModernBertForMaskedLM folder (config.json + model.safetensors) as our model."""
+def read_hf_config(path: str | Path) -> ModernBertConfig:
+    """Our config from a transformers ModernBERT folder's config.json (and its tokenizer's [MASK] id)."""
     folder = Path(path)
     config_file = folder / "config.json"
     if not config_file.is_file():
@@ -91,7 +91,13 @@ def from_hf(path: str | Path) -> ModernBertForMaskedLM:
         values = json.loads(config_file.read_text())
     except json.JSONDecodeError as error:
         raise HFCheckpointError(f"{config_file}: not valid JSON ({error})") from None
-    config = config_from_hf(values, _mask_token_id_from_tokenizer(folder))
+    return config_from_hf(values, _mask_token_id_from_tokenizer(folder))
+
+
+def from_hf(path: str | Path) -> ModernBertForMaskedLM:
+    """Load a transformers ModernBertForMaskedLM folder (config.json + model.safetensors) as our model."""
+    folder = Path(path)
+    config = read_hf_config(folder)
     weights = _read_weights(folder)
 
     model = ModernBertForMaskedLM(config)

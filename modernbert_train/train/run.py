@@ -16,7 +16,7 @@ from composer.core import Evaluator, Time, TimeUnit
 from composer.loggers import WandBLogger
 from composer.utils import FSDP2Config, dist, reproducibility
 
-from modernbert_train.hf import from_hf
+from modernbert_train.hf import from_hf, read_hf_config
 from modernbert_train.model import ModernBertConfig, pad_vocab_size
 from modernbert_train.optim import build_optimizer
 from modernbert_train.train.checkpoint import CheckpointError, PhaseChangeFilter, explain_mismatch
@@ -165,11 +165,12 @@ def build_run(config: TrainConfig) -> Run:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     reproducibility.seed_all(config.seed)  # before the model exists: its initial weights follow the seed
     data = build_data(config)
-    pretrained = from_hf(config.model.init_from_hf) if config.model.init_from_hf else None
-    model = ModernBertMLM(model_config(config, data, pretrained.config if pretrained is not None else None))
+    init_from = config.model.init_from_hf
+    model = ModernBertMLM(model_config(config, data, read_hf_config(init_from) if init_from else None))
     resume = resuming(config)
-    if pretrained is not None and not resume and not config.load_path:
-        load_pretrained(model, pretrained, config.model.init_from_hf)
+    # The released weights only start a run: a resumed or loaded checkpoint replaces them.
+    if init_from and not resume and not config.load_path:
+        load_pretrained(model, from_hf(init_from), init_from)
     if config.model.compile:
         compile_layers(model)
     optimizer = build_optimizer(
