@@ -12,6 +12,7 @@ from modernbert_train.model import (
     ModernBertForMaskedLM,
     flops_per_token,
     pad_vocab_size,
+    training_flops,
 )
 
 VOCAB = 80
@@ -199,10 +200,20 @@ def test_input_shape_errors():
         model(torch.zeros(1, 5, dtype=torch.long), cu_seqlens=torch.tensor([0, 5], dtype=torch.int32))
 
 
-def test_flops_per_token():
+def test_flops_per_token_counts_the_head_for_labelled_tokens_only():
     config = ModernBertConfig.from_preset("base")
-    matmul_weights = 22 * (4 * 768 * 768 + 3 * 768 * 1152) + 768 * 768 + 768 * 50368
+    encoder_weights = 22 * (4 * 768 * 768 + 3 * 768 * 1152)
+    head_weights = 768 * 768 + 768 * 50368
     # Sequences within the window: every layer attends to all of them.
-    assert flops_per_token(config, 64) == 6 * matmul_weights + 12 * 768 * 64 * 22
-    # Longer ones: the 14 local layers attend to 129 tokens.
-    assert flops_per_token(config, 1024) == 6 * matmul_weights + 12 * 768 * (8 * 1024 + 14 * 129)
+    assert flops_per_token(config, 64, labelled_fraction=1.0) == (
+        6 * (encoder_weights + head_weights) + 12 * 768 * 64 * 22
+    )
+    # Longer ones: the 14 local layers attend to 129 tokens; 30% of the tokens reach the head.
+    encoder = 6 * encoder_weights + 12 * 768 * (8 * 1024 + 14 * 129)
+    assert flops_per_token(config, 1024) == pytest.approx(encoder + 0.3 * 6 * head_weights)
+    assert flops_per_token(config, 1024) / 1e9 == pytest.approx(0.8246, abs=1e-4)
+    # A batch: every real token through the encoder, the labelled ones through the head.
+    assert training_flops(config, 1024, tokens=1000, labelled_tokens=300) == pytest.approx(
+        1000 * flops_per_token(config, 1024)
+    )
+    assert training_flops(config, 1024, tokens=1000, labelled_tokens=0) == pytest.approx(1000 * encoder)

@@ -6,7 +6,7 @@ from composer.core import DataSpec
 from composer.models import ComposerModel
 from torchmetrics import MeanMetric, Metric
 
-from modernbert_train.model import ModernBertConfig, ModernBertForMaskedLM, flops_per_token
+from modernbert_train.model import ModernBertConfig, ModernBertForMaskedLM, training_flops
 from modernbert_train.model.layers import ModernBertEncoderLayer
 
 
@@ -67,9 +67,11 @@ class ModernBertMLM(ComposerModel):
             metric.update((outputs.logits.argmax(-1) == labels).float())
 
     def flops_per_batch(self, batch) -> float:
-        """Training FLOPs of the real tokens, for SpeedMonitor's flops/s and MFU."""
+        """Training FLOPs of what runs, for SpeedMonitor's flops/s and MFU: the real tokens through the
+        encoder, the labelled ones through the head and decoder."""
         tokens = int(batch["attention_mask"].sum())
-        return tokens * flops_per_token(self.config, batch["input_ids"].shape[1])
+        labelled = int((batch["labels"] != -100).sum())
+        return training_flops(self.config, batch["input_ids"].shape[1], tokens, labelled)
 
 
 def data_spec(dataloader) -> DataSpec:
