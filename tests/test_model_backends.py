@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from modernbert_train.model import ModelConfigError, ModernBertConfig, ModernBertForMaskedLM
 from modernbert_train.model.attention import (
     DocumentLayout,
+    _flex_backward_runs_on_cpu,
     available_backends,
     build_attention,
     resolve_backend,
@@ -72,6 +73,9 @@ def test_sdpa_without_padding_matches_the_reference():
         assert torch.allclose(attend(qkv, local, 0.0), expected, atol=1e-5)
 
 
+@pytest.mark.skipif(
+    not _flex_backward_runs_on_cpu(), reason=f"FlexAttention has no CPU backward in torch {torch.__version__}"
+)
 def test_flex_model_trains_like_sdpa_on_cpu():
     """FlexAttention runs eagerly on CPU in this torch: forward and backward agree with SDPA."""
     values = dict(vocab_size=64, pad_token_id=0, cls_token_id=1, sep_token_id=2, mask_token_id=3)
@@ -99,6 +103,25 @@ def test_auto_picks_sdpa_on_cpu_and_forcing_an_unusable_backend_fails():
             resolve_backend(name, cpu, dropout=False)
     with pytest.raises(ModelConfigError, match="no attention dropout"):
         resolve_backend("flex", cpu, dropout=True)
+
+
+def test_flex_on_cpu_is_refused_for_training_where_it_cannot_backpropagate():
+    """auto never picks a backend that cannot train here; forcing flex says why, before any work."""
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", cpu, dropout=False, backward=True) == "sdpa"
+    assert resolve_backend("flex", cpu, dropout=False, backward=False) == "flex"  # inference runs anywhere
+    values = dict(vocab_size=64, pad_token_id=0, cls_token_id=1, sep_token_id=2, mask_token_id=3)
+    model = ModernBertForMaskedLM(ModernBertConfig.from_preset("tiny", attn_backend="flex", **values))
+    ids = torch.randint(4, 64, (2, 20))
+    with torch.no_grad():
+        assert model(ids).logits.shape == (2, 20, 64)
+    if _flex_backward_runs_on_cpu():
+        assert "flex" in available_backends(cpu, dropout=False, backward=True)
+        model(ids, labels=ids).loss.backward()
+    else:
+        assert "flex" not in available_backends(cpu, dropout=False, backward=True)
+        with pytest.raises(ModelConfigError, match="attn_backend='flex' cannot train on a CPU"):
+            model(ids, labels=ids)
 
 
 def test_forcing_flash_on_cpu_fails_at_forward():

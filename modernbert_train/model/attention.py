@@ -75,8 +75,22 @@ def _flex_attention_funcs(compiled: bool):
     return (torch.compile(flex_attention) if compiled else flex_attention), create_block_mask
 
 
-def available_backends(device: torch.device, dropout: bool) -> list[str]:
-    """The backends that can run on `device` (dropout: whether attention dropout is on), best first."""
+@functools.cache
+def _flex_backward_runs_on_cpu() -> bool:
+    """Whether eager FlexAttention can backpropagate on a CPU with this torch (2.7 can; 2.11 raises
+    NotImplementedError). Asked of torch once with a tiny problem rather than guessed from its version."""
+    flex_attention, _ = _flex_attention_funcs(False)
+    query = torch.zeros(1, 1, 4, 2, requires_grad=True)
+    try:
+        flex_attention(query, query, query).sum().backward()
+    except (NotImplementedError, RuntimeError):
+        return False
+    return True
+
+
+def available_backends(device: torch.device, dropout: bool, backward: bool = False) -> list[str]:
+    """The backends that can run on `device`, best first. dropout: whether attention dropout is on;
+    backward: whether the pass must also backpropagate (training)."""
     cuda = device.type == "cuda"
     found = []
     if cuda and _flash_attn_func() is not None:
@@ -84,14 +98,18 @@ def available_backends(device: torch.device, dropout: bool) -> list[str]:
     # varlen and FlexAttention have no attention dropout.
     if cuda and not dropout and _varlen_attn_func() is not None:
         found.append("varlen")
-    if not dropout and _flex_attention_funcs(False) is not None:
+    if (
+        not dropout
+        and _flex_attention_funcs(False) is not None
+        and (cuda or not backward or _flex_backward_runs_on_cpu())
+    ):
         found.append("flex")
     return found + ["sdpa"]
 
 
-def resolve_backend(name: str, device: torch.device, dropout: bool) -> str:
-    """Pick the backend for `auto`, or check that a forced one can run here."""
-    usable = available_backends(device, dropout)
+def resolve_backend(name: str, device: torch.device, dropout: bool, backward: bool = False) -> str:
+    """Pick the backend for `auto`, or check that a forced one can run here (and train, with backward)."""
+    usable = available_backends(device, dropout, backward)
     if name == "auto":
         # Eager FlexAttention on a CPU is slower than SDPA, so auto only takes it on a GPU.
         return next(b for b in usable if device.type == "cuda" or b != "flex")
@@ -101,6 +119,8 @@ def resolve_backend(name: str, device: torch.device, dropout: bool) -> str:
             "varlen": "needs torch.nn.attention.varlen with window_size (newer torch) and a CUDA device",
             "flex": "needs torch FlexAttention",
         }[name]
+        if name == "flex" and not dropout and backward and _flex_attention_funcs(False) is not None:
+            why = f"cannot train on a CPU with torch {torch.__version__} (FlexAttention has no CPU backward)"
         extra = (
             "; varlen and flex have no attention dropout" if dropout and name in ("varlen", "flex") else ""
         )

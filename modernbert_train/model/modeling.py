@@ -59,7 +59,8 @@ class ModernBertModel(nn.Module):
         """input_ids [T] laid out as `layout` says -> final hidden states [T, hidden]."""
         config = self.config
         dropout = self.training and config.attention_dropout > 0
-        backend = resolve_backend(config.attn_backend, input_ids.device, dropout)
+        backward = torch.is_grad_enabled()
+        backend = resolve_backend(config.attn_backend, input_ids.device, dropout, backward)
         half_window = config.local_attention // 2 if self.has_local_layers else None
         # Built once per forward and shared by all layers: the backend's masks and the rotary tables.
         attend = build_attention(backend, layout, half_window)
