@@ -36,29 +36,39 @@ def _stdlib_files(root: Path, suffixes: tuple[str, ...]) -> list[Path]:
     return files
 
 
-def _license_files() -> list[Path]:
-    if not LICENSES.is_dir():
+def _license_files(licenses: Path) -> list[Path]:
+    if not licenses.is_dir():
         return []
     # Several names there are symlinks to one text (GPL -> GPL-3): keep each text once.
     by_target = {}
-    for path in sorted(LICENSES.iterdir()):
+    for path in sorted(licenses.iterdir()):
         if path.is_file():
             by_target.setdefault(path.resolve(), path)
     return list(by_target.values())
 
 
-def select_files(max_bytes: int) -> list[InputSource]:
+def select_files(max_bytes: int, stdlib: Path | None = None, licenses: Path = LICENSES) -> list[InputSource]:
     """The corpus files in reading order (sorted by path), at most `max_bytes` of them in total.
 
-    When the cap bites, files are taken in an order fixed by a hash of their path, so a small cap still
-    samples the whole library rather than its alphabetical head.
+    When the cap bites, files are taken in an order fixed by a hash of their path below the stdlib (or
+    licenses) folder, so a small cap still samples the whole library rather than its alphabetical head,
+    and every install of the same Python version picks the same files.
     """
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    stdlib = stdlib or Path(sysconfig.get_paths()["stdlib"])
     candidates = [InputSource(p, "python-stdlib") for p in _stdlib_files(stdlib, (".py",))]
     candidates += [InputSource(p, "python-stdlib-docs") for p in _stdlib_files(stdlib, (".txt", ".rst"))]
-    candidates += [InputSource(p, "licenses") for p in _license_files()]
+    candidates += [InputSource(p, "licenses") for p in _license_files(licenses)]
+
+    def stable_name(item: InputSource) -> str:
+        # Relative to its root: the absolute path (/usr/lib/python3.11/..., a venv's or pyenv's prefix)
+        # differs between installs, and hashing it made each machine pick a different corpus.
+        root = licenses if item.source == "licenses" else stdlib
+        return f"{item.source}/{item.path.relative_to(root).as_posix()}"
+
     chosen, total = [], 0
-    for item in sorted(candidates, key=lambda item: (zlib.crc32(str(item.path).encode()), str(item.path))):
+    for item in sorted(
+        candidates, key=lambda item: (zlib.crc32(stable_name(item).encode()), stable_name(item))
+    ):
         size = item.path.stat().st_size
         if total + size <= max_bytes:
             chosen.append(item)

@@ -16,7 +16,13 @@ def _one_line(error: BaseException) -> str:
 
 def open_hf_dataset(name: str, split: str, config: str | None, text_field: str):
     """Load the split now, so that a bad name or split fails before any work is done."""
-    import datasets
+    try:
+        import datasets
+    except ImportError:
+        raise UsageError(
+            f"--hf-dataset {name}: needs the `datasets` package, which is not installed here "
+            "(pip install datasets)"
+        ) from None
 
     folder = Path(name)
     saved_to_disk = folder.is_dir() and any(

@@ -454,3 +454,17 @@ def test_local_hf_datasets(tmp_path, capsys, tokenizer_dir, reference_tokenizer)
     )
     assert code == 0, err
     assert len(samples(tmp_path / "o3")) == 2
+
+
+def test_hf_dataset_without_the_datasets_package_is_a_usage_error(tmp_path, tokenizer_dir):
+    # A None entry in sys.modules makes `import datasets` raise ImportError, as on a machine without it.
+    script = (
+        "import sys; sys.modules['datasets'] = None; from data_prep.cli import main; "
+        f"sys.exit(main(['shard', '--hf-dataset', 'wikitext', '--output', {str(tmp_path / 'out')!r}, "
+        f"'--tokenizer', {str(tokenizer_dir)!r}]))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert "--hf-dataset wikitext: needs the `datasets` package" in done.stderr
+    assert not (tmp_path / "out").exists()

@@ -18,8 +18,16 @@ def test_default_corpus_builds_train_val_and_tokenizer_once(tmp_path, capsys):
     assert sum(item.path.stat().st_size for item in files) <= 200_000
     assert all("site-packages" not in item.path.parts and "test" not in item.path.parts for item in files)
 
+    # Every 32nd file is held out; each file with text is one document (empty __init__.py files are not).
+    def with_text(items):
+        return sum(1 for item in items if item.path.read_text(errors="replace").strip())
+
     train, val = inspect_folder(out / "train"), inspect_folder(out / "val")
-    assert val["documents"] >= 1 and train["documents"] > 20 * val["documents"]
+    held_out = files[:: default_corpus.VAL_EVERY]
+    assert val["documents"] == with_text(held_out) >= 1
+    assert (
+        train["documents"] == with_text([item for item in files if item not in held_out]) > val["documents"]
+    )
     assert "python-stdlib" in train["sources"]
     metadata = json.loads((out / "train" / "modernbert_data.json").read_text())
     assert metadata["tokens"] == train["tokens"] and metadata["tokenizer"]["vocab_size"] % 64 == 0
@@ -35,3 +43,17 @@ def test_default_corpus_builds_train_val_and_tokenizer_once(tmp_path, capsys):
     assert shard_file.stat().st_mtime_ns == before[0]
     assert default_corpus.main(argv + ["--overwrite"]) == 0
     assert shard_file.stat().st_mtime_ns != before[0] and shard_file.read_bytes() == before[1]
+
+
+def test_the_pick_does_not_depend_on_where_python_is_installed(tmp_path):
+    """Two installs of the same library under different prefixes give the same corpus."""
+    picks = []
+    for prefix in ("usr/lib/python3.x", "root/.pyenv/versions/3.x/lib/python3.x"):
+        stdlib = tmp_path / prefix
+        for i in range(60):
+            module = stdlib / f"pkg{i % 7}" / f"module{i}.py"
+            module.parent.mkdir(parents=True, exist_ok=True)
+            module.write_text(f"x = {i}\n" * (i + 1))
+        chosen = default_corpus.select_files(2_000, stdlib=stdlib, licenses=tmp_path / "none")
+        picks.append([item.path.relative_to(stdlib) for item in chosen])
+    assert picks[0] == picks[1] and 0 < len(picks[0]) < 60
