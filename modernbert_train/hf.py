@@ -3,6 +3,12 @@
 Our parameter names are transformers', so weights map one to one; the decoder's weight is the token
 embedding (tied), which transformers stores once, under the embedding's name. Weights are read from
 safetensors only: a pickled pytorch_model.bin can run code when loaded.
+
+config.json comes in two dialects. transformers 4 names the RoPE bases `global_rope_theta` and
+`local_rope_theta` (null: local layers use the global one) and the layout `global_attn_every_n_layers`;
+transformers 5 writes `rope_parameters` ({"full_attention": {"rope_theta": ...}, "sliding_attention": ...})
+and `layer_types` (one entry per layer) instead. Both are read, and both are written so either version
+loads the same model.
 """
 
 import dataclasses
@@ -16,6 +22,8 @@ from .model import ModelConfigError, ModernBertConfig, ModernBertForMaskedLM
 
 TIED_KEY = "decoder.weight"
 EMBEDDING_KEY = "model.embeddings.tok_embeddings.weight"
+# transformers 5's rope_parameters entries and the transformers 4 key each stands for.
+ROPE_LAYER_TYPES = {"full_attention": "global_rope_theta", "sliding_attention": "local_rope_theta"}
 
 
 class HFCheckpointError(ValueError):
@@ -31,6 +39,8 @@ def config_from_hf(values: dict, mask_token_id: int | None = None) -> ModernBert
         raise HFCheckpointError("config.json: tie_word_embeddings is false; only tied decoders are supported")
     names = {f.name for f in dataclasses.fields(ModernBertConfig)} - {"attn_backend"}
     kwargs = {key: value for key, value in values.items() if key in names}
+    kwargs.update(_rope_thetas(values))
+    kwargs.update(_layer_pattern(values))
     # transformers' config has no mask token; the checkpoint's tokenizer knows it.
     if "mask_token_id" not in kwargs and mask_token_id is not None:
         kwargs["mask_token_id"] = mask_token_id
@@ -40,13 +50,104 @@ def config_from_hf(values: dict, mask_token_id: int | None = None) -> ModernBert
         raise HFCheckpointError(f"config.json: {error}") from None
 
 
+def _rope_thetas(values: dict) -> dict:
+    """global_rope_theta and local_rope_theta from either dialect; where both give one they must agree."""
+    if values.get("rope_scaling"):
+        raise HFCheckpointError(f"config.json: rope_scaling={values['rope_scaling']!r} is unsupported")
+    parameters = values.get("rope_parameters") or {}
+    if not isinstance(parameters, dict) or set(parameters) - set(ROPE_LAYER_TYPES):
+        raise HFCheckpointError(
+            f"config.json: rope_parameters={parameters!r} is unsupported; expected a dict keyed by "
+            + " and ".join(ROPE_LAYER_TYPES)
+        )
+    thetas = {}
+    for layer_type, name in ROPE_LAYER_TYPES.items():  # global first: a null local theta refers to it
+        theta = _rope_theta(layer_type, parameters.get(layer_type))
+        if name not in values:
+            legacy = None
+        elif values[name] is None:  # transformers 4: local layers use the global theta
+            legacy = thetas.get("global_rope_theta", ModernBertConfig.global_rope_theta)
+        else:
+            legacy = values[name]
+        if theta is not None and legacy is not None and float(theta) != float(legacy):
+            raise HFCheckpointError(
+                f"config.json: rope_parameters.{layer_type}.rope_theta={theta} disagrees with {name}="
+                + (f"null (the global theta, {legacy})" if values[name] is None else f"{legacy}")
+            )
+        if theta is not None:
+            thetas[name] = theta
+        elif name in values:
+            thetas[name] = values[name]
+    return thetas
+
+
+def _rope_theta(layer_type: str, parameters: dict | None) -> float | None:
+    """The theta in one transformers 5 rope_parameters entry (None where it gives none); only plain RoPE
+    is supported, so a scaled variant is refused rather than run as plain RoPE."""
+    if parameters is None:
+        return None
+    where = f"config.json: rope_parameters.{layer_type}"
+    rope_type = parameters.get("rope_type", parameters.get("type", "default"))
+    if rope_type != "default":
+        raise HFCheckpointError(f"{where}.rope_type={rope_type!r} is unsupported; only 'default' RoPE is")
+    if parameters.get("partial_rotary_factor", 1.0) != 1.0:
+        raise HFCheckpointError(
+            f"{where}.partial_rotary_factor={parameters['partial_rotary_factor']} is unsupported; only 1.0 is"
+        )
+    unknown = sorted(set(parameters) - {"rope_type", "type", "rope_theta", "partial_rotary_factor"})
+    if unknown:
+        raise HFCheckpointError(f"{where} has unsupported keys: {', '.join(unknown)}")
+    return parameters.get("rope_theta")
+
+
+def _layer_pattern(values: dict) -> dict:
+    """global_attn_every_n_layers from transformers 5's layer_types, which must be that pattern: a
+    full-attention layer every n layers starting with the first, sliding-window attention between."""
+    layer_types = values.get("layer_types")
+    if layer_types is None:
+        return {}
+
+    def pattern(n: int) -> list[str]:
+        return ["sliding_attention" if i % n else "full_attention" for i in range(len(layer_types))]
+
+    num_layers = values.get("num_hidden_layers", len(layer_types))
+    if len(layer_types) != num_layers:
+        raise HFCheckpointError(
+            f"config.json: layer_types has {len(layer_types)} entries but num_hidden_layers={num_layers}"
+        )
+    every_n = values.get("global_attn_every_n_layers")
+    if every_n is not None:
+        if not isinstance(every_n, int) or every_n < 1 or pattern(every_n) != layer_types:
+            raise HFCheckpointError(
+                f"config.json: layer_types={layer_types} disagrees with global_attn_every_n_layers={every_n}"
+            )
+        return {}
+    every_n = next((n for n in range(1, len(layer_types) + 1) if pattern(n) == layer_types), None)
+    if every_n is None:
+        raise HFCheckpointError(
+            f"config.json: layer_types={layer_types} is unsupported; expected full_attention every n layers "
+            "from the first, sliding_attention between"
+        )
+    return {"global_attn_every_n_layers": every_n}
+
+
 def config_to_hf(config: ModernBertConfig) -> dict:
-    """A transformers config.json dict for `config`."""
+    """A transformers config.json dict for `config`, in both dialects (transformers 4 and 5 each ignore
+    the other's keys)."""
     values = {key: value for key, value in config.to_dict().items() if key != "attn_backend"}
+    # transformers 5 takes a null local_rope_theta as the theta itself: write the one local layers use.
+    if values["local_rope_theta"] is None:
+        values["local_rope_theta"] = config.global_rope_theta
+    global_layers = [config.is_global_layer(i) for i in range(config.num_hidden_layers)]
     return {
         "model_type": "modernbert",
         "architectures": ["ModernBertForMaskedLM"],
         **values,
+        "layer_types": ["full_attention" if full else "sliding_attention" for full in global_layers],
+        "rope_parameters": {
+            layer_type: {"rope_type": "default", "rope_theta": values[name]}
+            for layer_type, name in ROPE_LAYER_TYPES.items()
+        },
         "bos_token_id": config.cls_token_id,
         "eos_token_id": config.sep_token_id,
         "tie_word_embeddings": True,

@@ -4,6 +4,8 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
+import transformers
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForMaskedLM, AutoTokenizer
@@ -13,6 +15,7 @@ from transformers import ModernBertForMaskedLM as HFModel
 from modernbert_train.hf import HFCheckpointError, config_from_hf, config_to_hf, from_hf, to_hf
 from modernbert_train.model import ModernBertConfig, ModernBertForMaskedLM
 
+TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 VOCAB = 96
 TOKEN_IDS = dict(pad_token_id=0, cls_token_id=1, sep_token_id=2, mask_token_id=3)
 
@@ -37,7 +40,9 @@ def hf_model(shape: str, attn_implementation: str = "sdpa") -> HFModel:
     sharper attention than the init's near-uniform one, so positions and windows move the logits."""
     config = ModernBertConfig(vocab_size=VOCAB, **TOKEN_IDS, **SHAPES[shape])
     torch.manual_seed(0)
-    values = {k: v for k, v in config_to_hf(config).items() if k != "model_type"}
+    # The keys both transformers versions take as arguments, so save_pretrained writes its own dialect.
+    fives = ("model_type", "rope_parameters", "layer_types")
+    values = {k: v for k, v in config_to_hf(config).items() if k not in fives}
     model = HFModel(HFConfig(**values, attn_implementation=attn_implementation))
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -92,6 +97,21 @@ def test_from_hf_matches_transformers_and_round_trips(shape, tmp_path):
 
 
 @pytest.mark.parametrize("shape", ["alternating-2", "biases"])
+def test_packed_documents_match_transformers_one_by_one(shape, tmp_path):
+    theirs = hf_model(shape)
+    theirs.save_pretrained(tmp_path)
+    ours = from_hf(tmp_path).eval()
+    input_ids, attention_mask, _ = padded_batch()
+    real = attention_mask.bool()
+    lengths = attention_mask.sum(1)
+    cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).int()
+    with torch.no_grad():
+        expected = theirs(input_ids=input_ids, attention_mask=attention_mask).logits[real]
+        packed = ours(input_ids=input_ids[real], cu_seqlens=cu_seqlens, max_seqlen=int(lengths.max())).logits
+    assert relative_error(packed, expected) < 1e-4
+
+
+@pytest.mark.parametrize("shape", ["alternating-2", "biases"])
 def test_loss_and_gradients_match_transformers(shape, tmp_path):
     theirs = hf_model(shape)
     theirs.save_pretrained(tmp_path)
@@ -126,6 +146,103 @@ def test_to_hf_writes_tied_weights_and_token_ids(tmp_path):
     assert config_from_hf(written) == config
 
 
+def test_to_hf_writes_both_dialects_with_the_local_theta_resolved(tmp_path):
+    config = ModernBertConfig.from_preset(
+        "tiny", vocab_size=VOCAB, **TOKEN_IDS, global_rope_theta=500.0, local_rope_theta=None
+    )
+    written = config_to_hf(config)
+    # transformers 5 would take a null local theta as the value itself.
+    assert written["local_rope_theta"] == written["global_rope_theta"] == 500.0
+    assert written["rope_parameters"] == {
+        "full_attention": {"rope_type": "default", "rope_theta": 500.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 500.0},
+    }
+    assert written["layer_types"] == ["full_attention", "sliding_attention", "sliding_attention"]
+    loaded = HFConfig.from_dict(written)
+    if TRANSFORMERS_5:
+        assert loaded.rope_parameters["sliding_attention"]["rope_theta"] == 500.0
+    else:
+        assert (loaded.global_rope_theta, loaded.local_rope_theta) == (500.0, 500.0)
+
+
+# One model in each config.json dialect: transformers 4's keys, and transformers 5's.
+LEGACY_KEYS = dict(global_rope_theta=500.0, local_rope_theta=20.0, global_attn_every_n_layers=2)
+FIVE_KEYS = dict(
+    rope_parameters={
+        "full_attention": {"rope_type": "default", "rope_theta": 500.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 20.0},
+    },
+    layer_types=["full_attention", "sliding_attention"] * 2 + ["full_attention"],
+)
+
+
+def hand_written(tmp_path, keys: dict):
+    """A folder holding the alternating-2 weights under a config.json written by hand with `keys` for the
+    RoPE thetas and the layer layout."""
+    folder = tmp_path / "hand"
+    hf_model("alternating-2").save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    for key in ("global_rope_theta", "local_rope_theta", "global_attn_every_n_layers") + tuple(FIVE_KEYS):
+        config.pop(key, None)
+    (folder / "config.json").write_text(json.dumps({**config, **keys}))
+    return folder
+
+
+@pytest.mark.parametrize("dialect", ["legacy", "transformers-5", "both"])
+def test_from_hf_reads_each_config_dialect(dialect, tmp_path):
+    keys = {"legacy": LEGACY_KEYS, "transformers-5": FIVE_KEYS, "both": {**LEGACY_KEYS, **FIVE_KEYS}}[dialect]
+    folder = hand_written(tmp_path, keys)
+    ours = from_hf(folder).eval()
+    c = ours.config
+    assert (c.global_rope_theta, c.local_rope_theta, c.global_attn_every_n_layers) == (500.0, 20.0, 2)
+    input_ids, attention_mask, _ = padded_batch()
+    real = attention_mask.bool()
+    with torch.no_grad():
+        got = ours(input_ids, attention_mask=attention_mask).logits[real]
+        expected = hf_model("alternating-2")(input_ids=input_ids, attention_mask=attention_mask).logits[real]
+    assert relative_error(got, expected) < 1e-4
+    if TRANSFORMERS_5 or dialect != "transformers-5":  # transformers 4 reads only its own keys
+        theirs = AutoModelForMaskedLM.from_pretrained(folder, attn_implementation="sdpa").eval()
+        with torch.no_grad():
+            loaded = theirs(input_ids=input_ids, attention_mask=attention_mask).logits[real]
+        assert relative_error(got, loaded) < 1e-4
+
+
+def test_from_hf_reads_a_null_local_theta_as_the_global_one(tmp_path):
+    folder = hand_written(tmp_path, {**LEGACY_KEYS, "local_rope_theta": None})
+    assert from_hf(folder).config.local_rope_theta is None
+    same = {**FIVE_KEYS["rope_parameters"]["full_attention"]}
+    agreeing = {**LEGACY_KEYS, **FIVE_KEYS, "local_rope_theta": None}
+    agreeing["rope_parameters"] = {"full_attention": same, "sliding_attention": same}
+    assert from_hf(hand_written(tmp_path / "agreeing", agreeing)).config.local_rope_theta == 500.0
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ({**FIVE_KEYS, "global_rope_theta": 400.0},
+         "rope_parameters.full_attention.rope_theta=500.0 disagrees with global_rope_theta=400.0"),
+        ({**FIVE_KEYS, "local_rope_theta": None},
+         "rope_parameters.sliding_attention.rope_theta=20.0 disagrees with local_rope_theta=null"),
+        ({"rope_parameters": {"full_attention": {"rope_type": "yarn", "rope_theta": 1.0, "factor": 2.0}}},
+         "rope_parameters.full_attention.rope_type='yarn' is unsupported"),
+        ({"rope_parameters": {"sliding_attention": {"rope_theta": 1.0, "partial_rotary_factor": 0.5}}},
+         "partial_rotary_factor=0.5 is unsupported"),
+        ({"rope_parameters": {"rope_type": "default", "rope_theta": 1.0}},
+         "rope_parameters=.* is unsupported"),
+        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling=.* is unsupported"),
+        ({"layer_types": ["full_attention", "sliding_attention", "full_attention", "full_attention",
+                          "sliding_attention"]}, "layer_types=.* is unsupported"),
+        ({**FIVE_KEYS, "global_attn_every_n_layers": 3}, "disagrees with global_attn_every_n_layers=3"),
+        ({"layer_types": ["full_attention"] * 2}, "layer_types has 2 entries but num_hidden_layers=5"),
+    ],
+)  # fmt: skip
+def test_from_hf_refuses_configs_it_cannot_honour(keys, message, tmp_path):
+    with pytest.raises(HFCheckpointError, match=message) as error:
+        from_hf(hand_written(tmp_path, keys))
+    assert "\n" not in str(error.value)
+
+
 def tiny_tokenizer() -> Tokenizer:
     vocab = {"[PAD]": 0, "[CLS]": 1, "[SEP]": 2, "[MASK]": 3, "[UNK]": 4, "hello": 5, "world": 6}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
@@ -134,7 +251,7 @@ def tiny_tokenizer() -> Tokenizer:
 
 
 @pytest.mark.parametrize("form", ["object", "file", "folder", "transformers"])
-def test_to_hf_tokenizer_loads_with_auto_tokenizer(form, tmp_path):
+def test_to_hf_tokenizer_loads_with_auto_tokenizer(form, tmp_path, capfd):
     tokenizer = tiny_tokenizer()
     (tmp_path / "tok").mkdir()
     tokenizer.save(str(tmp_path / "tok" / "tokenizer.json"))
@@ -144,7 +261,10 @@ def test_to_hf_tokenizer_loads_with_auto_tokenizer(form, tmp_path):
         tokenizer = AutoTokenizer.from_pretrained(tmp_path / "first")
     paths = {"file": tmp_path / "tok" / "tokenizer.json", "folder": tmp_path / "tok"}
     given = paths.get(form, tokenizer)
+    capfd.readouterr()
     to_hf(ModernBertForMaskedLM(config), tmp_path / "out", tokenizer=given)
+    # Exporting is quiet: transformers 5's save_pretrained would draw a progress bar on stderr.
+    assert capfd.readouterr() == ("", "")
 
     loaded = AutoTokenizer.from_pretrained(tmp_path / "out")
     assert (loaded.cls_token, loaded.sep_token, loaded.pad_token, loaded.mask_token) == (

@@ -48,6 +48,7 @@ def test_run_starts_from_the_released_weights_and_trains(tmp_path, tiny_data, wr
     ours = run.model.model
     assert ours.config.hidden_size == 32 and ours.config.num_hidden_layers == 3  # the checkpoint's shape
     assert ours.config.mask_token_id == 4  # from the folder's tokenizer: transformers' config has none
+    assert ours.config.global_rope_theta == 10000.0  # transformers 5 writes it under rope_parameters
     theirs = hf_model.state_dict()
     for name, value in ours.state_dict().items():
         torch.testing.assert_close(value, theirs[name], rtol=0, atol=0, msg=name)
@@ -63,6 +64,7 @@ def test_run_starts_from_the_released_weights_and_trains(tmp_path, tiny_data, wr
 
 def test_a_checkpoint_with_other_special_ids_is_refused(tmp_path, tiny_data, write_recipe, capsys):
     released_checkpoint(tmp_path / "released", tiny_data, pad_token_id=0)
+    capsys.readouterr()  # transformers 5 saved it with a progress bar on stderr; only the run's output counts
     recipe = write_recipe(model={"init_from_hf": str(tmp_path / "released")})
     with pytest.raises(SystemExit) as exit_info:
         main([str(recipe)])
