@@ -6,7 +6,15 @@ STAMP := $(VENV)/.installed
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test test-fast data train bench lint format clean
+# The newest stack (requirements/compat.txt) in a second venv. pyenv's python3.12 when installed: its shim
+# on PATH refuses to run unless 3.12 is the selected version.
+PYTHON_COMPAT ?= $(firstword $(wildcard $(PYENV_ROOT)/versions/3.12*/bin/python3.12 \
+	$(HOME)/.pyenv/versions/3.12*/bin/python3.12) $(shell command -v python3.12) python3)
+VENV_COMPAT := .venv-compat
+BIN_COMPAT := $(VENV_COMPAT)/bin
+STAMP_COMPAT := $(VENV_COMPAT)/.installed
+
+.PHONY: install test test-fast test-compat data train bench lint format clean
 
 install: $(STAMP)
 
@@ -23,6 +31,18 @@ test: $(STAMP)
 # Everything but the slow end-to-end tests.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 -m "not slow"
+
+# The suite but the slow end-to-end tests, on the newest stack (CI runs this after `test`).
+test-compat: $(STAMP_COMPAT)
+	$(BIN_COMPAT)/python -m pytest -q -n 2 -m "not slow"
+
+$(STAMP_COMPAT): pyproject.toml requirements/compat.txt requirements/compat-no-deps.txt
+	test -x $(BIN_COMPAT)/python || $(PYTHON_COMPAT) -m venv $(VENV_COMPAT)
+	$(BIN_COMPAT)/pip install --quiet --upgrade pip
+	$(BIN_COMPAT)/pip install --quiet -r requirements/compat.txt
+	$(BIN_COMPAT)/pip install --quiet --no-deps -r requirements/compat-no-deps.txt
+	$(BIN_COMPAT)/pip install --quiet --no-deps -e .
+	touch $(STAMP_COMPAT)
 
 # The embedded default corpus, sharded, with a tokenizer trained on it.
 data: $(STAMP)
