@@ -14,7 +14,7 @@ VENV_COMPAT := .venv-compat
 BIN_COMPAT := $(VENV_COMPAT)/bin
 STAMP_COMPAT := $(VENV_COMPAT)/.installed
 
-.PHONY: install test test-fast test-compat data train bench lint format clean
+.PHONY: install test test-fast test-compat data train bench lint format clean wheelhouse device-check
 
 install: $(STAMP)
 
@@ -57,6 +57,24 @@ train: $(STAMP) data/default/tokenizer/tokenizer.json
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
+
+# The wheels an offline GPU node lacks (benchmarks/wheelhouse.txt) into .whl/, for `make device-check`
+# there. Needs the network; WHEELHOUSE_PYTHON is the node's Python version.
+WHEELHOUSE_PYTHON ?= 3.12
+wheelhouse:
+	rm -rf .whl
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --dest .whl \
+		--implementation cp --python-version $(WHEELHOUSE_PYTHON) --platform manylinux_2_28_x86_64 \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
+		-r benchmarks/wheelhouse.txt
+	@du -sh .whl
+
+# Check and time the project on a GPU node in one command, offline (without CUDA: a dry run with the tiny
+# preset). Results in OUT (default runs/device-check). Uses .venv's python when there is one, else python3.
+DEVICE_CHECK_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+device-check:
+	OUT="$(or $(OUT),runs/device-check)" DEVICE_CHECK_PYTHON="$(DEVICE_CHECK_PYTHON)" \
+		bash benchmarks/device_check.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,15 +1,20 @@
-"""GPU training throughput and MFU of the model alone (no data loading): `python -m benchmarks.bench_gpu`.
+"""Training throughput and MFU of the model alone (no data loading): `python -m benchmarks.bench_gpu`.
 
 A packed batch (rows of `seq_len` tokens holding documents of mixed lengths, 30% labelled) goes through
-forward, backward and a StableAdamW step under bf16 autocast, as in pretraining. Results go to
-`benchmarks/results/<device>-<date>.json` with `device`, `mfu`, `tokens_per_second_per_gpu`, `seq_len`,
-`model`, `torch`, `attention_backend`. `--device cpu --preset tiny` runs the same code on a CPU as a check.
+forward, backward and a StableAdamW step under bf16 autocast, as in pretraining. `--compile` compiles
+each encoder layer as `model.compile: true` does in training. MFU counts the FLOPs that run: every token
+through the encoder, the labelled ones through the head and decoder (`model.training_flops`).
+
+Results go to `benchmarks/results/<device>-<date>.json` (or `--output FILE`) with `device`, `mfu`,
+`tokens_per_second_per_gpu`, `seq_len`, `model`, `torch`, `attention_backend`, the median step, the
+first step (compile included), peak memory and the versions. A compiled step that compiles again after
+the first fails the benchmark (exit 3) with dynamo's reason. `--device cpu --preset tiny` runs the same
+code on a CPU (fp32) as a check; its result is printed, and written only with `--output`.
 """
 
 import argparse
 import datetime
 import json
-import re
 import statistics
 import sys
 import time
@@ -18,12 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from modernbert_train.model import ModernBertConfig, ModernBertForMaskedLM, flops_per_token
+from benchmarks.devices import device_slug, package_version, peak_flops
+from modernbert_train.model import ModelConfigError, ModernBertConfig, ModernBertForMaskedLM, training_flops
 from modernbert_train.model.attention import resolve_backend
 from modernbert_train.optim import build_optimizer
 
-# Dense bf16 peak FLOP/s by device name; MFU is reported against these.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
+RESULTS = Path(__file__).parent / "results"
 
 
 def packed_batch(rows: int, seq_len: int, vocab: int, device, seed: int = 0):
@@ -43,87 +48,140 @@ def packed_batch(rows: int, seq_len: int, vocab: int, device, seed: int = 0):
     return input_ids, cu_seqlens, max(lengths), labels
 
 
-def peak_flops(device_name: str) -> float | None:
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name), None)
+def compile_layers(model: ModernBertForMaskedLM) -> None:
+    # What `model.compile: true` does in training (modernbert_train.train.run.compile_layers).
+    for layer in model.model.layers:
+        layer.compile(dynamic=True)
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_gpu", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--preset", default="base")
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--rows", type=int, default=32, help="rows per step (the micro-batch)")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--backend", default="auto")
-    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (the first one compiles)")
+    parser.add_argument(
+        "--backend", default="auto", help="attention backend: auto, flash, varlen, flex, sdpa"
+    )
+    parser.add_argument("--compile", action="store_true", help="compile each encoder layer, as in training")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument(
+        "--output", type=Path, help="result file (default on a GPU: results/<device>-<date>.json; CPU: none)"
+    )
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("bench_gpu: no CUDA device here; nothing measured (use --device cpu --preset tiny to check)")
-        return {"skipped": "no CUDA device"}
+    if args.steps < 1 or args.warmup < 1:
+        parser.error("--steps and --warmup must be at least 1")
+    return args
 
+
+def run(args) -> dict:
     device = torch.device(args.device)
-    config = ModernBertConfig.from_preset(args.preset, attn_backend=args.backend)
+    cuda = device.type == "cuda"
+    backend = resolve_backend(args.backend, device, dropout=False, backward=True)
+    config = ModernBertConfig.from_preset(args.preset, attn_backend=backend)
     model = ModernBertForMaskedLM(config).to(device)
     optimizer = build_optimizer(model, lr=8e-4)
-    step_model = torch.compile(model, dynamic=True) if args.compile else model
+    if args.compile:
+        compile_layers(model)
     input_ids, cu_seqlens, max_seqlen, labels = packed_batch(
         args.rows, args.seq_len, config.vocab_size, device
     )
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tokens = input_ids.numel()
+    labelled = int((labels != -100).sum())
 
     def step():
-        with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
-            loss = step_model(
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            loss = model(
                 input_ids=input_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, labels=labels
             ).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    for _ in range(args.warmup):
-        step()
-    times = []
-    for _ in range(args.steps):
-        sync()
+    def timed_step() -> float:
+        if cuda:
+            torch.cuda.synchronize(device)
         start = time.perf_counter()
         step()
-        sync()
-        times.append(time.perf_counter() - start)
+        if cuda:
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    first_step = timed_step()
+    # Every step sees the same batch, so a compiled step that compiles again would do so on every batch
+    # of a training run: fail at once with dynamo's reason instead of timing recompilations.
+    torch._dynamo.config.error_on_recompile = True
+    for _ in range(args.warmup - 1):
+        timed_step()
+    times = [timed_step() for _ in range(args.steps)]
 
     step_time = statistics.median(times)
-    tokens_per_second = args.rows * args.seq_len / step_time
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    peak = peak_flops(name)
-    achieved = flops_per_token(config, args.seq_len) * tokens_per_second
-    result = {
+    name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    peak = peak_flops(name) if cuda else None
+    flops = training_flops(config, args.seq_len, tokens, labelled)
+    return {
         "device": name,
         "model": args.preset,
         "seq_len": args.seq_len,
         "rows_per_step": args.rows,
-        "attention_backend": resolve_backend(args.backend, device, False),
+        "attention_backend": backend,
         "compile": args.compile,
+        "precision": "amp_bf16" if cuda else "fp32",
         "torch": torch.__version__,
+        "cuda": torch.version.cuda if cuda else None,
+        "triton": package_version("triton"),
+        "transformers": package_version("transformers"),
+        "date": datetime.date.today().isoformat(),
+        "tokens_per_step": tokens,
+        "labelled_tokens_per_step": labelled,
+        "gflop_per_token": flops / tokens / 1e9,
         "median_step_s": step_time,
-        "tokens_per_second_per_gpu": tokens_per_second,
-        "model_tflops": achieved / 1e12,
-        "mfu": achieved / peak if peak else None,
-        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "first_step_s": first_step,
+        # The first step's extra time is mostly compilation (the rest: kernel selection, allocator warmup).
+        "compile_s": first_step - step_time if args.compile else None,
+        "step_times_s": [round(t, 5) for t in times],
+        "tokens_per_second_per_gpu": tokens / step_time,
+        "model_tflops": flops / step_time / 1e12,
+        "peak_flops": peak,
+        "mfu": flops / step_time / peak if peak else None,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
     }
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(
+            "bench_gpu: error: no CUDA device here (use --device cpu --preset tiny to check)", file=sys.stderr
+        )
+        return 2
+    try:
+        result = run(args)
+    except ModelConfigError as e:
+        print(f"bench_gpu: error: {e}", file=sys.stderr)
+        return 2
+    except torch._dynamo.exc.RecompileError as e:
+        reason = " ".join(str(e).split())
+        print(
+            f"bench_gpu: error: the compiled step compiled again for the same batch: {reason}",
+            file=sys.stderr,
+        )
+        return 3
     print(json.dumps(result, indent=2))
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    (out_dir / f"{slug}-{datetime.date.today().isoformat()}.json").write_text(
-        json.dumps(result, indent=2) + "\n"
-    )
-    return result
+    output = args.output
+    # A CPU run is a check, not a GPU result: it is only written where --output says.
+    if output is None and args.device != "cpu":
+        output = RESULTS / f"{device_slug(result['device'])}-{result['date']}.json"
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,292 @@
+"""The Python half of `benchmarks/device_check.sh` (`make device-check`).
+
+    python -m benchmarks.device_check install-wheels WHEELHOUSE TARGET
+    python -m benchmarks.device_check env WORK OUT
+    python -m benchmarks.device_check report WORK OUT --budget S --elapsed S
+
+`install-wheels` puts the wheels whose distribution is not installed yet into TARGET (no index, no
+dependencies: the wheelhouse is the whole closure the GPU image lacks). `env` records the machine in
+OUT/env.txt and WORK/env.json, and writes WORK/env.sh for the script (device kind, the backends that can
+train here, the result's file name). `report` gathers what the stages left in WORK into the result JSON,
+rewritten after every stage so that a check cut short still leaves one. Only `env` imports torch.
+"""
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+from benchmarks.devices import device_slug, package_version, peak_flops
+
+RESULTS = Path(__file__).parent / "results"
+# The top-level keys of a result (DESIGN.md); they describe the fastest benchmark configuration.
+HEADLINE = ("device", "mfu", "tokens_per_second_per_gpu", "seq_len", "model", "torch", "attention_backend")
+
+
+def wheel_distribution(wheel: Path) -> str:
+    """'ruamel.yaml-0.18.6-py3-none-any.whl' -> 'ruamel-yaml' (normalised as in PEP 503)."""
+    return re.sub(r"[-_.]+", "-", wheel.name.split("-")[0]).lower()
+
+
+def installed(distribution: str) -> bool:
+    try:
+        importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def install_wheels(wheelhouse: Path, target: Path) -> int:
+    wheels = sorted(wheelhouse.glob("*.whl"))
+    if not wheels:
+        print(
+            f"device_check: error: no wheels in {wheelhouse}; fill it with `make wheelhouse`", file=sys.stderr
+        )
+        return 2
+    missing = [w for w in wheels if not installed(wheel_distribution(w))]
+    print(f"{len(wheels) - len(missing)} of {len(wheels)} wheels already installed")
+    if not missing:
+        return 0
+    print("installing into", target, ":", " ".join(w.name for w in missing), flush=True)
+    command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--target"]
+    return subprocess.call([*command, str(target), *map(str, missing)])
+
+
+def describe_machine(work: Path, out: Path) -> int:
+    import torch
+
+    from modernbert_train.model.attention import available_backends, resolve_backend
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    env = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        **{
+            name: package_version(name)
+            for name in ("triton", "transformers", "mosaicml", "mosaicml-streaming")
+        },
+        "device": "cpu",
+        "date": datetime.date.today().isoformat(),
+        "backends": available_backends(device, dropout=False, backward=True),
+        "auto_backend": resolve_backend("auto", device, dropout=False, backward=True),
+    }
+    if cuda:
+        props = torch.cuda.get_device_properties(0)
+        env.update(
+            device=props.name,
+            gpu_memory_gib=props.total_memory / 2**30,
+            multiprocessors=props.multi_processor_count,
+            capability=f"{props.major}.{props.minor}",
+            peak_flops=peak_flops(props.name),
+        )
+    # The CPU dry run must not take the name of `make bench`'s benchmarks/results/cpu-<date>.json.
+    name = (
+        f"{device_slug(env['device'])}-{env['date']}.json" if cuda else f"device-check-cpu-{env['date']}.json"
+    )
+    (work / "env.json").write_text(json.dumps(env, indent=2) + "\n")
+    (work / "env.sh").write_text(
+        f"DEVICE_KIND={device.type}\n"
+        f"AUTO_BACKEND={env['auto_backend']}\n"
+        f"BACKENDS={shlex.quote(' '.join(env['backends']))}\n"
+        f"RESULT_NAME={shlex.quote(name)}\n"
+    )
+
+    distributions = sorted(f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions())
+    lines = [json.dumps(env, indent=2), "", "== installed distributions (sys.path)", *distributions]
+    if shutil.which("nvidia-smi"):
+        try:
+            smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30)
+            lines += ["", "== nvidia-smi", smi.stdout + smi.stderr]
+        except subprocess.TimeoutExpired:
+            lines += ["", "== nvidia-smi did not answer in 30 s"]
+    (out / "env.txt").write_text("\n".join(lines) + "\n")
+    print(json.dumps(env, indent=2))
+    return 0
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return (
+        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    )
+
+
+def log_tail(work: Path, stage: str, lines: int = 8) -> str:
+    """The end of a stage's output: why it failed, usually."""
+    path = work / "logs" / f"{stage}.log"
+    text = path.read_text(errors="replace").strip() if path.is_file() else ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def test_summary(work: Path, stage: dict | None) -> dict:
+    summary = {"status": stage["status"] if stage else "not run"}
+    path = work / "tests.xml"
+    if not path.is_file():
+        return summary
+    suite = ElementTree.parse(path).getroot()
+    suite = suite.find("testsuite") if suite.tag == "testsuites" else suite
+    counts = {key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")}
+    failed = [
+        f"{case.get('classname')}::{case.get('name')}"
+        for case in suite.iter("testcase")
+        if case.find("failure") is not None or case.find("error") is not None
+    ]
+    return {**summary, **counts, "passed": counts["tests"] - counts["failures"] - counts["errors"]
+            - counts["skipped"], "failed_tests": failed}  # fmt: skip
+
+
+def bench_runs(work: Path, stages: dict[str, dict]) -> list[dict]:
+    runs = []
+    for name, stage in stages.items():
+        if not name.startswith("bench-"):
+            continue
+        _, backend, mode = name.split("-", 2)
+        path = work / "bench" / f"{backend}-{mode}.json"
+        if stage["status"] == "ok" and path.is_file():
+            runs.append({"status": "ok", "seconds": stage["seconds"], **json.loads(path.read_text())})
+        else:
+            runs.append(
+                {
+                    "attention_backend": backend,
+                    "compile": mode == "compiled",
+                    **stage,
+                    "error": log_tail(work, name),
+                }
+            )
+    return runs
+
+
+def train_summary(work: Path, stage: dict | None, env: dict) -> dict:
+    summary = {"status": stage["status"] if stage else "not run", "seconds": stage and stage["seconds"]}
+    config_path = work / "train" / "config.yaml"
+    if config_path.is_file():
+        import yaml
+
+        config = yaml.safe_load(config_path.read_text())
+        summary.update(
+            model=config["model"]["preset"],
+            seq_len=config["data"]["max_seq_len"],
+            global_train_batch_size=config["global_train_batch_size"],
+            precision=config["precision"],
+            compile=config["model"]["compile"],
+            attention_backend=config["model"]["attn_backend"],
+            max_duration=config["max_duration"],
+        )
+    rows = read_jsonl(work / "train" / "metrics.jsonl")
+    if stage and stage["status"] != "ok":
+        summary["error"] = log_tail(work, "train")
+    if not rows:
+        return summary
+    last = rows[-1]
+    # The last row's throughput is SpeedMonitor's window over the final batches, compilation long done
+    # (the average since the start when the run was shorter than the window).
+    tokens_per_second = last.get("throughput/device/tokens_per_sec", last.get("throughput/tokens_per_sec"))
+    flops_per_second = last.get("throughput/device/flops_per_sec")
+    peak = env.get("peak_flops")
+    summary.update(
+        batches=last["batch"],
+        loss_first=rows[0]["loss/train/total"],
+        loss_last=last["loss/train/total"],
+        tokens_per_second_per_gpu=tokens_per_second,
+        model_tflops=flops_per_second / 1e12 if flops_per_second else None,
+        mfu=flops_per_second / peak if flops_per_second and peak else None,
+        composer_mfu=last.get("throughput/device/mfu"),
+    )
+    return summary
+
+
+def report(work: Path, out: Path, budget: int, elapsed: int) -> dict:
+    env = json.loads((work / "env.json").read_text()) if (work / "env.json").is_file() else {}
+    stages = {row["stage"]: row for row in read_jsonl(work / "stages.jsonl")}
+    runs = bench_runs(work, stages)
+    measured = [run for run in runs if run["status"] == "ok"]
+    best = max(measured, key=lambda run: run["tokens_per_second_per_gpu"], default={})
+    result = {
+        **{key: best.get(key, env.get(key)) for key in HEADLINE},
+        "compile": best.get("compile"),
+        "date": env.get("date", datetime.date.today().isoformat()),
+        "environment": env,
+        "check": {
+            "budget_s": budget,
+            "elapsed_s": elapsed,
+            "problems": [name for name, stage in stages.items() if stage["status"] != "ok"],
+            "stages": list(stages.values()),
+        },
+        "tests": test_summary(work, stages.get("tests")),
+        "runs": runs,
+        "train": train_summary(work, stages.get("train"), env),
+    }
+    name = (work / "env.sh").is_file() and re.search(
+        r"RESULT_NAME='?([^'\n]+)", (work / "env.sh").read_text()
+    )
+    name = name.group(1) if name else "device-check-unknown.json"
+    text = json.dumps(result, indent=2) + "\n"
+    (out / name).write_text(text)
+    if env.get("device", "cpu") != "cpu" and measured:
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / name).write_text(text)
+    return result
+
+
+def print_summary(result: dict) -> None:
+    def figures(run: dict) -> str:
+        """Throughput, MFU, median step, compile time and memory, where measured."""
+        parts = [("tokens_per_second_per_gpu", "{:,.0f} tok/s"), ("mfu", "MFU {:.3f}"),
+                 ("median_step_s", "step {:.4f} s"), ("compile_s", "compile {:.0f} s"),
+                 ("peak_memory_gib", "{:.1f} GiB")]  # fmt: skip
+        return "  ".join(spec.format(run[key]) for key, spec in parts if run.get(key) is not None)
+
+    print(f"device {result['device']}, torch {result['torch']}")
+    for run in result["runs"]:
+        mode = "compiled" if run["compile"] else "eager"
+        print(f"  bench {run['attention_backend']} {mode}: {run['status']}  {figures(run)}")
+    train = result["train"]
+    loss = f"loss {train['loss_first']:.3f} -> {train['loss_last']:.3f}" if "loss_last" in train else ""
+    print(f"  train: {train['status']}  {train.get('batches', 0)} batches  {figures(train)}  {loss}")
+    tests = result["tests"]
+    counts = (
+        tests.get("passed", 0),
+        tests.get("failures", 0) + tests.get("errors", 0),
+        tests.get("skipped", 0),
+    )
+    print(f"  tests: {tests['status']}  {'{} passed, {} failed, {} skipped'.format(*counts)}")
+    problems = result["check"]["problems"]
+    print(f"  problems: {', '.join(problems) if problems else 'none'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.device_check", description=__doc__.splitlines()[0]
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    wheels = commands.add_parser("install-wheels")
+    wheels.add_argument("wheelhouse", type=Path)
+    wheels.add_argument("target", type=Path)
+    for name in ("env", "report"):
+        command = commands.add_parser(name)
+        command.add_argument("work", type=Path)
+        command.add_argument("out", type=Path)
+    commands.choices["report"].add_argument("--budget", type=int, required=True)
+    commands.choices["report"].add_argument("--elapsed", type=int, required=True)
+    commands.choices["report"].add_argument("--print", action="store_true", help="print a summary")
+    args = parser.parse_args(argv)
+    if args.command == "install-wheels":
+        return install_wheels(args.wheelhouse, args.target)
+    if args.command == "env":
+        return describe_machine(args.work, args.out)
+    result = report(args.work, args.out, args.budget, args.elapsed)
+    if args.print:
+        print_summary(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# `make device-check`: check and time the project on one GPU node in one command, with no network.
+#
+# Stages, each under `timeout` (its cap or what is left of DEVICE_CHECK_BUDGET_S, the less); a stage
+# that fails or runs out of time is recorded and the next one still runs:
+#   setup   when Composer and the rest are not importable, install the wheelhouse (.whl/, filled by
+#           `make wheelhouse`) into a temporary folder put on PYTHONPATH; the project comes from the tree
+#   env     versions, the device, nvidia-smi
+#   data    the embedded default corpus sharded (CPU, in the background while the GPU tests run)
+#   tests   the `gpu`-marked tests
+#   bench   benchmarks.bench_gpu for every attention backend that can train here, compiled and eager:
+#           the training configuration (auto backend, compiled) first, the others after the Composer run
+#   train   yamls/modernbert-base/pretrain.yaml for 50 batches of 32 x 1024 tokens, bf16, compiled when
+#           the compiled benchmark ran (a step that compiles again fails it fast; eager training instead)
+# Without CUDA the same stages run as a dry run (CI runs it): tiny preset, 128 tokens, fp32, a few steps,
+# eager only (inductor takes minutes to compile even the tiny model on a 2-core CPU).
+#
+# OUT (default runs/device-check) gets: device-check.log (this time line), stages.log (every stage's
+# output, in order: a device machine sends back at most 8 files, so the stages share one log), env.txt,
+# metrics.jsonl (the Composer run's) and the result JSON, also written to benchmarks/results/ on a GPU:
+# <device>-<date>.json. The CPU dry run's is device-check-cpu-<date>.json, in OUT only
+# (benchmarks/results/cpu-<date>.json is `make bench`'s).
+set -uo pipefail  # no -e: a failing stage is recorded, not fatal
+
+cd "$(dirname "$0")/.."
+REPO=$PWD
+PY=${DEVICE_CHECK_PYTHON:-python3}
+BUDGET_S=${DEVICE_CHECK_BUDGET_S:-450}
+MIN_STAGE_S=20  # a stage is skipped rather than started with less time than this
+OUT=${OUT:-runs/device-check}
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/device-check.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT  # shards, checkpoint and installed wheels: what matters is copied to OUT
+mkdir -p "$WORK/logs" "$WORK/bench"
+rm -f "$OUT/device-check.log" "$OUT/stages.log" "$OUT/env.txt" "$OUT/metrics.jsonl"
+START=$SECONDS
+# TORCH_LOGS: every recompilation and its reason goes to the log.
+export WANDB_MODE=offline TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 TORCH_LOGS=recompiles
+
+say() { printf '[device-check %3ds] %s\n' "$((SECONDS - START))" "$*" | tee -a "$OUT/device-check.log"; }
+
+report() {
+    "$PY" -m benchmarks.device_check report "$WORK" "$OUT" --budget "$BUDGET_S" --elapsed "$((SECONDS - START))" "$@"
+}
+
+# stage NAME CAP_S COMMAND...: runs COMMAND, its output to WORK/logs/NAME.log and (unless NAME is data,
+# which runs in the background) to OUT/stages.log as it comes; its outcome goes to WORK/stages.jsonl.
+stage() {
+    local name=$1 cap=$2 shared=$OUT/stages.log
+    shift 2
+    [[ $name == data ]] && shared=/dev/null
+    local left=$((BUDGET_S - (SECONDS - START)))
+    local limit=$((cap < left ? cap : left)) started=$SECONDS status rc
+    if ((limit < MIN_STAGE_S)); then
+        status=skipped rc=0
+        say "$name: skipped, ${left}s of the ${BUDGET_S}s budget left"
+    else
+        say "$name: ${limit}s at most: $*"
+        echo "==== $name: $*" >>"$shared"
+        timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$shared" >"$WORK/logs/$name.log"
+        rc=${PIPESTATUS[0]}
+        case $rc in
+            0) status=ok ;;
+            124 | 137) status=timeout ;;
+            *) status=failed ;;
+        esac
+        say "$name: $status in $((SECONDS - started))s"
+        [[ $status == ok ]] || tail -n 15 "$WORK/logs/$name.log" | sed 's/^/    /'
+    fi
+    printf '{"stage": "%s", "status": "%s", "seconds": %d, "exit_code": %d}\n' \
+        "$name" "$status" "$((SECONDS - started))" "$rc" >>"$WORK/stages.jsonl"
+    report
+}
+
+say "budget ${BUDGET_S}s, $("$PY" --version 2>&1) ($PY), OUT=$OUT"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+# find_spec, not import: importing Composer alone takes seconds.
+if "$PY" -c "import importlib.util as u, sys; sys.exit(any(not u.find_spec(m) for m in sys.argv[1:]))" \
+    composer streaming omegaconf optimi zstandard; then
+    say "setup: Composer, streaming and the rest import already; the wheelhouse is not needed"
+else
+    stage setup 120 "$PY" -m benchmarks.device_check install-wheels "$REPO/.whl" "$WORK/site"
+    export PYTHONPATH="$PYTHONPATH:$WORK/site"
+fi
+stage env 90 "$PY" -m benchmarks.device_check env "$WORK" "$OUT"
+if [[ ! -f $WORK/env.sh ]]; then
+    say "env failed: nothing else can run"
+    report --print
+    exit 1
+fi
+source "$WORK/env.sh"
+
+if [[ $DEVICE_KIND == cuda ]]; then
+    BENCH=(--device cuda --preset base --seq-len 1024 --rows 32 --warmup 3 --steps 10)
+    CORPUS=(--max-bytes 12000000)  # ~3M tokens: 50 batches of 32 x 1024 fit in one pass
+    TRAIN=(max_duration=50ba global_train_batch_size=32 device_train_microbatch_size=32 precision=amp_bf16
+        data.num_workers=4 log_interval=10ba speed_window=10 scheduler.t_warmup=10ba
+        model.overrides.vocab_size=50368)  # base's vocabulary, not the corpus tokenizer's 8k: base's FLOPs
+    COMPILED_BENCH=true
+    CAP_DATA=180 CAP_TESTS=90 CAP_EAGER=60 CAP_COMPILED=150 CAP_TRAIN=180
+else
+    BENCH=(--device cpu --preset tiny --seq-len 128 --rows 4 --warmup 1 --steps 3)
+    CORPUS=(--max-bytes 500000 --vocab-size 1024)
+    TRAIN=(max_duration=4ba global_train_batch_size=8 device_train_microbatch_size=8 precision=fp32
+        model.preset=tiny data.max_seq_len=128 data.num_workers=1 log_interval=1ba speed_window=2
+        scheduler.t_warmup=1ba)
+    COMPILED_BENCH=false
+    CAP_DATA=120 CAP_TESTS=120 CAP_EAGER=90 CAP_TRAIN=180
+fi
+
+bench() {  # bench BACKEND eager|compiled
+    local flags=() cap=$CAP_EAGER
+    [[ $2 == compiled ]] && flags=(--compile) cap=$CAP_COMPILED
+    stage "bench-$1-$2" "$cap" "$PY" -m benchmarks.bench_gpu "${BENCH[@]}" --backend "$1" "${flags[@]}" \
+        --output "$WORK/bench/$1-$2.json"
+}
+
+stage data "$CAP_DATA" "$PY" -m data_prep.default_corpus --output "$WORK/data" "${CORPUS[@]}" &
+DATA_PID=$!
+mapfile -t GPU_TESTS < <(grep -l "pytest.mark.gpu" tests/test_*.py)
+stage tests "$CAP_TESTS" "$PY" -m pytest -q -p no:cacheprovider -m gpu --junitxml="$WORK/tests.xml" "${GPU_TESTS[@]}"
+# The training configuration first: its compiled kernels are cached for the Composer run.
+$COMPILED_BENCH && bench "$AUTO_BACKEND" compiled
+COMPILE=false
+if [[ -f $WORK/bench/$AUTO_BACKEND-compiled.json ]]; then
+    COMPILE=true
+elif $COMPILED_BENCH; then
+    say "train: eager, since bench-$AUTO_BACKEND-compiled did not run through"
+fi
+wait "$DATA_PID"
+cat "$WORK/logs/data.log" >>"$OUT/stages.log"
+stage train "$CAP_TRAIN" "$PY" -m modernbert_train.train yamls/modernbert-base/pretrain.yaml \
+    run_name=device-check "save_folder=$WORK/train" save_interval=1000ba autoresume=false \
+    "data.train=[{local: $WORK/data/train}]" "data.eval=[]" data.batch_size_warmup.start=0 \
+    progress_bar=false loggers.wandb=null "model.compile=$COMPILE" \
+    "${TRAIN[@]}"
+[[ -f $WORK/train/metrics.jsonl ]] && cp "$WORK/train/metrics.jsonl" "$OUT/metrics.jsonl"
+for backend in $BACKENDS; do
+    bench "$backend" eager
+done
+for backend in $BACKENDS; do
+    $COMPILED_BENCH && [[ $backend != "$AUTO_BACKEND" ]] && bench "$backend" compiled
+done
+
+say "done"
+report --print | tee -a "$OUT/device-check.log"
+grep -q '"status": "\(failed\|timeout\)"' "$WORK/stages.jsonl" && exit 1
+exit 0
