@@ -6,9 +6,10 @@
 
 `install-wheels` puts the wheels whose distribution is not installed yet into TARGET (no index, no
 dependencies: the wheelhouse is the whole closure the GPU image lacks). `env` records the machine in
-OUT/env.txt and WORK/env.json, and writes WORK/env.sh for the script (device kind, the backends that can
-train here, the result's file name). `report` gathers what the stages left in WORK into the result JSON,
-rewritten after every stage so that a check cut short still leaves one. Only `env` imports torch.
+OUT/env.txt and WORK/env.json (with the result's file name), and writes WORK/env.sh for the script (the
+device kind, the backends that can train here). `report` gathers what the stages left in WORK into the
+result JSON, rewritten after every stage so that a check cut short still leaves one. Only `env` imports
+torch.
 """
 
 import argparse
@@ -89,15 +90,13 @@ def describe_machine(work: Path, out: Path) -> int:
             peak_flops=peak_flops(props.name),
         )
     # The CPU dry run must not take the name of `make bench`'s benchmarks/results/cpu-<date>.json.
-    name = (
-        f"{device_slug(env['device'])}-{env['date']}.json" if cuda else f"device-check-cpu-{env['date']}.json"
-    )
+    slug = device_slug(env["device"]) if cuda else "device-check-cpu"
+    env["result_name"] = f"{slug}-{env['date']}.json"
     (work / "env.json").write_text(json.dumps(env, indent=2) + "\n")
     (work / "env.sh").write_text(
         f"DEVICE_KIND={device.type}\n"
         f"AUTO_BACKEND={env['auto_backend']}\n"
         f"BACKENDS={shlex.quote(' '.join(env['backends']))}\n"
-        f"RESULT_NAME={shlex.quote(name)}\n"
     )
 
     distributions = sorted(f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions())
@@ -224,15 +223,13 @@ def report(work: Path, out: Path, budget: int, elapsed: int) -> dict:
         "runs": runs,
         "train": train_summary(work, stages.get("train"), env),
     }
-    name = (work / "env.sh").is_file() and re.search(
-        r"RESULT_NAME='?([^'\n]+)", (work / "env.sh").read_text()
-    )
-    name = name.group(1) if name else "device-check-unknown.json"
-    text = json.dumps(result, indent=2) + "\n"
-    (out / name).write_text(text)
-    if env.get("device", "cpu") != "cpu" and measured:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / name).write_text(text)
+    # Until `env` has named the device there is nothing to file the result under.
+    if "result_name" in env:
+        text = json.dumps(result, indent=2) + "\n"
+        (out / env["result_name"]).write_text(text)
+        if env["device"] != "cpu" and measured:
+            RESULTS.mkdir(exist_ok=True)
+            (RESULTS / env["result_name"]).write_text(text)
     return result
 
 

@@ -55,8 +55,13 @@ def test_report_of_a_check_cut_short(tmp_path):
     (work / "bench").mkdir(parents=True)
     (work / "logs").mkdir()
     out.mkdir()
-    (work / "env.json").write_text(json.dumps({"device": "cpu", "torch": "2.7.0", "date": "2026-11-27"}))
-    (work / "env.sh").write_text("DEVICE_KIND=cpu\nRESULT_NAME=device-check-cpu-2026-11-27.json\n")
+    env = {
+        "device": "cpu",
+        "torch": "2.7.0",
+        "date": "2026-11-27",
+        "result_name": "device-check-cpu-2026-11-27.json",
+    }
+    (work / "env.json").write_text(json.dumps(env))
     stages = [("bench-sdpa-eager", "ok"), ("bench-flex-eager", "ok"), ("bench-sdpa-compiled", "failed"),
               ("train", "timeout")]  # fmt: skip
     (work / "stages.jsonl").write_text(
