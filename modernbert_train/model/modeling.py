@@ -16,6 +16,7 @@ from .attention import DocumentLayout, build_attention, resolve_backend
 from .config import ModernBertConfig
 from .init import init_weights
 from .layers import ModernBertEmbeddings, ModernBertEncoderLayer, ModernBertPredictionHead, layer_norm
+from .loss import linear_cross_entropy
 from .rope import RotaryEmbedding
 
 IGNORE_INDEX = -100
@@ -25,10 +26,10 @@ IGNORE_INDEX = -100
 class MaskedLMOutput:
     """loss: mean cross-entropy over labelled tokens, or None without labels.
     logits: [N, V] for the N labelled tokens when labels are given; else [B, S, V] for padded input
-    (zeros at padding) or [T, V] for unpadded input."""
+    (zeros at padding) or [T, V] for unpadded input. None when the call said return_logits=False."""
 
     loss: torch.Tensor | None
-    logits: torch.Tensor
+    logits: torch.Tensor | None
 
 
 # Visible to pytree, as transformers' outputs are: FSDP2 finds a sharded module's output tensors by pytree
@@ -91,9 +92,17 @@ class ModernBertForMaskedLM(nn.Module):
         labels: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
+        labelled_index: torch.Tensor | None = None,
+        return_logits: bool = True,
     ) -> MaskedLMOutput:
         """Padded: input_ids [B, S] (attention_mask 1 on real tokens, right padding), labels [B, S].
-        Unpadded/packed: input_ids [T], cu_seqlens int32 [D + 1], optional max_seqlen, labels [T]."""
+        Unpadded/packed: input_ids [T], cu_seqlens int32 [D + 1], optional max_seqlen, labels [T], and
+        optionally labelled_index int64 [N], the positions in [T] whose label is not -100, ascending.
+        max_seqlen and labelled_index given by a caller that knows them on the host spare the device
+        a sync each.
+
+        return_logits=False (training, with labels): the loss comes from a chunked cross-entropy that
+        never holds the [N, vocab] logits, and the output's logits are None."""
         indices = batch = seq_len = None
         if cu_seqlens is None:
             if input_ids.dim() != 2:
@@ -116,12 +125,18 @@ class ModernBertForMaskedLM(nn.Module):
 
         if labels is not None:
             # Sparse prediction: the head and decoder only see the tokens that carry a label.
-            labelled = labels != IGNORE_INDEX
-            logits = self.decoder(self.head(hidden[labelled]))
+            if labelled_index is None:
+                labelled_index = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+            predicted = self.head(hidden.index_select(0, labelled_index))
+            targets = labels.index_select(0, labelled_index)
+            if return_logits:
+                logits = self.decoder(predicted)
+                total = F.cross_entropy(logits.float(), targets, reduction="sum")
+            else:
+                logits = None
+                total = linear_cross_entropy(predicted, self.decoder.weight, self.decoder.bias, targets)
             # The mean over labelled tokens, written so that a batch without any gives 0, not NaN.
-            total = F.cross_entropy(logits.float(), labels[labelled], reduction="sum")
-            loss = total / labelled.sum().clamp(min=1)
-            return MaskedLMOutput(loss=loss, logits=logits)
+            return MaskedLMOutput(loss=total / max(labelled_index.numel(), 1), logits=logits)
 
         logits = self.decoder(self.head(hidden))
         if indices is not None:
