@@ -15,19 +15,22 @@ class RotaryEmbedding(nn.Module):
 
     @torch.no_grad()
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T] -> cos, sin [T, head_dim] in fp32 (apply_rotary casts them to the qkv dtype)."""
-        freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]
-        angles = torch.cat((freqs, freqs), dim=-1)
-        return angles.cos(), angles.sin()
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
+        """positions [T] -> cos, sin [T, 3, 1, head_dim / 2] in fp32 (apply_rotary casts them to the qkv
+        dtype), laid out for a whole qkv: the query and key slots rotate, the value slot is the identity
+        (cos 1, sin 0), so rotating never slices qkv apart and glues it back (copies, and zero-filled
+        gradients in the backward pass)."""
+        angles = positions.float()[:, None] * self.inv_freq.float()[None, :]
+        cos, sin = angles.cos(), angles.sin()
+        return (
+            torch.stack((cos, cos, torch.ones_like(cos)), dim=1)[:, :, None],
+            torch.stack((sin, sin, torch.zeros_like(sin)), dim=1)[:, :, None],
+        )
 
 
 def apply_rotary(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the queries and keys of qkv [T, 3, H, D]; values pass through. Returns a new [T, 3, H, D]."""
-    cos, sin = cos.to(qkv.dtype)[:, None, None, :], sin.to(qkv.dtype)[:, None, None, :]
-    qk, v = qkv[:, :2], qkv[:, 2:]
-    return torch.cat((qk * cos + rotate_half(qk) * sin, v), dim=1)
+    """Rotate the queries and keys of qkv [T, 3, H, D]; values pass through. Returns a new [T, 3, H, D].
+
+    Rotate-half: with x = (x1, x2) split in halves, the result is (x1 cos - x2 sin, x2 cos + x1 sin)."""
+    cos, sin = cos.to(qkv.dtype), sin.to(qkv.dtype)
+    first, second = qkv.unflatten(-1, (2, -1)).unbind(-2)
+    return torch.stack((first * cos - second * sin, second * cos + first * sin), dim=-2).flatten(-2)
