@@ -8,23 +8,44 @@ from torchmetrics import MeanMetric, Metric
 
 from modernbert_train.model import ModernBertConfig, ModernBertForMaskedLM, training_flops
 from modernbert_train.model.layers import ModernBertEncoderLayer
+from modernbert_train.model.modeling import IGNORE_INDEX
 
 
-def unpad(batch: dict[str, torch.Tensor]) -> dict:
-    """Real tokens flattened row by row, and document boundaries from `seq_lens`.
+def packed_inputs(batch: dict[str, torch.Tensor]) -> dict:
+    """The model's unpadded inputs for a packed (micro-)batch, keeping every slot of every row.
 
-    Rows hold whole documents first and padding after, so row-major boolean indexing keeps document order.
+    The token count is then rows x seq_len whatever the packing, so compiled graphs see one shape. Each
+    row's padding tail is a document of its own (rows hold whole documents first, padding after): no real
+    token attends to it and its labels are all -100, so the loss and every gradient are those of the real
+    tokens alone, for under 1% more encoder work on rows packed over 99% full.
+
+    Computed where the batch is: on the host, when Composer splits the batch (`split_batch`), so the
+    device is never asked for a maximum or a count (each would be a sync).
     """
-    real = batch["attention_mask"].bool()
-    seq_lens = batch["seq_lens"]
-    doc_lens = seq_lens[seq_lens > 0]
-    cu_seqlens = F.pad(doc_lens.cumsum(0, dtype=torch.int32), (1, 0))
+    input_ids, labels, seq_lens = batch["input_ids"], batch["labels"], batch["seq_lens"]
+    seq_len = input_ids.shape[1]
+    padding = seq_len - seq_lens.sum(dim=1, keepdim=True, dtype=seq_lens.dtype)
+    lengths = torch.cat((seq_lens, padding), dim=1).flatten()
+    lengths = lengths[lengths > 0]
+    labels = labels.reshape(-1)
     return {
-        "input_ids": batch["input_ids"][real],
-        "labels": batch["labels"][real],
-        "cu_seqlens": cu_seqlens,
-        "max_seqlen": int(doc_lens.max()),
+        "input_ids": input_ids.reshape(-1),
+        "labels": labels,
+        "cu_seqlens": F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0)),
+        "max_seqlen": int(lengths.max()),
+        "labelled_index": (labels != IGNORE_INDEX).nonzero().squeeze(1),
     }
+
+
+def split_batch(batch: dict[str, torch.Tensor], microbatch_size: int) -> list[dict]:
+    """Composer's split into micro-batches of rows, each carrying its `packed_inputs` (made here, on the
+    host: Composer moves each micro-batch to the device after splitting)."""
+    rows = batch["input_ids"].shape[0]
+    micro_batches = [
+        {key: value[start : start + microbatch_size] for key, value in batch.items()}
+        for start in range(0, rows, microbatch_size)
+    ]
+    return [{**micro, "packed": packed_inputs(micro)} for micro in micro_batches]
 
 
 class MLMLoss(MeanMetric):
@@ -46,7 +67,10 @@ class ModernBertMLM(ComposerModel):
         self.eval_metrics = {"MLMLoss": MLMLoss(), "MLMAccuracy": MLMAccuracy()}
 
     def forward(self, batch: dict[str, torch.Tensor]):
-        return self.model(**unpad(batch))
+        inputs = batch["packed"] if "packed" in batch else packed_inputs(batch)
+        # Training needs only the loss: the chunked cross-entropy, no [masked tokens x vocab] logits.
+        # Evaluation keeps the logits for its accuracy.
+        return self.model(**inputs, return_logits=not self.training)
 
     def loss(self, outputs, batch):
         return outputs.loss
@@ -59,7 +83,7 @@ class ModernBertMLM(ComposerModel):
         return {} if is_train else self.eval_metrics
 
     def update_metric(self, batch, outputs, metric: Metric) -> None:
-        labels = batch["labels"][batch["labels"] != -100]
+        labels = batch["labels"][batch["labels"] != IGNORE_INDEX]
         # Composer hands each evaluator a copy of the metrics, so tell them apart by type.
         if isinstance(metric, MLMLoss):
             metric.update(outputs.loss.detach(), weight=labels.numel())
@@ -77,6 +101,7 @@ class ModernBertMLM(ComposerModel):
 def data_spec(dataloader) -> DataSpec:
     return DataSpec(
         dataloader,
+        split_batch=split_batch,
         get_num_samples_in_batch=lambda batch: batch["input_ids"].shape[0],
         get_num_tokens_in_batch=lambda batch: int(batch["attention_mask"].sum()),
     )
