@@ -71,19 +71,20 @@ class StableAdamW(optimi.StableAdamW):
             square_sum = grad.pow(2).div_(exp_avg_sq.maximum(eps_sq)).sum()
             if isinstance(square_sum, DTensor):
                 square_sum = square_sum.full_tensor()  # a SUM all-reduce over the shards
-            rms = (square_sum / grad.numel()).sqrt().item()
-            lr = group["lr"] / max(1.0, rms)
+            # The clipped lr stays a device tensor: reading the RMS on the host would sync once per tensor.
+            lr = group["lr"] / (square_sum / grad.numel()).sqrt().clamp(min=1.0)
             if group["weight_decay"] != 0:
                 scale = lr / group["max_lr"] if group["decouple_lr"] else lr
                 param.mul_(1 - scale * group["weight_decay"])
+            update = exp_avg / exp_avg_sq.sqrt().add_(group["eps"]) * -lr
             if group["kahan_sum"] and param.dtype in (torch.float16, torch.bfloat16):
                 # Add the step to the carried rounding error, then keep what bf16 could not hold.
-                kahan_comp.addcdiv_(exp_avg, exp_avg_sq.sqrt().add_(group["eps"]), value=-lr)
+                kahan_comp.add_(update)
                 before = param.detach().clone()
                 param.add_(kahan_comp)
                 kahan_comp.add_(before.sub_(param))
             else:
-                param.addcdiv_(exp_avg, exp_avg_sq.sqrt().add_(group["eps"]), value=-lr)
+                param.add_(update)
 
 
 def build_optimizer(
