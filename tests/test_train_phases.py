@@ -4,10 +4,14 @@ import json
 import shutil
 
 import pytest
+import torch
+from composer.core import Callback
 from conftest import read_metrics, run_train
 
 from modernbert_train.train.checkpoint import read_checkpoint
+from modernbert_train.train.config import load_config
 from modernbert_train.train.main import main
+from modernbert_train.train.run import build_run
 from modernbert_train.train.run_metadata import metadata_from_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("phases")]
@@ -58,6 +62,64 @@ def test_context_extension_loads_with_new_theta_and_restarts_time(pretrained, wr
     assert rows[0]["loss/train/total"] < first_pretrain_loss - 0.3
     metadata = metadata_from_checkpoint(read_checkpoint(tmp_path / "run" / "ep0-ba4-rank0.pt"))
     assert metadata["model_config"]["global_rope_theta"] == 160000.0
+
+
+class LastGradients(Callback):
+    """The latest batch's gradients by parameter name, taken after backward, before the optimizer step."""
+
+    def __init__(self):
+        self.grads: dict[str, torch.Tensor] = {}
+
+    def after_train_batch(self, state, logger) -> None:
+        named = state.model.named_parameters()
+        self.grads = {name: p.grad.detach().clone() for name, p in named if p.grad is not None}
+
+
+def debiased_beta(beta: float, step: int) -> float:
+    """torch-optimi keeps Adam's bias-corrected moments, so its beta at step t is the one that maps the
+    corrected moment of t - 1 to that of t: m_t = b m_(t-1) + (1 - b) g with
+    b = beta (1 - beta^(t-1)) / (1 - beta^t)."""
+    return beta * (1 - beta ** (step - 1)) / (1 - beta**step)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected).norm() / expected.norm()).item()
+
+
+def test_phase_change_continues_the_optimizer_moments(pretrained, write_recipe, tmp_path):
+    """One batch into a new phase, the moments are the old ones moved by that batch's gradient with the new
+    betas, and the step count goes on from the checkpoint's."""
+    recipe = write_recipe(
+        run_name="decay",
+        max_duration="1ba",
+        save_interval="1ba",
+        load_path=str(pretrained / "ep0-ba8-rank0.pt"),
+        reset_time=True,
+        data={"eval": []},
+        optimizer={"lr": 1e-3, "betas": [0.8, 0.95], "eps": 1e-7, "weight_decay": 1e-4},
+        scheduler={"name": "constant", "t_warmup": "0ba", "t_decay": None},
+    )
+    run = build_run(load_config(recipe))
+    last = LastGradients()
+    run.trainer.state.callbacks.append(last)
+    run.fit()
+
+    before = read_checkpoint(pretrained / "ep0-ba8-rank0.pt")["state"]["optimizers"]["StableAdamW"]
+    after = read_checkpoint(tmp_path / "run" / "ep0-ba1-rank0.pt")["state"]["optimizers"]["StableAdamW"]
+    for group in after["param_groups"]:
+        assert group["step"].item() == 9  # 8 in the first phase, then one more
+        # This recipe's hyperparameters, not the checkpoint's.
+        assert (group["lr"], group["beta1"], group["beta2"], group["eps"]) == (1e-3, 0.8, 0.95, 1e-7)
+    assert [group["weight_decay"] for group in after["param_groups"]] == [1e-4, 0.0]
+    beta1, beta2 = debiased_beta(0.8, 9), debiased_beta(0.95, 9)
+    assert sorted(last.grads) == sorted(after["state"])  # every parameter had a gradient and a state
+    for name, grad in last.grads.items():
+        old, new, grad = before["state"][name], after["state"][name], grad.double()
+        first = beta1 * old["exp_avg"].double() + (1 - beta1) * grad
+        second = beta2 * old["exp_avg_sq"].double() + (1 - beta2) * grad * grad
+        assert relative_error(new["exp_avg"], first) < 1e-6, name
+        assert relative_error(new["exp_avg_sq"], second) < 1e-6, name
+        assert new["eps_sq"].item() == pytest.approx(1e-14)  # the new eps, squared
 
 
 def error_from_main(args: list[str], capsys) -> str:

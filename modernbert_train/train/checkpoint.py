@@ -1,4 +1,5 @@
-"""Reading Composer checkpoints, and one-line explanations of why one cannot be loaded.
+"""Reading Composer checkpoints, one-line explanations of why one cannot be loaded, and what a phase
+change keeps of one.
 
 Composer checkpoints are pickles (`torch.load(weights_only=False)`): load only your own. Weights from
 elsewhere come in through `modernbert_train.hf.from_hf` (safetensors).
@@ -8,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from composer.core import Callback, State
+from composer.loggers import Logger
 
 from modernbert_train.model import ModernBertConfig
 from modernbert_train.train.run_metadata import metadata_from_checkpoint
@@ -86,18 +89,44 @@ def explain_mismatch(path: str | Path, model: torch.nn.Module, config: ModernBer
     return None
 
 
-class PhaseChangeFilter:
-    """Composer `load_ignore_keys` for a new phase (load_path with reset_time): the weights and the optimizer
-    moments carry over; the data stream, the schedule and the optimizer hyperparameters are this recipe's.
+# torch-optimi's running bookkeeping in each parameter group: the step count (which also debiases the
+# betas), whether the group is set up (False would restart the count at 1 and overwrite the moments with one
+# gradient), and the kernel and Kahan choices the saved per-parameter state was laid out for.
+OPTIMIZER_RUNNING_KEYS = ("step", "setup", "triton", "kahan_sum")
+
+
+class PhaseChange(Callback):
+    """A new phase (load_path with reset_time): the weights, the optimizer moments and its step count carry
+    over; the data stream, the schedule and the optimizer hyperparameters are this recipe's.
+
+    `ignore_keys` is Composer's `load_ignore_keys`. The hyperparameters are put back after the load rather
+    than filtered out of it, because a sharded checkpoint's load fills this run's own state dict with every
+    saved value.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer):
-        self.optimizer = optimizer
+    def __init__(self):
+        self.recipe_groups: list[dict[str, Any]] = []
 
-    def __call__(self, checkpoint: dict[str, Any]) -> None:
+    def ignore_keys(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["state"]
         state.pop("dataset_state", None)
         state.pop("schedulers", None)
-        for saved in state.get("optimizers", {}).values():
-            for saved_group, group in zip(saved.get("param_groups", []), self.optimizer.param_groups):
-                saved_group.update({k: v for k, v in group.items() if k != "params"})
+        # The callbacks' state (speed window, saved checkpoint list, run metadata) is the old run's; a
+        # sharded load would also fail on any metadata key the new recipe adds.
+        state.pop("callbacks", None)
+
+    def before_load(self, state: State, logger: Logger) -> None:
+        # Here the schedulers have already set each group's starting lr.
+        self.recipe_groups = [
+            {k: v for k, v in group.items() if k not in ("params", *OPTIMIZER_RUNNING_KEYS)}
+            for group in state.optimizers[0].param_groups
+        ]
+
+    def after_load(self, state: State, logger: Logger) -> None:
+        optimizer = state.optimizers[0]
+        for group, recipe in zip(optimizer.param_groups, self.recipe_groups):
+            group.update(recipe)
+            for param in group["params"]:
+                # eps^2 is cached per parameter when its state is created: follow a new eps.
+                if "eps_sq" in optimizer.state.get(param, {}):
+                    optimizer.state[param]["eps_sq"].fill_(group["eps"] ** 2)

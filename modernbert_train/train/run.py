@@ -19,7 +19,7 @@ from composer.utils import FSDP2Config, dist, reproducibility
 from modernbert_train.hf import from_hf, read_hf_config
 from modernbert_train.model import ModernBertConfig, pad_vocab_size
 from modernbert_train.optim import build_optimizer
-from modernbert_train.train.checkpoint import CheckpointError, PhaseChangeFilter, explain_mismatch
+from modernbert_train.train.checkpoint import CheckpointError, PhaseChange, explain_mismatch
 from modernbert_train.train.composer_model import ModernBertMLM, data_spec
 from modernbert_train.train.config import ConfigError, to_dict, to_yaml
 from modernbert_train.train.data import TrainData, build_data, device_microbatch_size
@@ -192,6 +192,9 @@ def build_run(config: TrainConfig) -> Run:
         RunMetadata(model.config.to_dict(), str(data.tokenizer_file), to_dict(config)),
         sigterm,
     ]
+    phase_change = PhaseChange() if config.load_path and config.reset_time and not resume else None
+    if phase_change:
+        callbacks.append(phase_change)
     evaluators = []
     if data.eval_loader is not None:
         evaluators.append(
@@ -202,7 +205,6 @@ def build_run(config: TrainConfig) -> Run:
                 device_eval_microbatch_size=data.eval_batch_size,
             )
         )
-    phase_change = bool(config.load_path) and not resume
     save_resolved_config(config)
     trainer_kwargs = dict(
         model=model,
@@ -231,7 +233,7 @@ def build_run(config: TrainConfig) -> Run:
         autoresume=config.autoresume,
         load_path=config.load_path,
         load_weights_only=config.load_weights_only,
-        load_ignore_keys=PhaseChangeFilter(optimizer) if phase_change and config.reset_time else None,
+        load_ignore_keys=phase_change.ignore_keys if phase_change else None,
         parallelism_config=parallelism(config),
         dist_timeout=config.dist_timeout,
     )
@@ -249,4 +251,4 @@ def build_run(config: TrainConfig) -> Run:
         if problem is None:
             raise
         raise CheckpointError(problem) from e
-    return Run(trainer, model, config, data, reset_time=phase_change and config.reset_time)
+    return Run(trainer, model, config, data, reset_time=phase_change is not None)
