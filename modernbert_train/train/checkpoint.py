@@ -1,14 +1,16 @@
-"""Reading Composer checkpoints, one-line explanations of why one cannot be loaded, and what a phase
-change keeps of one.
+"""Reading Composer checkpoints (whole, or just their clock), one-line explanations of why one cannot be
+loaded, and what a phase change keeps of one.
 
 Composer checkpoints are pickles (`torch.load(weights_only=False)`): load only your own. Weights from
 elsewhere come in through `modernbert_train.hf.from_hf` (safetensors).
 """
 
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 from composer.core import Callback, State
 from composer.loggers import Logger
 
@@ -52,6 +54,33 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(checkpoint, dict) or "model" not in checkpoint.get("state", {}):
         raise CheckpointError(f"checkpoint {path} is not a Composer checkpoint (no state/model)")
     return checkpoint
+
+
+# The training clock's counters, as Composer's Timestamp saves them; max_duration counts one of these.
+CLOCK_COUNTERS = ("epoch", "batch", "sample", "token")
+
+
+def checkpoint_clock(path: str | Path) -> dict[str, int]:
+    """The training time a checkpoint was saved at (`{"batch": 10, "token": 4934, ...}`), read without
+    loading its tensors: a .pt file is memory-mapped, of a sharded one (a folder) only these keys are read."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        if path.is_dir():
+            saved = {"state": {"timestamp": {"Timestamp": dict.fromkeys(CLOCK_COUNTERS, 0)}}}
+            with warnings.catch_warnings():  # one process reads on purpose; torch warns that it does
+                warnings.simplefilter("ignore")
+                dcp.load(saved, storage_reader=dcp.FileSystemReader(str(path)), no_dist=True)
+        else:
+            saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        clock = saved["state"]["timestamp"]["Timestamp"]
+        return {counter: int(clock[counter]) for counter in CLOCK_COUNTERS}
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read (truncated or not a checkpoint): {reason}"
+        ) from None
 
 
 def model_weights(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -27,9 +27,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
+        from composer.utils import dist
+
+        from modernbert_train.train.start import StartKind, decide_start
+
+        start = decide_start(config)
+        if start.kind is StartKind.COMPLETE:
+            # A requeued job or a rerun pipeline repeats the command of a finished run: not an error.
+            if dist.get_global_rank() == 0:
+                print(start.completion_message(config))
+            return
         from modernbert_train.train.run import build_run
 
-        run = build_run(config)
+        run = build_run(config, start)
     except (ConfigError, ValueError) as e:
         # ValueError: the model, optimizer, scheduler, data and checkpoint builders' one-line errors.
         print(f"modernbert-train: error: {e}", file=sys.stderr)

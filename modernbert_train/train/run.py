@@ -30,6 +30,7 @@ from modernbert_train.train.preemption import SaveOnSigterm
 from modernbert_train.train.run_metadata import RunMetadata
 from modernbert_train.train.schedulers import build_scheduler
 from modernbert_train.train.schema import TrainConfig
+from modernbert_train.train.start import RunStart, StartKind, decide_start
 
 log = logging.getLogger(__name__)
 
@@ -106,13 +107,6 @@ def compile_layers(model: ModernBertMLM) -> None:
         layer.compile(dynamic=True)
 
 
-def resuming(config: TrainConfig) -> bool:
-    """Whether autoresume will pick up this run's own latest checkpoint (then load_path is ignored)."""
-    return bool(
-        config.autoresume and config.save_folder and Path(config.save_folder, "latest-rank0.pt").exists()
-    )
-
-
 def precision(config: TrainConfig) -> str:
     if config.precision != "auto":
         return config.precision
@@ -161,15 +155,16 @@ def loggers(config: TrainConfig) -> list:
     return destinations
 
 
-def build_run(config: TrainConfig) -> Run:
+def build_run(config: TrainConfig, start: RunStart | None = None) -> Run:
+    """The Trainer for `config`, starting as `start` says (decided here when not given)."""
+    start = start or decide_start(config)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     reproducibility.seed_all(config.seed)  # before the model exists: its initial weights follow the seed
     data = build_data(config)
     init_from = config.model.init_from_hf
     model = ModernBertMLM(model_config(config, data, read_hf_config(init_from) if init_from else None))
-    resume = resuming(config)
     # The released weights only start a run: a resumed or loaded checkpoint replaces them.
-    if init_from and not resume and not config.load_path:
+    if init_from and start.kind is StartKind.FRESH:
         load_pretrained(model, from_hf(init_from), init_from)
     if config.model.compile:
         compile_layers(model)
@@ -192,7 +187,7 @@ def build_run(config: TrainConfig) -> Run:
         RunMetadata(model.config.to_dict(), str(data.tokenizer_file), to_dict(config)),
         sigterm,
     ]
-    phase_change = PhaseChange() if config.load_path and config.reset_time and not resume else None
+    phase_change = PhaseChange() if start.kind is StartKind.PHASE_CHANGE else None
     if phase_change:
         callbacks.append(phase_change)
     evaluators = []
@@ -237,7 +232,7 @@ def build_run(config: TrainConfig) -> Run:
         parallelism_config=parallelism(config),
         dist_timeout=config.dist_timeout,
     )
-    load_path = Path(config.save_folder, "latest-rank0.pt") if resume else config.load_path
+    load_path = start.checkpoint
     try:
         trainer = Trainer(**trainer_kwargs)
     except Exception as e:
@@ -251,4 +246,4 @@ def build_run(config: TrainConfig) -> Run:
         if problem is None:
             raise
         raise CheckpointError(problem) from e
-    return Run(trainer, model, config, data, reset_time=phase_change is not None)
+    return Run(trainer, model, config, data, reset_time=start.reset_time)

@@ -1,0 +1,101 @@
+"""How a run starts, decided once before the Trainer is built.
+
+- resume: autoresume finds this run's own latest checkpoint below max_duration (load_path is then ignored);
+- complete: that checkpoint already reached max_duration: rerunning the command has nothing to do;
+- phase change: load_path with reset_time: another run's weights and moments, this recipe's clock;
+- load: load_path without reset_time: the checkpoint's clock goes on;
+- fresh: none of these.
+
+Rank 0 reads the files and broadcasts its answer, so all ranks start the same way, or all exit.
+"""
+
+import os
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from composer.core import Time
+from composer.utils import dist, get_device
+
+from modernbert_train.train.checkpoint import CLOCK_COUNTERS, CheckpointError, checkpoint_clock
+from modernbert_train.train.schema import TrainConfig
+
+
+class StartKind(Enum):
+    FRESH = "fresh"
+    RESUME = "resume"
+    COMPLETE = "complete"
+    PHASE_CHANGE = "phase change"
+    LOAD = "load"
+
+
+@dataclass(frozen=True)
+class RunStart:
+    kind: StartKind
+    checkpoint: str | None = None  # the checkpoint Composer loads (or, when complete, the finished one)
+    elapsed: Time | None = None  # its training time in max_duration's unit, where it was read
+
+    @property
+    def reset_time(self) -> bool:
+        return self.kind is StartKind.PHASE_CHANGE
+
+    def completion_message(self, config: TrainConfig) -> str:
+        return (
+            f"modernbert-train: run '{config.run_name}' is complete: its latest checkpoint {self.checkpoint} "
+            f"is at {self.elapsed}, max_duration is {config.max_duration}; nothing to do"
+        )
+
+
+def decide_start(config: TrainConfig) -> RunStart:
+    """How this run starts; the same answer on every rank. Raises a one-line CheckpointError."""
+    if dist.get_world_size() == 1:
+        return _decide(config)
+    # The Trainer would initialize the process group with these same arguments, and reuses this one.
+    dist.initialize_dist(get_device(None), config.dist_timeout)
+    decision: list[RunStart | CheckpointError | None] = [None]
+    if dist.get_global_rank() == 0:
+        try:
+            decision[0] = _decide(config)
+        except CheckpointError as e:  # every rank reports it, rather than waiting for rank 0
+            decision[0] = e
+    dist.broadcast_object_list(decision, src=0)
+    if isinstance(decision[0], CheckpointError):
+        raise decision[0]
+    return decision[0]
+
+
+def _decide(config: TrainConfig) -> RunStart:
+    latest = Path(config.save_folder, "latest-rank0.pt") if config.autoresume else None
+    if latest is not None and latest.exists():
+        # Composer resolves the link against the save folder the same way.
+        checkpoint = os.path.join(config.save_folder, os.readlink(latest)) if latest.is_symlink() else latest
+        elapsed = _elapsed(checkpoint, config.max_duration)
+        kind = StartKind.COMPLETE if _reached(elapsed, config.max_duration) else StartKind.RESUME
+        return RunStart(kind, str(checkpoint), elapsed)
+    if not config.load_path:
+        return RunStart(StartKind.FRESH)
+    if config.reset_time:
+        return RunStart(StartKind.PHASE_CHANGE, config.load_path)
+    if config.load_weights_only:  # the checkpoint's clock is not loaded
+        return RunStart(StartKind.LOAD, config.load_path)
+    elapsed = _elapsed(config.load_path, config.max_duration)
+    if _reached(elapsed, config.max_duration):
+        raise CheckpointError(
+            f"load_path: checkpoint {config.load_path} is already at {elapsed} and max_duration is "
+            f"{config.max_duration}, so nothing would train; a new phase needs reset_time=true"
+        )
+    return RunStart(StartKind.LOAD, config.load_path, elapsed)
+
+
+def _elapsed(checkpoint: str | Path, max_duration: str) -> Time | None:
+    """The checkpoint's training time in max_duration's unit; None for a unit the clock does not count."""
+    unit = Time.from_timestring(max_duration).unit
+    counter = unit.name.lower()
+    if counter not in CLOCK_COUNTERS:
+        return None
+    return Time(checkpoint_clock(checkpoint)[counter], unit)
+
+
+def _reached(elapsed: Time | None, max_duration: str) -> bool:
+    """Composer's own test for 'no training would occur'."""
+    return elapsed is not None and elapsed >= Time.from_timestring(max_duration)
