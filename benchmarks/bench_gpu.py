@@ -1,9 +1,10 @@
 """Training throughput and MFU of the model alone (no data loading): `python -m benchmarks.bench_gpu`.
 
 A packed batch (rows of `seq_len` tokens holding documents of mixed lengths, 30% labelled) goes through
-forward, backward and a StableAdamW step under bf16 autocast, as in pretraining. `--compile` compiles
-each encoder layer as `model.compile: true` does in training. MFU counts the FLOPs that run: every token
-through the encoder, the labelled ones through the head and decoder (`model.training_flops`).
+forward, backward and a StableAdamW step under bf16 autocast, called as in pretraining (the labelled
+positions given, the chunked cross-entropy without logits). `--compile` compiles each encoder layer as
+`model.compile: true` does in training. MFU counts the FLOPs that run: every token through the encoder,
+the labelled ones through the head and decoder (`model.training_flops`).
 
 Results go to `benchmarks/results/<device>-<date>.json` (or `--output FILE`) with `device`, `mfu`,
 `tokens_per_second_per_gpu`, `seq_len`, `model`, `torch`, `attention_backend`, the median step, the
@@ -90,13 +91,14 @@ def run(args) -> dict:
         args.rows, args.seq_len, config.vocab_size, device
     )
     tokens = input_ids.numel()
-    labelled = int((labels != -100).sum())
+    # The call training makes (train.composer_model): the labelled positions known up front, no logits.
+    labelled_index = (labels != -100).nonzero().squeeze(1)
+    inputs = dict(input_ids=input_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, labels=labels)
+    labelled = labelled_index.numel()
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            loss = model(
-                input_ids=input_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, labels=labels
-            ).loss
+            loss = model(**inputs, labelled_index=labelled_index, return_logits=False).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
