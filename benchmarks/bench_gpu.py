@@ -70,11 +70,16 @@ def parse_args(argv):
     parser.add_argument("--compile", action="store_true", help="compile each encoder layer, as in training")
     parser.add_argument("--device", default="cuda")
     parser.add_argument(
+        "--profile", type=int, default=0, metavar="N",
+        help="after timing, profile N more steps: the top operators by their own device time are printed "
+        "and kept in the result (where a GPU step's time goes)",
+    )  # fmt: skip
+    parser.add_argument(
         "--output", type=Path, help="result file (default on a GPU: results/<device>-<date>.json; CPU: none)"
     )
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.warmup < 1:
-        parser.error("--steps and --warmup must be at least 1")
+    if args.steps < 1 or args.warmup < 1 or args.profile < 0:
+        parser.error("--steps and --warmup must be at least 1, --profile at least 0")
     return args
 
 
@@ -123,6 +128,7 @@ def run(args) -> dict:
     times = [timed_step() for _ in range(args.steps)]
 
     step_time = statistics.median(times)
+    profile = profile_steps(step, args.profile, cuda) if args.profile else None
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
     peak = peak_flops(name) if cuda else None
     flops = training_flops(config, args.seq_len, tokens, labelled)
@@ -152,6 +158,45 @@ def run(args) -> dict:
         "peak_flops": peak,
         "mfu": flops / step_time / peak if peak else None,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+        "profile": profile,
+    }
+
+
+def profile_steps(step, steps: int, cuda: bool, top: int = 25) -> dict:
+    """Run `steps` steps under torch.profiler; print the operators that take the most time of their own
+    (device time on a GPU, CPU time elsewhere) and return them, with each one's share of the total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    # `self_device_time_total` in newer torch, `self_cuda_time_total` in older.
+    key = "self_cpu_time_total"
+    if cuda:
+        sample = prof.key_averages()[0]
+        key = (
+            "self_device_time_total" if hasattr(sample, "self_device_time_total") else "self_cuda_time_total"
+        )
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    total_us = sum(getattr(e, key) for e in events)
+    print(f"== profile: {steps} steps, top {top} operators by {key.replace('_', ' ')}")
+    print(prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=70))
+    return {
+        "steps": steps,
+        "sorted_by": key,
+        "total_ms_per_step": total_us / 1e3 / steps,
+        "top": [
+            {
+                "name": event.key,
+                "ms_per_step": getattr(event, key) / 1e3 / steps,
+                "share": getattr(event, key) / total_us if total_us else None,
+                "calls_per_step": event.count / steps,
+            }
+            for event in events[:top]
+        ],
     }
 
 

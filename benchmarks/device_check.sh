@@ -9,7 +9,8 @@
 #   data    the embedded default corpus sharded (CPU, in the background while the GPU tests run)
 #   tests   the `gpu`-marked tests
 #   bench   benchmarks.bench_gpu for every attention backend that can train here, compiled and eager:
-#           the training configuration (auto backend, compiled) first, the others after the Composer run
+#           the training configuration (auto backend, compiled) first, and profiled (its top operators
+#           by device time in the log and the result), the others after the Composer run
 #   train   yamls/modernbert-base/pretrain.yaml for 50 batches of 32 x 1024 tokens, bf16, compiled when
 #           the compiled benchmark ran (a step that compiles again fails it fast; eager training instead)
 # Without CUDA the same stages run as a dry run (CI runs it): tiny preset, 128 tokens, fp32, a few steps,
@@ -111,6 +112,8 @@ fi
 bench() {  # bench BACKEND eager|compiled
     local flags=() cap=$CAP_EAGER
     [[ $2 == compiled ]] && flags=(--compile) cap=$CAP_COMPILED
+    # The training configuration is profiled too: where its step's time goes, operator by operator.
+    [[ $1 == "$AUTO_BACKEND" && ($2 == compiled || $COMPILED_BENCH == false) ]] && flags+=(--profile 3)
     stage "bench-$1-$2" "$cap" "$PY" -m benchmarks.bench_gpu "${BENCH[@]}" --backend "$1" "${flags[@]}" \
         --output "$WORK/bench/$1-$2.json"
 }
