@@ -42,9 +42,9 @@ def layout_and_qkv(device: str, dtype=torch.float32):
 
 def check_backend(name: str, device: str, tolerance: float):
     layout, qkv = layout_and_qkv(device, torch.float32 if device == "cpu" else torch.bfloat16)
-    attend = build_attention(name, layout, HALF_WINDOW)
+    attention = build_attention(name, layout, HALF_WINDOW)
     for local in (False, True):
-        got = attend(qkv, local, 0.0)
+        got = attention.attend(qkv, local, 0.0)
         expected = reference_attention(qkv, LENGTHS, HALF_WINDOW if local else None)
         assert got.shape == expected.shape
         assert (got.float() - expected).abs().max().item() < tolerance, (name, local)
@@ -66,11 +66,11 @@ def test_sdpa_without_padding_matches_the_reference():
     cu_seqlens = torch.tensor([0, 24, 48, 72], dtype=torch.int32)
     layout = DocumentLayout.from_cu_seqlens(cu_seqlens, 24, 72)
     qkv = torch.randn(72, 3, 2, 8)
-    attend = build_attention("sdpa", layout, HALF_WINDOW)
-    assert attend.index is None and attend.global_mask is None
+    attention = build_attention("sdpa", layout, HALF_WINDOW)
+    assert attention.index is None and attention.global_mask is None
     for local in (False, True):
         expected = reference_attention(qkv, [24, 24, 24], HALF_WINDOW if local else None)
-        assert torch.allclose(attend(qkv, local, 0.0), expected, atol=1e-5)
+        assert torch.allclose(attention.attend(qkv, local, 0.0), expected, atol=1e-5)
 
 
 @pytest.mark.skipif(

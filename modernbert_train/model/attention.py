@@ -3,10 +3,13 @@
 Every backend computes the same function: bidirectional softmax attention within each document of a
 flat token stream, optionally restricted to a sliding window of +-`half_window` tokens (transformers'
 ModernBERT local layers: |i - j| <= local_attention // 2). A backend is built once per forward pass from
-the batch's `DocumentLayout`, holds whatever masks or indices it needs, and is then called by every layer:
+the batch's `DocumentLayout`, holds whatever masks or indices it needs, and is then used by every layer:
 
-    attend = build_attention(name, layout, half_window)
-    out = attend(qkv, local, dropout_p)        # qkv [T, 3, H, D] (rotary applied) -> [T, H, D]
+    attention = build_attention(name, layout, half_window)
+    out = attention.attend(qkv, local, dropout_p)   # qkv [T, 3, H, D] (rotary applied) -> [T, H, D]
+
+A method rather than `__call__`: torch.compile guards an object that is called by its identity, and a new
+one every batch would recompile every batch; a method's object is guarded by type and attributes.
 """
 
 import functools
@@ -157,7 +160,7 @@ class SdpaAttention:
                 near & key_valid[:, None, :] | torch.eye(length, dtype=torch.bool, device=device)
             )[:, None]
 
-    def __call__(self, qkv: torch.Tensor, local: bool, dropout_p: float) -> torch.Tensor:
+    def attend(self, qkv: torch.Tensor, local: bool, dropout_p: float) -> torch.Tensor:
         _, _, heads, head_dim = qkv.shape
         rows = self.docs * self.length
         if self.index is None:
@@ -197,7 +200,7 @@ class FlexAttention:
         self.global_mask = block_mask(same_doc)
         self.local_mask = self.global_mask if half_window is None else block_mask(same_doc_near)
 
-    def __call__(self, qkv: torch.Tensor, local: bool, dropout_p: float) -> torch.Tensor:
+    def attend(self, qkv: torch.Tensor, local: bool, dropout_p: float) -> torch.Tensor:
         padded_len = self.global_mask.shape[-2]
         qkv = F.pad(qkv, (0, 0, 0, 0, 0, 0, 0, padded_len - self.tokens))
         query, key, value = qkv.permute(1, 2, 0, 3)[:, None].unbind(0)  # each [1, H, T, D]
@@ -213,7 +216,7 @@ class FlashAttention:
         self.layout = layout
         self.local_window = (-1, -1) if half_window is None else (half_window, half_window)
 
-    def __call__(self, qkv: torch.Tensor, local: bool, dropout_p: float) -> torch.Tensor:
+    def attend(self, qkv: torch.Tensor, local: bool, dropout_p: float) -> torch.Tensor:
         dtype = qkv.dtype
         half = qkv if dtype in (torch.float16, torch.bfloat16) else qkv.to(torch.bfloat16)
         out = _flash_attn_func()(
@@ -229,7 +232,7 @@ class FlashAttention:
 class VarlenAttention(FlashAttention):
     """torch.nn.attention.varlen (newer torch, CUDA), same contract as flash-attn's kernel."""
 
-    def __call__(self, qkv: torch.Tensor, local: bool, dropout_p: float) -> torch.Tensor:
+    def attend(self, qkv: torch.Tensor, local: bool, dropout_p: float) -> torch.Tensor:
         dtype = qkv.dtype
         half = qkv if dtype in (torch.float16, torch.bfloat16) else qkv.to(torch.bfloat16)
         query, key, value = half.unbind(1)

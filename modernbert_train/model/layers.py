@@ -46,12 +46,12 @@ class ModernBertAttention(nn.Module):
         self.out_drop = nn.Dropout(config.attention_dropout)
 
     def forward(
-        self, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], attend
+        self, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], attention
     ) -> torch.Tensor:
         tokens = hidden.shape[0]
         qkv = self.Wqkv(hidden).view(tokens, 3, self.num_heads, self.head_dim)
         qkv = apply_rotary(qkv, *rotary)
-        out = attend(qkv, not self.is_global, self.dropout if self.training else 0.0)
+        out = attention.attend(qkv, not self.is_global, self.dropout if self.training else 0.0)
         return self.out_drop(self.Wo(out.reshape(tokens, -1)))
 
 
@@ -81,9 +81,9 @@ class ModernBertEncoderLayer(nn.Module):
         self.mlp = ModernBertMLP(config)
 
     def forward(
-        self, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], attend
+        self, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], attention
     ) -> torch.Tensor:
-        hidden = hidden + self.attn(self.attn_norm(hidden), rotary, attend)
+        hidden = hidden + self.attn(self.attn_norm(hidden), rotary, attention)
         return hidden + self.mlp(self.mlp_norm(hidden))
 
 

@@ -63,13 +63,20 @@ class ModernBertModel(nn.Module):
         backward = torch.is_grad_enabled()
         backend = resolve_backend(config.attn_backend, input_ids.device, dropout, backward)
         half_window = config.local_attention // 2 if self.has_local_layers else None
-        # Built once per forward and shared by all layers: the backend's masks and the rotary tables.
-        attend = build_attention(backend, layout, half_window)
-        rotary_global = self.rotary_global(layout.positions)
-        rotary_local = self.rotary_local(layout.positions) if self.has_local_layers else None
+        # Built once per forward and shared by all layers. Outside `encode`: the backend is picked by
+        # probing what this torch and device can run, and FlexAttention's block masks are made by calls
+        # torch.compile cannot trace.
+        attention = build_attention(backend, layout, half_window)
+        return self.encode(input_ids, layout.positions, attention)
+
+    def encode(self, input_ids: torch.Tensor, positions: torch.Tensor, attention) -> torch.Tensor:
+        """The encoder proper, tensor work only: torch.compile takes it as one graph without breaks.
+        The rotary tables are made once here and shared by all layers."""
+        rotary_global = self.rotary_global(positions)
+        rotary_local = self.rotary_local(positions) if self.has_local_layers else None
         hidden = self.embeddings(input_ids)
         for layer in self.layers:
-            hidden = layer(hidden, rotary_global if layer.attn.is_global else rotary_local, attend)
+            hidden = layer(hidden, rotary_global if layer.attn.is_global else rotary_local, attention)
         return self.final_norm(hidden)
 
 
