@@ -15,22 +15,24 @@ class RotaryEmbedding(nn.Module):
 
     @torch.no_grad()
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T] -> cos, sin [T, 3, 1, head_dim / 2] in fp32 (apply_rotary casts them to the qkv
-        dtype), laid out for a whole qkv: the query and key slots rotate, the value slot is the identity
-        (cos 1, sin 0), so rotating never slices qkv apart and glues it back (copies, and zero-filled
-        gradients in the backward pass)."""
+        """positions [T] -> cos, sin [T, 1, head_dim / 2] in fp32, one column per frequency (rotate-half
+        uses each twice), broadcast over heads; apply_rotary casts them to the qkv dtype."""
         angles = positions.float()[:, None] * self.inv_freq.float()[None, :]
-        cos, sin = angles.cos(), angles.sin()
-        return (
-            torch.stack((cos, cos, torch.ones_like(cos)), dim=1)[:, :, None],
-            torch.stack((sin, sin, torch.zeros_like(sin)), dim=1)[:, :, None],
-        )
+        return angles.cos()[:, None], angles.sin()[:, None]
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half on x [T, H, D]: with halves (x1, x2), the result is (x1 cos - x2 sin, x2 cos + x1 sin)."""
+    first, second = x.unflatten(-1, (2, -1)).unbind(-2)
+    rotated = (torch.addcmul(first * cos, second, sin, value=-1), torch.addcmul(second * cos, first, sin))
+    return torch.stack(rotated, dim=-2).flatten(-2)
 
 
 def apply_rotary(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the queries and keys of qkv [T, 3, H, D]; values pass through. Returns a new [T, 3, H, D].
 
-    Rotate-half: with x = (x1, x2) split in halves, the result is (x1 cos - x2 sin, x2 cos + x1 sin)."""
+    Unbound and stacked, not sliced and concatenated: the backward pass then stacks the gradients, where
+    slices would each zero-fill a qkv-sized gradient."""
     cos, sin = cos.to(qkv.dtype), sin.to(qkv.dtype)
-    first, second = qkv.unflatten(-1, (2, -1)).unbind(-2)
-    return torch.stack((first * cos - second * sin, second * cos + first * sin), dim=-2).flatten(-2)
+    query, key, value = qkv.unbind(1)
+    return torch.stack((rotate(query, cos, sin), rotate(key, cos, sin), value), dim=1)
