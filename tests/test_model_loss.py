@@ -144,3 +144,18 @@ def test_model_trains_the_same_without_logits():
         for extra in ({}, {"labelled_index": labelled_index, "return_logits": False})
     ]
     torch.testing.assert_close(packed[1], packed[0], rtol=1e-6, atol=1e-6)
+
+
+def test_compiled_chunks_match_the_plain_cross_entropy():
+    """The compiled softmax terms (the default on CUDA), here through inductor's CPU backend, with chunks
+    of varying rows and under autocast too."""
+    hidden, weight, bias, targets = inputs()
+    for autocast in (False, True):
+        results = []
+        for compiled in (False, True):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = linear_cross_entropy(hidden, weight, bias, targets, chunk_rows=8, compiled=compiled)
+            results.append((loss, *grads_of(loss, hidden, weight, bias)))
+        for expected, got in zip(*results):
+            assert got.dtype == expected.dtype
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
