@@ -105,6 +105,62 @@ def test_auto_picks_sdpa_on_cpu_and_forcing_an_unusable_backend_fails():
         resolve_backend("flex", cpu, dropout=True)
 
 
+def tiles_of(counts: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """A BlockMask's (num_blocks, indices) pair as a dense [q tiles, kv tiles] boolean matrix."""
+    dense = torch.zeros(counts.shape[-1], indices.shape[-1], dtype=torch.bool)
+    for row, (count, order) in enumerate(zip(counts[0, 0].tolist(), indices[0, 0])):
+        dense[row, order[:count].long()] = True
+    return dense
+
+
+def test_flex_block_masks_agree_with_create_block_mask_over_many_tiles():
+    """Masks from document boundaries, tile by tile: the same tiles as torch's create_block_mask (which
+    evaluates every token pair) for documents; for the window, the same full tiles and a superset of its
+    partial ones (mask_mod sorts those out); attention as the reference either way."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    lengths = [300, 50, 700, 1, 20, 130, 400]  # 1601 tokens: 13 tiles, the last one partly padding
+    cu_seqlens = F.pad(torch.tensor(lengths).cumsum(0), (1, 0)).int()
+    layout = DocumentLayout.from_cu_seqlens(cu_seqlens, max(lengths), sum(lengths))
+    attention = build_attention("flex", layout, HALF_WINDOW)
+    padded = attention.global_mask.shape[-1]
+    doc = torch.full((padded,), -1)
+    doc[: sum(lengths)] = layout.doc_ids
+
+    def same_doc(b, h, q, kv):
+        return doc[q] == doc[kv]
+
+    def same_doc_near(b, h, q, kv):
+        return (doc[q] == doc[kv]) & ((q - kv).abs() <= HALF_WINDOW)
+
+    for ours, mask_mod, exact in (
+        (attention.global_mask, same_doc, True),
+        (attention.local_mask, same_doc_near, False),
+    ):
+        reference = create_block_mask(mask_mod, None, None, padded, padded, device="cpu")
+        full = [tiles_of(m.full_kv_num_blocks, m.full_kv_indices) for m in (ours, reference)]
+        partial = [tiles_of(m.kv_num_blocks, m.kv_indices) for m in (ours, reference)]
+        assert torch.equal(full[0], full[1])
+        assert torch.equal(partial[0], partial[1]) if exact else bool((partial[0] >= partial[1]).all())
+    torch.manual_seed(0)
+    qkv = torch.randn(sum(lengths), 3, 2, 16)
+    for local in (False, True):
+        expected = reference_attention(qkv, lengths, HALF_WINDOW if local else None)
+        assert (attention.attend(qkv, local, 0.0) - expected).abs().max().item() < 1e-5
+
+
+def test_flex_block_masks_are_cheap_at_a_real_micro_batch():
+    """96 rows x 1024 tokens: a mask over every token pair would hold 9.7e9 entries; tiles hold 768^2."""
+    lengths = torch.tensor([300, 724] * 96)
+    cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).int()
+    layout = DocumentLayout.from_cu_seqlens(cu_seqlens, 724, int(lengths.sum()))
+    attention = build_attention("flex", layout, HALF_WINDOW)
+    assert attention.global_mask.kv_num_blocks.shape == (1, 1, 768)
+    # A query tile reaches key tiles of its own row (8 tiles) only, never the rest of the stream.
+    mask = attention.global_mask
+    assert int((mask.kv_num_blocks + mask.full_kv_num_blocks).max()) == 8
+
+
 def test_flex_on_cpu_is_refused_for_training_where_it_cannot_backpropagate():
     """auto never picks a backend that cannot train here; forcing flex says why, before any work."""
     cpu = torch.device("cpu")
