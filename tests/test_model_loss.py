@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from modernbert_train.model import ModernBertConfig, ModernBertForMaskedLM
+from modernbert_train.model import loss as loss_module
 from modernbert_train.model.loss import linear_cross_entropy
 
 ROWS, HIDDEN, VOCAB = 30, 16, 101
@@ -159,3 +160,15 @@ def test_compiled_chunks_match_the_plain_cross_entropy():
         for expected, got in zip(*results):
             assert got.dtype == expected.dtype
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_logits_buffer_is_reused_across_calls():
+    """The eager CPU path writes each chunk's logits into one kept buffer (no fresh pages each step)."""
+    hidden, weight, bias, targets = inputs()
+    linear_cross_entropy(hidden, weight, bias, targets, chunk_rows=8).backward()
+    buffer = loss_module._cpu_logits[torch.float32]
+    assert buffer.shape == (256, VOCAB)
+    fewer = linear_cross_entropy(hidden[:5], weight, bias, targets[:5])
+    assert loss_module._cpu_logits[torch.float32] is buffer
+    plain = F.cross_entropy(F.linear(hidden[:5], weight, bias), targets[:5], reduction="sum")
+    torch.testing.assert_close(fewer, plain)

@@ -28,11 +28,31 @@ import torch.nn.functional as F
 CHUNK_ROWS = 4096
 
 
-def softmax_terms(logits: torch.Tensor, target: torch.Tensor, softmax_dtype: torch.dtype, grad: bool):
+# On a CPU, glibc hands blocks this large back to the OS when they are freed, so each step would page-fault
+# fresh logits in (with the other [rows, V] and [V, H] buffers, a tenth of a CPU step here): the eager
+# path keeps one logits buffer per dtype and reuses it. GPUs have PyTorch's caching allocator.
+_cpu_logits: dict[torch.dtype, torch.Tensor] = {}
+
+
+def cpu_logits_buffer(rows: int, vocab: int, dtype: torch.dtype) -> torch.Tensor:
+    """A reused [rows, vocab] CPU buffer, grown in steps of 256 rows as batches need."""
+    buffer = _cpu_logits.get(dtype)
+    if buffer is None or buffer.shape[0] < rows or buffer.shape[1] != vocab:
+        buffer = _cpu_logits[dtype] = torch.empty(-(-rows // 256) * 256, vocab, dtype=dtype)
+    return buffer[:rows]
+
+
+def softmax_terms(
+    logits: torch.Tensor, target: torch.Tensor, softmax_dtype: torch.dtype, grad: bool, in_place: bool = False
+):
     """For one chunk of logits [rows, V] and target [rows, 1]: the summed cross-entropy, and with `grad`,
     d(loss)/d(logits) = softmax - one_hot in the logits' dtype and its column sums (the bias gradient) in
-    softmax_dtype."""
-    log_probs = torch.log_softmax(logits.to(softmax_dtype), dim=-1)
+    softmax_dtype. in_place: the logits may be overwritten (eager only: compiled code would copy back)."""
+    if in_place and logits.dtype == softmax_dtype:
+        # log_softmax reduces each row before it writes it, so it may write over its input.
+        log_probs = torch.log_softmax(logits, dim=-1, out=logits)
+    else:
+        log_probs = torch.log_softmax(logits.to(softmax_dtype), dim=-1)
     loss = -log_probs.gather(1, target).sum()
     if not grad:
         return loss, None, None
@@ -43,6 +63,12 @@ def softmax_terms(logits: torch.Tensor, target: torch.Tensor, softmax_dtype: tor
 
 # Rows vary from chunk to chunk and batch to batch: dynamic from the first call, so it compiles once.
 compiled_softmax_terms = torch.compile(softmax_terms, dynamic=True)
+
+
+def chunk_logits_on_cpu(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(h, w, b) written into the reused CPU buffer."""
+    out = cpu_logits_buffer(h.shape[0], w.shape[0], h.dtype)
+    return torch.mm(h, w.t(), out=out) if b is None else torch.addmm(b, h, w.t(), out=out)
 
 
 def linear_cross_entropy(
@@ -62,19 +88,18 @@ def linear_cross_entropy(
     compute_dtype = torch.get_autocast_dtype(device_type) if autocast else hidden.dtype
     if compiled is None:
         compiled = device_type == "cuda"
-    terms = compiled_softmax_terms if compiled else softmax_terms
     # Its forward runs without grad mode whatever the caller's, so it is told whether gradients are wanted.
     grad_mode = torch.is_grad_enabled()
     # The function casts for itself; autocast inside it would also cast the fp32 accumulations.
     with torch.autocast(device_type, enabled=False):
         return _LinearCrossEntropy.apply(
-            hidden, weight, bias, targets, chunk_rows, compute_dtype, grad_mode, terms
+            hidden, weight, bias, targets, chunk_rows, compute_dtype, grad_mode, compiled
         )
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_rows, compute_dtype, grad_mode, terms):
+    def forward(ctx, hidden, weight, bias, targets, chunk_rows, compute_dtype, grad_mode, compiled):
         want_hidden, want_weight, want_bias = (grad_mode and wanted for wanted in ctx.needs_input_grad[:3])
         training = want_hidden or want_weight or want_bias
         w = weight.to(compute_dtype)
@@ -88,7 +113,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
             h = hidden[rows].to(compute_dtype)
-            loss, grad, column_sums = terms(F.linear(h, w, b), targets[rows, None], softmax_dtype, training)
+            target = targets[rows, None]
+            if compiled:
+                loss, grad, column_sums = compiled_softmax_terms(
+                    F.linear(h, w, b), target, softmax_dtype, training
+                )
+            else:
+                logits = F.linear(h, w, b) if h.device.type != "cpu" else chunk_logits_on_cpu(h, w, b)
+                loss, grad, column_sums = softmax_terms(
+                    logits, target, softmax_dtype, training, in_place=True
+                )
             total += loss
             if not training:
                 continue
