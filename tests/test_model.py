@@ -217,3 +217,25 @@ def test_flops_per_token_counts_the_head_for_labelled_tokens_only():
         1000 * flops_per_token(config, 1024)
     )
     assert training_flops(config, 1024, tokens=1000, labelled_tokens=0) == pytest.approx(1000 * encoder)
+
+
+def test_last_layer_goes_on_with_the_labelled_tokens_only():
+    """With labels, the last layer past its attention runs for the labelled tokens alone (`keep`): the
+    same final states for them, and the same loss and gradients as running every token to the end."""
+    from modernbert_train.model.attention import DocumentLayout
+
+    model = tiny_model(num_hidden_layers=4, global_attn_every_n_layers=2, local_attention=8).train()
+    torch.manual_seed(4)
+    ids = torch.randint(4, VOCAB, (40,))
+    labels = torch.where(torch.rand(40) < 0.3, ids, -100)
+    cu_seqlens = torch.tensor([0, 9, 31, 40], dtype=torch.int32)
+    layout = DocumentLayout.from_cu_seqlens(cu_seqlens, 22, 40)
+    keep = (labels != -100).nonzero().squeeze(1)
+    full = model.model(ids, layout)
+    assert torch.allclose(model.model(ids, layout, keep=keep), full[keep], atol=1e-6)
+    everything = F.cross_entropy(model.decoder(model.head(full[keep])), labels[keep])
+    kept = model(input_ids=ids, cu_seqlens=cu_seqlens, labels=labels).loss
+    torch.testing.assert_close(kept, everything, rtol=1e-6, atol=1e-6)
+    params = list(model.parameters())
+    for got, expected in zip(torch.autograd.grad(kept, params), torch.autograd.grad(everything, params)):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

@@ -46,13 +46,21 @@ class ModernBertAttention(nn.Module):
         self.out_drop = nn.Dropout(config.attention_dropout)
 
     def forward(
-        self, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], attention
+        self,
+        hidden: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        attention,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """keep: output only these tokens' rows (every token still serves as a key and a value)."""
         tokens = hidden.shape[0]
         qkv = self.Wqkv(hidden).view(tokens, 3, self.num_heads, self.head_dim)
         qkv = apply_rotary(qkv, *rotary)
         out = attention.attend(qkv, not self.is_global, self.dropout if self.training else 0.0)
-        return self.out_drop(self.Wo(out.reshape(tokens, -1)))
+        out = out.reshape(tokens, -1)
+        if keep is not None:
+            out = out.index_select(0, keep)
+        return self.out_drop(self.Wo(out))
 
 
 class ModernBertMLP(nn.Module):
@@ -81,9 +89,16 @@ class ModernBertEncoderLayer(nn.Module):
         self.mlp = ModernBertMLP(config)
 
     def forward(
-        self, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], attention
+        self,
+        hidden: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        attention,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        hidden = hidden + self.attn(self.attn_norm(hidden), rotary, attention)
+        """hidden [T, hidden] -> [T, hidden], or one row per position in `keep`: past attention only those
+        tokens go on (attention output projection, residual, MLP)."""
+        out = self.attn(self.attn_norm(hidden), rotary, attention, keep)
+        hidden = (hidden if keep is None else hidden.index_select(0, keep)) + out
         return hidden + self.mlp(self.mlp_norm(hidden))
 
 

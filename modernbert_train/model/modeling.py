@@ -2,7 +2,8 @@
 
 A padded batch (input_ids [B, S], attention_mask) is unpadded once into a flat token stream with
 cu_seqlens; a packed batch arrives that way already. Every layer runs on the flat stream, attention stays
-within documents, and only the labelled tokens go through the head and the vocabulary-sized decoder.
+within documents, and only the labelled tokens go through the head and the vocabulary-sized decoder (and,
+with labels, through the last layer past its attention: nothing reads the other tokens' final states).
 """
 
 from dataclasses import dataclass
@@ -56,8 +57,14 @@ class ModernBertModel(nn.Module):
         self.rotary_local = RotaryEmbedding(config.head_dim, local_theta)
         self.has_local_layers = config.num_hidden_layers > 1 and config.global_attn_every_n_layers > 1
 
-    def forward(self, input_ids: torch.Tensor, layout: DocumentLayout) -> torch.Tensor:
-        """input_ids [T] laid out as `layout` says -> final hidden states [T, hidden]."""
+    def forward(
+        self, input_ids: torch.Tensor, layout: DocumentLayout, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """input_ids [T] laid out as `layout` says -> final hidden states [T, hidden].
+
+        keep (int64 [N]): only these positions' final states are wanted ([N, hidden] returned). The last
+        layer then runs its attention output projection and MLP for them alone; the other tokens' final
+        states feed nothing, so the kept ones are exactly as without `keep`."""
         config = self.config
         dropout = self.training and config.attention_dropout > 0
         backward = torch.is_grad_enabled()
@@ -67,16 +74,20 @@ class ModernBertModel(nn.Module):
         # probing what this torch and device can run, and FlexAttention's block masks are made by calls
         # torch.compile cannot trace.
         attention = build_attention(backend, layout, half_window)
-        return self.encode(input_ids, layout.positions, attention)
+        return self.encode(input_ids, layout.positions, attention, keep)
 
-    def encode(self, input_ids: torch.Tensor, positions: torch.Tensor, attention) -> torch.Tensor:
+    def encode(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attention, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The encoder proper, tensor work only: torch.compile takes it as one graph without breaks.
         The rotary tables are made once here and shared by all layers."""
         rotary_global = self.rotary_global(positions)
         rotary_local = self.rotary_local(positions) if self.has_local_layers else None
         hidden = self.embeddings(input_ids)
-        for layer in self.layers:
-            hidden = layer(hidden, rotary_global if layer.attn.is_global else rotary_local, attention)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            rotary = rotary_global if layer.attn.is_global else rotary_local
+            hidden = layer(hidden, rotary, attention, keep if i == last else None)
         return self.final_norm(hidden)
 
 
@@ -128,13 +139,13 @@ class ModernBertForMaskedLM(nn.Module):
             if max_seqlen is None:
                 max_seqlen = int(cu_seqlens.diff().max())
         layout = DocumentLayout.from_cu_seqlens(cu_seqlens, max_seqlen, input_ids.shape[0])
-        hidden = self.model(input_ids, layout)
 
         if labels is not None:
-            # Sparse prediction: the head and decoder only see the tokens that carry a label.
+            # Sparse prediction: the head and decoder only see the tokens that carry a label, and so
+            # does the last layer past its attention.
             if labelled_index is None:
                 labelled_index = (labels != IGNORE_INDEX).nonzero().squeeze(1)
-            predicted = self.head(hidden.index_select(0, labelled_index))
+            predicted = self.head(self.model(input_ids, layout, keep=labelled_index))
             targets = labels.index_select(0, labelled_index)
             if return_logits:
                 logits = self.decoder(predicted)
@@ -145,7 +156,7 @@ class ModernBertForMaskedLM(nn.Module):
             # The mean over labelled tokens, written so that a batch without any gives 0, not NaN.
             return MaskedLMOutput(loss=total / max(labelled_index.numel(), 1), logits=logits)
 
-        logits = self.decoder(self.head(hidden))
+        logits = self.decoder(self.head(self.model(input_ids, layout)))
         if indices is not None:
             logits = repad(logits, indices, batch, seq_len)
         elif batch is not None:
