@@ -44,8 +44,13 @@ def test_sigkill_and_autoresume_reproduce_the_straight_run(write_recipe, tmp_pat
     process.wait()
     assert not (folder / "ep0-ba16-rank0.pt").exists()
 
+    # the row of the checkpointed batch is written before its checkpoint: the kill cannot lose it
+    assert 4 in losses_by_batch(folder / "metrics.jsonl")
+
     run_train(recipe, f"save_folder={folder}")  # the same command again
     resumed = losses_by_batch(folder / "metrics.jsonl")
+    # rows the killed run wrote past batch 4 were dropped on resume: one row per batch
+    assert [row["batch"] for row in read_metrics(folder / "metrics.jsonl")] == list(range(1, 17))
     assert sorted(resumed) == sorted(straight) == list(range(1, 17))
     for batch, loss in straight.items():
         assert resumed[batch] == pytest.approx(loss, rel=1e-5), f"batch {batch}"

@@ -25,9 +25,11 @@ class JSONLLogger(LoggerDestination):
     """One row per optimizer step: `batch` (steps done), `samples`, `tokens`, `loss/train/total`, the learning
     rates, throughput, and the eval metrics when an eval ran after that step.
 
-    A row gathers everything logged from one batch's start to the next's, so it is written when the next
-    batch starts or training ends. Until SpeedMonitor's window fills, throughput is the average since the
-    run started. Rank 0 writes; rows are appended across restarts.
+    A row gathers everything logged for one batch (its training step, then any eval after it) and is written
+    at the batch's checkpoint event, before a checkpoint of that batch is saved: a run killed after a save
+    has every row up to the checkpoint it resumes from. Until SpeedMonitor's window fills, throughput is the
+    average since the run started. Rank 0 writes; rows are appended across restarts, and a resumed run first
+    drops the rows a killed run wrote past the checkpoint it resumes from, so each batch has one row.
     """
 
     def __init__(self, path: str | Path, log_every_n_batches: int = 1):
@@ -42,7 +44,15 @@ class JSONLLogger(LoggerDestination):
             if key not in _PRE_BATCH_COUNTERS:
                 self.row[key] = float(value.item() if hasattr(value, "item") else value)
 
+    def fit_start(self, state: State, logger: Logger) -> None:
+        resumed_at = state.timestamp.batch.value
+        if dist.get_global_rank() == 0 and resumed_at > 0 and self.path.is_file():
+            self._drop_rows_after(resumed_at)
+
     def batch_start(self, state: State, logger: Logger) -> None:
+        self._flush()
+
+    def batch_checkpoint(self, state: State, logger: Logger) -> None:
         self._flush()
 
     def batch_end(self, state: State, logger: Logger) -> None:
@@ -62,6 +72,22 @@ class JSONLLogger(LoggerDestination):
 
     def close(self, state: State, logger: Logger) -> None:
         self._flush()
+
+    def _drop_rows_after(self, batch: int) -> None:
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = []
+        for line in lines:
+            try:
+                row_batch = json.loads(line).get("batch", 0)
+            except (json.JSONDecodeError, AttributeError):
+                continue  # a row cut short by the kill
+            if row_batch <= batch:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        if len(kept) == len(lines):
+            return
+        staged = self.path.with_name(self.path.name + ".tmp")
+        staged.write_text("".join(kept))
+        staged.replace(self.path)
 
     def _flush(self) -> None:
         row, self.row = self.row, {}
