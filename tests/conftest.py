@@ -17,6 +17,9 @@ from filelock import FileLock
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The S3 server fixtures (s3_server, s3_bucket) for every test module.
+pytest_plugins = ["s3_server"]
+
 _SUBJECTS = ["the cat", "a dog", "the old man", "my sister", "the small bird", "our teacher", "the farmer"]
 _VERBS = ["sees", "likes", "finds", "carries", "paints", "follows", "feeds"]
 _OBJECTS = ["a red ball", "the blue house", "two green apples", "the wooden boat", "a tall tree", "the river"]

@@ -1,0 +1,308 @@
+"""Every path the user gives: a local path, or an object-store URI (`s3://bucket/key`, `gs://`, ...).
+
+The one place that parses URIs. `s3://` goes through boto3 with the endpoint from `S3_ENDPOINT_URL` (as
+streaming and Composer read it); the other schemes streaming has clients for go through those clients.
+Anything else that looks like `scheme://` is an unsupported-scheme error, never a local folder named `s3:`.
+Errors are one-line `StorageError`s naming the URI.
+"""
+
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+URI = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://(.*)", re.DOTALL)
+S3_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+# Schemes streaming's uploader and downloader speak besides s3 (credentials as their clients read them).
+STREAMING_SCHEMES = ("gs", "oci", "azure", "azure-dl", "dbfs")
+SUPPORTED_SCHEMES = ("s3", *STREAMING_SCHEMES)
+
+
+class StorageError(ValueError):
+    """A path or URI that cannot be used; the message is one line naming it."""
+
+
+@dataclass(frozen=True)
+class Uri:
+    scheme: str
+    bucket: str
+    key: str  # without a leading or trailing slash; "" for the bucket's root
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.bucket}/{self.key}" if self.key else f"{self.scheme}://{self.bucket}"
+
+    def child(self, name: str) -> "Uri":
+        return Uri(self.scheme, self.bucket, f"{self.key}/{name}" if self.key else name)
+
+
+def is_uri(path: str | os.PathLike | None) -> bool:
+    """True for anything of the form `scheme://...`, supported or not (never mistaken for a local path)."""
+    return path is not None and URI.fullmatch(str(path)) is not None
+
+
+def parse(uri: str, what: str = "") -> Uri:
+    """`s3://bucket/a/b` -> Uri('s3', 'bucket', 'a/b'); a one-line error for a malformed or unknown one."""
+    label = f"{what} {uri}".strip()
+    match = URI.fullmatch(str(uri))
+    if not match:
+        raise StorageError(f"{label}: not a URI (expected scheme://bucket/path)")
+    scheme, rest = match[1].lower(), match[2]
+    if scheme not in SUPPORTED_SCHEMES:
+        raise StorageError(
+            f"{label}: unsupported scheme '{scheme}://' (supported: "
+            f"{', '.join(s + '://' for s in SUPPORTED_SCHEMES)}, or a local path)"
+        )
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise StorageError(f"{label}: no bucket name after '{scheme}://'")
+    if scheme == "s3" and not S3_BUCKET.fullmatch(bucket):
+        raise StorageError(f"{label}: '{bucket}' is not a valid S3 bucket name")
+    if "//" in key.rstrip("/"):
+        raise StorageError(f"{label}: empty path segment ('//')")
+    return Uri(scheme, bucket, key.strip("/"))
+
+
+def join(base: str | os.PathLike, *names: str) -> str:
+    """`base/name/...` for a URI or a local path."""
+    if is_uri(base):
+        uri = parse(str(base))
+        for name in names:
+            uri = uri.child(name.strip("/"))
+        return str(uri)
+    return str(Path(base, *names))
+
+
+def display(path: str | os.PathLike) -> str:
+    return str(parse(str(path))) if is_uri(path) else str(path)
+
+
+# -- s3 through boto3 --------------------------------------------------------------------------------------
+@cache
+def _s3_client(endpoint: str | None):
+    import boto3
+    from botocore.config import Config
+
+    # Few retries and short connect timeouts: an unreachable endpoint is reported in seconds, not minutes.
+    config = Config(connect_timeout=5, read_timeout=120, retries={"max_attempts": 3, "mode": "standard"})
+    return boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
+
+
+def _s3():
+    return _s3_client(os.environ.get("S3_ENDPOINT_URL") or None)
+
+
+def _s3_error(uri: Uri, error: Exception, doing: str) -> StorageError:
+    from botocore.exceptions import ClientError
+
+    if isinstance(error, ClientError):
+        code = error.response.get("Error", {}).get("Code", "")
+        message = error.response.get("Error", {}).get("Message", "") or code
+        if code in ("NoSuchBucket",) or (code == "404" and doing == "check"):
+            return StorageError(f"{uri}: bucket '{uri.bucket}' does not exist")
+        if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            return StorageError(f"{uri}: access denied while trying to {doing} ({message})")
+        return StorageError(f"{uri}: cannot {doing}: {message}")
+    endpoint = os.environ.get("S3_ENDPOINT_URL") or "the default AWS endpoint"
+    reason = " ".join(str(error).split()) or type(error).__name__
+    return StorageError(f"{uri}: cannot {doing} at {endpoint}: {reason}")
+
+
+def _missing(error: Exception) -> bool:
+    from botocore.exceptions import ClientError
+
+    return isinstance(error, ClientError) and error.response.get("Error", {}).get("Code") in (
+        "404",
+        "NoSuchKey",
+        "NotFound",
+    )
+
+
+def _s3_call(uri: Uri, doing: str, call, **kwargs):
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return call(**kwargs)
+    except (ClientError, BotoCoreError) as e:
+        if _missing(e) and doing != "check":
+            raise FileNotFoundError(str(uri)) from None
+        raise _s3_error(uri, e, doing) from None
+
+
+# -- the other schemes through streaming's clients -------------------------------------------------------
+def _streaming_uploader(folder: Uri):
+    from streaming.base.storage.upload import CloudUploader
+
+    staging = tempfile.mkdtemp(prefix="modernbert-upload-")
+    return CloudUploader.get((staging, str(folder)), keep_local=True), staging
+
+
+def _streaming_list(uri: Uri) -> list[str]:
+    uploader, staging = _streaming_uploader(Uri(uri.scheme, uri.bucket, ""))
+    try:
+        return list(uploader.list_objects(uri.key))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+# -- operations ----------------------------------------------------------------------------------------------
+def check(path: str | os.PathLike, what: str) -> None:
+    """Before any work: a URI is well formed and its bucket reachable; a one-line error naming it if not."""
+    if not is_uri(path):
+        return
+    uri = parse(str(path), what)
+    try:
+        if uri.scheme == "s3":
+            _s3_call(uri, "check", _s3().head_bucket, Bucket=uri.bucket)
+        else:
+            _streaming_list(uri)
+    except StorageError as e:
+        raise StorageError(f"{what} {e}") from None
+    except Exception as e:  # the other clients' own errors (credentials, network)
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise StorageError(f"{what} {uri}: cannot reach it: {reason}") from None
+
+
+def list_files(folder: str | os.PathLike) -> list[str]:
+    """The files below `folder`, as sorted relative names (`a/b.json`); [] when there is none."""
+    if not is_uri(folder):
+        root = Path(folder)
+        if not root.is_dir():
+            return []
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    uri = parse(str(folder))
+    prefix = f"{uri.key}/" if uri.key else ""
+    if uri.scheme != "s3":
+        return sorted(name[len(prefix) :] for name in _streaming_list(uri) if name.startswith(prefix))
+    names = []
+    pages = _s3().get_paginator("list_objects_v2").paginate(Bucket=uri.bucket, Prefix=prefix)
+    for page in _s3_call(uri, "list", lambda: list(pages)):
+        names.extend(item["Key"][len(prefix) :] for item in page.get("Contents", []))
+    return sorted(names)
+
+
+def exists(path: str | os.PathLike) -> bool:
+    """Whether a file (not a folder) is at `path`."""
+    if not is_uri(path):
+        return Path(path).is_file()
+    uri = parse(str(path))
+    if uri.scheme != "s3":
+        return uri.key in _streaming_list(uri)
+    try:
+        _s3_call(uri, "read", _s3().head_object, Bucket=uri.bucket, Key=uri.key)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def download_file(path: str | os.PathLike, local: str | os.PathLike) -> Path:
+    """Copy the file at `path` to `local` (its folder is created); FileNotFoundError when there is none."""
+    local = Path(local)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    if not is_uri(path):
+        shutil.copyfile(path, local)
+        return local
+    uri = parse(str(path))
+    partial = local.with_name(local.name + ".part")
+    if uri.scheme == "s3":
+        _s3_call(uri, "read", _s3().download_file, Bucket=uri.bucket, Key=uri.key, Filename=str(partial))
+    else:
+        from streaming.base.storage.download import download_file as streaming_download
+
+        streaming_download(str(uri), str(partial), timeout=600)
+    partial.replace(local)
+    return local
+
+
+def upload_file(local: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Copy the local file to `path` (a URI, or a local path: written whole, then renamed into place)."""
+    if not is_uri(path):
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+        shutil.copyfile(local, partial)
+        partial.replace(target)
+        return
+    uri = parse(str(path))
+    if uri.scheme == "s3":
+        _s3_call(uri, "write", _s3().upload_file, Filename=str(local), Bucket=uri.bucket, Key=uri.key)
+        return
+    parent, _, name = uri.key.rpartition("/")
+    uploader, staging = _streaming_uploader(Uri(uri.scheme, uri.bucket, parent))
+    try:
+        shutil.copyfile(local, Path(staging, name))
+        uploader.upload_file(name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    if not is_uri(path):
+        return Path(path).read_bytes()
+    uri = parse(str(path))
+    if uri.scheme == "s3":
+        return _s3_call(uri, "read", _s3().get_object, Bucket=uri.bucket, Key=uri.key)["Body"].read()
+    with tempfile.TemporaryDirectory(prefix="modernbert-download-") as staging:
+        return download_file(uri, Path(staging, "file")).read_bytes()
+
+
+def read_text(path: str | os.PathLike) -> str:
+    return read_bytes(path).decode("utf-8")
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    if is_uri(path) and parse(str(path)).scheme == "s3":
+        uri = parse(str(path))
+        _s3_call(uri, "write", _s3().put_object, Bucket=uri.bucket, Key=uri.key, Body=data)
+        return
+    with tempfile.TemporaryDirectory(prefix="modernbert-upload-") as staging:
+        local = Path(staging, "file")
+        local.write_bytes(data)
+        upload_file(local, path)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def upload_folder(local: str | os.PathLike, path: str | os.PathLike, last: Iterable[str] = ()) -> None:
+    """Every file below `local` to the folder `path`; the names in `last` after all the others, in that
+    order, so a reader that waits for them (an index) never sees a half-uploaded folder."""
+    last = list(last)
+    names = list_files(local)
+    for name in [n for n in names if n not in last] + [n for n in last if n in names]:
+        upload_file(Path(local, name), join(path, name))
+
+
+def download_folder(path: str | os.PathLike, local: str | os.PathLike) -> Path:
+    """Every file below the folder `path` into `local`; FileNotFoundError when it holds none."""
+    names = list_files(path)
+    if not names:
+        raise FileNotFoundError(display(path))
+    for name in names:
+        download_file(join(path, name), Path(local, name))
+    return Path(local)
+
+
+@contextmanager
+def local_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """A local folder with the contents of `path`: itself when local, else a temporary download."""
+    if not is_uri(path):
+        yield Path(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="modernbert-download-") as staging:
+        yield download_folder(path, staging)
+
+
+@contextmanager
+def local_file(path: str | os.PathLike) -> Iterator[Path]:
+    """A local copy of the file at `path`: itself when local, else a temporary download."""
+    if not is_uri(path):
+        yield Path(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="modernbert-download-") as staging:
+        yield download_file(path, Path(staging, parse(str(path)).key.rpartition("/")[2] or "file"))

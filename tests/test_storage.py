@@ -1,0 +1,82 @@
+"""modernbert_train.storage against local folders and the real S3 API server (moto) the suite starts."""
+
+import socket
+
+import pytest
+
+from modernbert_train import storage
+from modernbert_train.storage import StorageError
+
+
+@pytest.mark.parametrize(
+    "uri, problem",
+    [
+        ("s3://", "no bucket name"),
+        ("s3:///key", "no bucket name"),
+        ("s3://Bad_Bucket/key", "not a valid S3 bucket name"),
+        ("s3://bucket/a//b", "empty path segment"),
+        ("ftp://host/file", "unsupported scheme 'ftp://'"),
+        ("http://host/data", "unsupported scheme 'http://'"),
+    ],
+)
+def test_malformed_or_unsupported_uris_are_one_line_errors(uri, problem):
+    with pytest.raises(StorageError) as caught:
+        storage.parse(uri, "--output")
+    message = str(caught.value)
+    assert message.startswith(f"--output {uri}:") and problem in message and "\n" not in message
+
+
+def test_uri_parts_and_join():
+    assert storage.parse("s3://bucket/a/b/") == storage.Uri("s3", "bucket", "a/b")
+    assert storage.join("s3://bucket/run/", "ckpt", "x.pt") == "s3://bucket/run/ckpt/x.pt"
+    assert storage.join("s3://bucket", "x.pt") == "s3://bucket/x.pt"
+    assert storage.join("runs/a", "x.pt") == "runs/a/x.pt"
+    assert storage.is_uri("gs://b/k") and storage.is_uri("weird://x") and not storage.is_uri("runs/s3:/b")
+
+
+def test_round_trip_through_s3(s3_bucket, tmp_path):
+    folder = tmp_path / "folder"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text("alpha")
+    (folder / "sub" / "b.bin").write_bytes(b"\0\1\2")
+    (folder / "index.json").write_text("{}")
+    remote = storage.join(s3_bucket, "data", "set")
+    storage.check(remote, "--output")
+    storage.upload_folder(folder, remote, last=["index.json"])
+    assert storage.list_files(remote) == ["a.txt", "index.json", "sub/b.bin"]
+    assert storage.exists(storage.join(remote, "a.txt"))
+    assert not storage.exists(storage.join(remote, "missing.txt"))
+    assert not storage.exists(remote)  # a prefix is not a file
+    assert storage.read_text(storage.join(remote, "a.txt")) == "alpha"
+    storage.write_text(storage.join(remote, "c.txt"), "gamma")
+    with storage.local_folder(remote) as copy:
+        assert (copy / "sub" / "b.bin").read_bytes() == b"\0\1\2"
+        assert (copy / "c.txt").read_text() == "gamma"
+    with storage.local_file(storage.join(remote, "a.txt")) as copy:
+        assert copy.read_text() == "alpha"
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes(storage.join(remote, "missing.txt"))
+    with pytest.raises(FileNotFoundError):
+        storage.download_folder(storage.join(s3_bucket, "nothing"), tmp_path / "nothing")
+
+
+def test_missing_bucket_and_unreachable_endpoint_are_one_line_errors(s3_server, monkeypatch):
+    with pytest.raises(StorageError, match=r"^save_folder s3://no-such-bucket/run: bucket 'no-such-bucket' "):
+        storage.check("s3://no-such-bucket/run", "save_folder")
+    with socket.socket() as unused:  # a port nothing listens on
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    monkeypatch.setenv("S3_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    with pytest.raises(StorageError) as caught:
+        storage.check("s3://bucket/run", "save_folder")
+    message = str(caught.value)
+    assert message.startswith("save_folder s3://bucket/run: cannot check at http://127.0.0.1:")
+    assert "\n" not in message
+
+
+def test_local_paths_pass_through(tmp_path):
+    storage.check(tmp_path / "new", "--output")  # local paths are not checked here
+    storage.write_text(tmp_path / "deep" / "x.txt", "x")
+    assert storage.list_files(tmp_path) == ["deep/x.txt"]
+    assert storage.exists(tmp_path / "deep" / "x.txt") and not storage.exists(tmp_path / "deep")
+    assert storage.list_files(tmp_path / "absent") == []
