@@ -51,9 +51,10 @@ data: $(STAMP)
 data/default/tokenizer/tokenizer.json:
 	$(MAKE) data
 
-# The embedded default end to end on CPU: data when missing, train, export.
+# The embedded default end to end on CPU: data when missing, train, export, then the run's picture.
 train: $(STAMP) data/default/tokenizer/tokenizer.json
 	$(BIN)/modernbert-train yamls/default.yaml
+	$(BIN)/modernbert-report runs/default --output runs/default/report.png
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run

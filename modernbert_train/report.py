@@ -1,0 +1,221 @@
+"""`modernbert-report RUN_DIR [RUN_DIR ...] --output report.png`: a run's metrics.jsonl as one picture.
+
+Panels share one x axis, tokens seen, so runs with other batch sizes line up: train loss, eval loss and
+accuracy, learning rate, masking ratio, tokens/s, MFU and data-wait time, each drawn only when some run
+logged it. Several runs are overlaid in one colour each, named by their config.yaml's run_name. Noisy
+series (train loss, throughput) are drawn faint as logged with an exponential moving average on top.
+"""
+
+import argparse
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+METRICS_FILE = "metrics.jsonl"
+X_KEYS = ("tokens", "samples", "batch")  # the first one every row of a run has is its x axis
+
+
+class ReportError(ValueError):
+    """Unreadable run: the message names the file, line or key."""
+
+
+@dataclass
+class Panel:
+    """One plot: the series whose key matches `pattern` (a regex; its group 1, when there is one, tells
+    several series of one run apart), how to draw them."""
+
+    title: str
+    pattern: str
+    log_y: bool = False
+    smooth: bool = False
+    percent: bool = False
+
+
+PANELS = (
+    Panel("train loss", r"loss/train/total$", log_y=True, smooth=True),
+    Panel("eval loss", r"metrics/(.+)/MLMLoss$", log_y=True),
+    Panel("eval accuracy (masked tokens)", r"metrics/(.+)/MLMAccuracy$", percent=True),
+    Panel("learning rate", r"lr-[^/]+/(group0)$"),
+    Panel("masking ratio", r"data/mlm_probability$", percent=True),
+    Panel("tokens/s per device", r"throughput/device/tokens_per_sec$", smooth=True),
+    Panel("MFU", r"throughput/device/mfu$", smooth=True, percent=True),
+    Panel("data wait (s per batch)", r"(?:.+/)?data_wait\w*$", smooth=True),
+)
+
+
+@dataclass
+class Run:
+    name: str
+    source: str
+    x_key: str
+    rows: list[dict] = field(default_factory=list)
+
+    def series(self, key: str) -> tuple[list[float], list[float]]:
+        """(x, y) of the rows that logged `key` with a finite value."""
+        points = [(row[self.x_key], row[key]) for row in self.rows if _finite(row.get(key))]
+        return [p[0] for p in points], [p[1] for p in points]
+
+
+def _finite(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def metrics_path(run: str) -> Path:
+    """A run folder (its metrics.jsonl) or a metrics.jsonl file itself."""
+    if "://" in run:
+        raise ReportError(f"{run}: only local run folders are supported")
+    path = Path(run)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    if not path.is_file():
+        raise ReportError(f"{path}: no such file (expected a run folder holding {METRICS_FILE})")
+    return path
+
+
+def run_name(path: Path) -> str:
+    """config.yaml's run_name next to the metrics file, else the folder's name."""
+    config = path.parent / "config.yaml"
+    if config.is_file():
+        match = re.search(r"^run_name:\s*['\"]?([^'\"\n#]+?)['\"]?\s*(?:#.*)?$", config.read_text(), re.M)
+        if match:
+            return match.group(1)
+    return path.parent.resolve().name
+
+
+def read_run(run: str) -> Run:
+    path = metrics_path(run)
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ReportError(f"{path}:{number}: not JSON ({error.msg})") from None
+        if not isinstance(row, dict):
+            raise ReportError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    if not rows:
+        raise ReportError(f"{path}: no metrics logged yet")
+    x_key = next((key for key in X_KEYS if all(_finite(row.get(key)) for row in rows)), None)
+    if x_key is None:
+        raise ReportError(f"{path}: rows lack a numeric 'tokens', 'samples' or 'batch' to plot against")
+    rows.sort(key=lambda row: row[x_key])
+    return Run(run_name(path), str(path), x_key, rows)
+
+
+def unique_names(runs: list[Run]) -> None:
+    """Runs that share a name (two folders of one recipe) are told apart by their folder."""
+    for run in runs:
+        if sum(other.name == run.name for other in runs) > 1:
+            run.name = f"{run.name} ({Path(run.source).parent})"
+
+
+def ema(values: list[float], weight: float) -> list[float]:
+    """Exponential moving average, bias-corrected so the start is not pulled toward zero."""
+    out, average = [], 0.0
+    for i, value in enumerate(values, start=1):
+        average = weight * average + (1 - weight) * value
+        out.append(average / (1 - weight**i))
+    return out
+
+
+def auto_smoothing(points: int) -> float:
+    """An EMA spanning about 1/30 of the run: long runs stay readable, short ones are barely touched."""
+    span = max(1.0, points / 30)
+    return 1 - 2 / (span + 1)
+
+
+def panel_series(panel: Panel, run: Run) -> dict[str, tuple[list[float], list[float]]]:
+    """The panel's series for one run, by label (empty for one unnamed series)."""
+    keys = sorted({key for row in run.rows for key in row if re.fullmatch(panel.pattern, key)})
+    out = {}
+    for key in keys:
+        match = re.fullmatch(panel.pattern, key)
+        label = match.group(1) if match.groups() and match.group(1) not in ("eval", "group0") else ""
+        x, y = run.series(key)
+        if x:
+            out[label] = (x, y)
+    return out
+
+
+def draw(runs: list[Run], output: Path, smoothing: float | None, log_x: bool) -> list[str]:
+    """Write the picture; returns the titles of the panels drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display is needed or wanted
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter, PercentFormatter, ScalarFormatter
+
+    drawn = [(panel, [panel_series(panel, run) for run in runs]) for panel in PANELS]
+    drawn = [(panel, per_run) for panel, per_run in drawn if any(per_run)]
+    columns = 2
+    rows = math.ceil(len(drawn) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(6.5 * columns, 3.4 * rows), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    x_keys = {run.x_key for run in runs}
+    x_label = f"{'/'.join(sorted(x_keys))} seen" if x_keys != {"batch"} else "batches"
+    for ax, (panel, per_run) in zip(axes.flat, drawn):
+        for i, (run, series) in enumerate(zip(runs, per_run)):
+            colour = colours[i % len(colours)]
+            for j, (label, (x, y)) in enumerate(series.items()):
+                name = f"{run.name} {label}".strip()
+                style = ("-", "--", ":", "-.")[j % 4]
+                if panel.smooth and len(y) > 2:
+                    weight = auto_smoothing(len(y)) if smoothing is None else smoothing
+                    ax.plot(x, y, style, color=colour, alpha=0.25, linewidth=0.8)
+                    ax.plot(x, ema(y, weight), style, color=colour, label=name, linewidth=1.5)
+                else:
+                    marker = "o" if len(y) < 30 else None
+                    ax.plot(x, y, style, color=colour, label=name, marker=marker, markersize=3)
+        ax.set_title(panel.title)
+        ax.set_xlabel(x_label)
+        ax.grid(True, alpha=0.3)
+        ax.xaxis.set_major_formatter(EngFormatter())
+        if log_x:
+            ax.set_xscale("log")
+        values = [v for series in per_run for _, y in series.values() for v in y]
+        # A log axis only helps a loss that falls by a large factor; over a narrow range it hides labels.
+        if panel.log_y and min(values) > 0 and max(values) / min(values) > 4:
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(ScalarFormatter())
+        if panel.percent:
+            ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(drawn) :]:
+        ax.set_visible(False)
+    figure.tight_layout()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(output, dpi=110)
+    plt.close(figure)
+    return [panel.title for panel, _ in drawn]
+
+
+def cli(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="modernbert-report", description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (or their metrics.jsonl)")
+    parser.add_argument("--output", "-o", required=True, help="the picture to write (.png, .pdf, .svg)")
+    parser.add_argument(
+        "--smoothing",
+        type=float,
+        help="EMA weight in [0, 1) for noisy series (0: none); default: spans about 1/30 of each run",
+    )
+    parser.add_argument("--log-x", action="store_true", help="tokens seen on a log axis")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.smoothing is not None and not 0 <= args.smoothing < 1:
+        parser.error(f"--smoothing must be in [0, 1), got {args.smoothing}")
+    try:
+        runs = [read_run(run) for run in args.runs]
+        unique_names(runs)
+        panels = draw(runs, Path(args.output), args.smoothing, args.log_x)
+    except ReportError as error:
+        print(f"modernbert-report: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote {args.output} ({len(runs)} run(s): {', '.join(panels)})")
+
+
+if __name__ == "__main__":
+    cli()

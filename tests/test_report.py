@@ -1,0 +1,97 @@
+"""modernbert-report: metrics.jsonl files of several runs -> one picture; bad files get one-line errors."""
+
+import json
+import math
+
+import matplotlib.image
+import pytest
+
+from modernbert_train.report import auto_smoothing, cli, ema, read_run
+
+
+def write_run(folder, name, rows_count=60, tokens_per_batch=4096, extra=None):
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(f"run_name: {name}\nseed: 1\n")
+    rows = []
+    for step in range(1, rows_count + 1):
+        row = {
+            "batch": step,
+            "samples": 32 * step,
+            "tokens": tokens_per_batch * step,
+            "loss/train/total": 9.0 * math.exp(-step / 20) + 2.0,
+            "lr-StableAdamW/group0": 1e-3 * min(1.0, step / 10),
+            "lr-StableAdamW/group1": 1e-3 * min(1.0, step / 10),
+            "throughput/device/tokens_per_sec": 9000.0 + step,
+            "throughput/device/mfu": 0.4,
+            "time/data_wait": 0.01,
+        }
+        if step % 20 == 0:
+            row["metrics/eval/MLMLoss"] = 3.0 - step / 100
+            row["metrics/eval/MLMAccuracy"] = step / 200
+        row.update(extra or {})
+        rows.append(row)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return folder
+
+
+def test_report_overlays_runs_with_every_logged_panel(tmp_path, capsys):
+    first = write_run(tmp_path / "a", "baseline")
+    second = write_run(
+        tmp_path / "b", "bigger-batch", tokens_per_batch=8192, extra={"data/mlm_probability": 0.3}
+    )
+    out = tmp_path / "plots" / "report.png"
+    cli([str(first), str(second / "metrics.jsonl"), "--output", str(out), "--log-x"])
+    printed = capsys.readouterr().out
+    for title in ("train loss", "eval loss", "eval accuracy", "learning rate", "masking ratio", "tokens/s",
+                  "MFU", "data wait"):  # fmt: skip
+        assert title in printed
+    image = matplotlib.image.imread(out)
+    assert image.shape[0] > 500 and image.shape[1] > 1000
+    assert image.std() > 0.05  # something was drawn, not a blank canvas
+
+
+def test_read_run_names_and_orders_rows(tmp_path):
+    folder = write_run(tmp_path / "r", "my-run", rows_count=5)
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    (folder / "metrics.jsonl").write_text("\n".join(reversed(lines)) + "\n\n")
+    run = read_run(str(folder))
+    assert run.name == "my-run" and run.x_key == "tokens"
+    assert [row["batch"] for row in run.rows] == [1, 2, 3, 4, 5]
+
+
+def test_ema_is_bias_corrected_and_auto_smoothing_follows_length():
+    assert ema([2.0, 2.0, 2.0], 0.9) == pytest.approx([2.0, 2.0, 2.0])
+    assert ema([0.0, 10.0], 0.5) == pytest.approx([0.0, 5 / 0.75])
+    assert auto_smoothing(10) == 0.0
+    assert 0.9 < auto_smoothing(3000) < 1.0
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ('{"batch": 1, "tokens": 5}\nnot json\n', "metrics.jsonl:2: not JSON"),
+        ('{"batch": 1, "tokens": 5}\n[1, 2]\n', "metrics.jsonl:2: expected a JSON object"),
+        ('{"loss/train/total": 1.0}\n', "lack a numeric 'tokens', 'samples' or 'batch'"),
+        ("", "no metrics logged yet"),
+    ],
+)
+def test_bad_metrics_file_is_a_one_line_error(tmp_path, capsys, content, expected):
+    (tmp_path / "metrics.jsonl").write_text(content)
+    with pytest.raises(SystemExit) as exit:
+        cli([str(tmp_path), "--output", str(tmp_path / "r.png")])
+    assert exit.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert expected in error and len(error.splitlines()) == 1
+    assert not (tmp_path / "r.png").exists()
+
+
+def test_missing_run_and_bad_smoothing_are_one_line_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli([str(tmp_path / "nowhere"), "--output", str(tmp_path / "r.png")])
+    assert exit.value.code == 2
+    assert "nowhere: no such file" in capsys.readouterr().err
+    write_run(tmp_path / "ok", "ok", rows_count=3)
+    with pytest.raises(SystemExit) as exit:
+        cli([str(tmp_path / "ok"), "--output", str(tmp_path / "r.png"), "--smoothing", "1.5"])
+    assert exit.value.code == 2
+    assert "--smoothing must be in [0, 1)" in capsys.readouterr().err
