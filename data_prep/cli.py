@@ -14,6 +14,7 @@ from pathlib import Path
 
 from data_prep.errors import UsageError
 from data_prep.read_report import ReadReport
+from modernbert_train.storage import StorageError
 
 EXIT_INPUT_PROBLEM = 1
 EXIT_USAGE = 2
@@ -34,6 +35,19 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def _path_or_uri(text: str) -> Path | str:
+    """A local path, or a URI kept as text (checked here, so a malformed one is a usage error)."""
+    from modernbert_train import storage
+
+    if not storage.is_uri(text):
+        return Path(text)
+    try:
+        storage.parse(text)
+    except storage.StorageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def _add_input_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     shard = commands.add_parser("shard", parents=[common], help="tokenize documents into MDS shards")
     _add_input_arguments(shard)
-    shard.add_argument("--output", required=True, type=Path, metavar="DIR")
+    shard.add_argument("--output", required=True, type=_path_or_uri, metavar="DIR", help="folder or URI")
     shard.add_argument(
         "--tokenizer",
         required=True,
@@ -79,12 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--source", metavar="NAME", help="source name of every document (default: input name)")
 
     inspect = commands.add_parser("inspect", parents=[common], help="count documents and tokens in DIR")
-    inspect.add_argument("dir", type=Path, metavar="DIR")
+    inspect.add_argument("dir", type=_path_or_uri, metavar="DIR", help="folder or URI")
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
 
     train = commands.add_parser("train-tokenizer", parents=[common], help="train a byte-level BPE tokenizer")
     _add_input_arguments(train)
-    train.add_argument("--output", required=True, type=Path, metavar="DIR")
+    train.add_argument("--output", required=True, type=_path_or_uri, metavar="DIR", help="folder or URI")
     train.add_argument("--vocab-size", type=_positive_int, default=32768, help="a multiple of 64")
     return parser
 
@@ -113,11 +127,37 @@ def _finish(report: ReadReport) -> int:
     return EXIT_INPUT_PROBLEM if report.unreadable else 0
 
 
+def _already_sharded(args) -> bool:
+    """A URI output that a run with these inputs finished: a rerun (a requeued job) has nothing to do."""
+    from data_prep.output_dir import FINISHED_MARKER, is_finished
+    from modernbert_train import storage
+
+    if args.overwrite or not storage.is_uri(args.output):
+        return False
+    storage.check(args.output, "--output")
+    if not is_finished(args.output):
+        return False
+    inputs = json.loads(storage.read_text(storage.join(args.output, FINISHED_MARKER))).get("inputs")
+    if inputs != _input_names(args):
+        raise UsageError(
+            f"--output {args.output}: already holds a dataset sharded from other inputs ({inputs}); "
+            "pass --overwrite to replace it"
+        )
+    print(f"{args.output} is already sharded from these inputs; nothing to do")
+    return True
+
+
+def _input_names(args) -> list[str]:
+    return args.input + ([f"hf:{args.hf_dataset}[{args.hf_split}]"] if args.hf_dataset else [])
+
+
 def run_shard(args) -> int:
     from data_prep.output_dir import check_output_free
     from data_prep.shard import parse_size_limit, shard
     from data_prep.tokenizer_load import load_tokenizer
 
+    if _already_sharded(args):
+        return 0
     tokenizer = load_tokenizer(args.tokenizer)
     size_limit = parse_size_limit(args.size_limit)
     check_output_free(args.output, args.overwrite)
@@ -132,7 +172,7 @@ def run_shard(args) -> int:
         size_limit=size_limit,
         overwrite=args.overwrite,
         progress=sys.stderr.isatty(),
-        inputs=args.input + ([f"hf:{args.hf_dataset}[{args.hf_split}]"] if args.hf_dataset else []),
+        inputs=_input_names(args),
         text_field=args.text_field,
     )
     print(
@@ -146,8 +186,17 @@ def run_shard(args) -> int:
 
 def run_inspect(args) -> int:
     from data_prep.inspect_shards import format_report, inspect_folder
+    from modernbert_train import storage
 
-    result = inspect_folder(args.dir)
+    if storage.is_uri(args.dir):
+        storage.check(args.dir, "inspect")
+        try:
+            with storage.local_folder(args.dir) as folder:
+                result = {**inspect_folder(folder), "path": args.dir}
+        except FileNotFoundError:
+            raise UsageError(f"inspect {args.dir}: no such folder (nothing stored under it)") from None
+    else:
+        result = inspect_folder(args.dir)
     print(json.dumps(result) if args.json else format_report(result))
     return 0
 
@@ -175,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         return exit.code
     try:
         return COMMANDS[args.command](args)
-    except UsageError as error:
+    except (UsageError, StorageError) as error:
         print(f"modernbert-data {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -2,15 +2,24 @@
 
 An interrupted run leaves at most a `.tmp-<pid>` folder, which nothing mistakes for a finished one; with
 `--overwrite` the old folder stays in place until the new one is complete.
+
+A URI output (`s3://...`) is built in a local temporary folder (under $TMPDIR) and then uploaded, the files
+readers open first (`index.json`, then `modernbert_data.json`, which marks a finished dataset) last: a
+reader never sees a half-uploaded dataset, and an interrupted upload is simply redone by the next run.
 """
 
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from data_prep.errors import UsageError
+from modernbert_train import storage
+
+FINISHED_MARKER = "modernbert_data.json"  # written last by every command that fills an output folder
+UPLOADED_LAST = ("index.json", FINISHED_MARKER)
 
 
 def _remove(path: Path) -> None:
@@ -20,16 +29,30 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def check_output_free(output: Path, overwrite: bool) -> None:
-    """Refuse an existing output (an empty folder is fine) unless `--overwrite`."""
+def check_output_free(output: Path | str, overwrite: bool) -> None:
+    """Refuse an existing output (an empty folder is fine) unless `--overwrite`.
+
+    A URI is checked (well formed, bucket reachable); there, files of an interrupted upload (no index) are
+    replaced, a finished dataset is refused."""
+    if storage.is_uri(output):
+        storage.check(output, "--output")
+        if not overwrite and "index.json" in storage.list_files(output):
+            raise UsageError(f"--output {output}: already holds a dataset; pass --overwrite to replace it")
+        return
     taken = output.exists() and (not output.is_dir() or any(output.iterdir()))
     if taken and not overwrite:
         raise UsageError(f"--output {output}: already exists; pass --overwrite to replace it")
 
 
 @contextmanager
-def staged_output(output: Path, overwrite: bool) -> Iterator[Path]:
+def staged_output(output: Path | str, overwrite: bool) -> Iterator[Path]:
     """Yield the staging folder to write into; on success it becomes `output`."""
+    if storage.is_uri(output):
+        check_output_free(output, overwrite)
+        with tempfile.TemporaryDirectory(prefix="modernbert-data-") as staging:
+            yield Path(staging)
+            storage.upload_folder(staging, output, last=UPLOADED_LAST)
+        return
     output = Path(os.path.abspath(output))
     check_output_free(output, overwrite)
     staging = output.with_name(f"{output.name}.tmp-{os.getpid()}")
@@ -48,3 +71,8 @@ def staged_output(output: Path, overwrite: bool) -> Iterator[Path]:
         _remove(retired)
     else:
         os.replace(staging, output)
+
+
+def is_finished(output: Path | str) -> bool:
+    """Whether `output` holds a complete result (its marker is written, or uploaded, last)."""
+    return storage.exists(storage.join(output, FINISHED_MARKER))
