@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, losses_by_batch, read_metrics, run_env, run_train, train_command
 
+from modernbert_train.train.preemption import EXIT_PREEMPTED
+
 pytestmark = pytest.mark.slow
 
 
@@ -57,7 +59,10 @@ def test_sigkill_and_autoresume_reproduce_the_straight_run(write_recipe, tmp_pat
 
 
 def test_sigterm_saves_a_checkpoint_and_stops(write_recipe, tmp_path):
-    recipe = write_recipe(max_duration="40ba", save_interval="1000ba", data={"eval": []})
+    hf_dir = tmp_path / "hf"
+    recipe = write_recipe(
+        max_duration="40ba", save_interval="1000ba", data={"eval": []}, export={"hf_dir": str(hf_dir)}
+    )
     folder = tmp_path / "run"
     log = tmp_path / "run.log"
     process = start(train_command(recipe), log)
@@ -65,10 +70,12 @@ def test_sigterm_saves_a_checkpoint_and_stops(write_recipe, tmp_path):
     wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, process, log)
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=120)
-    assert process.returncode == 0, log.read_text()[-3000:]
+    assert process.returncode == EXIT_PREEMPTED, log.read_text()[-3000:]
     checkpoints = sorted(folder.glob("ep*-rank0.pt"))
     assert len(checkpoints) == 1
     stopped_at = read_metrics(metrics)[-1]["batch"]
     assert 3 <= stopped_at < 40
     assert checkpoints[0].name == f"ep0-ba{stopped_at}-rank0.pt"
     assert "SIGTERM: saving a checkpoint" in log.read_text()
+    assert f"preempted: stopped at batch {stopped_at}" in log.read_text()
+    assert not hf_dir.exists()  # a preempted run is not finished: nothing to export

@@ -1,13 +1,20 @@
 """`modernbert-train CONFIG.yaml [key=value ...]`: validate the recipe, then train.
 
-The recipe is checked before Composer (a few seconds to import) or any data is touched; any bad input
-exits with status 2 and one line on stderr.
+The recipe is checked before Composer (a few seconds to import) or any data is touched. Exit status: 0 when
+training completed (or had already completed); 2 for bad input (one line on stderr); 1 when training failed
+(one line on stderr, the traceback in a file it names); 75 when a SIGTERM stopped it after a checkpoint was
+saved (rerun the same command to resume; nothing is exported); 143 when a SIGTERM stopped a run without a
+save_folder.
 """
 
 import argparse
 import sys
+import tempfile
+import traceback
+from pathlib import Path
 
 from modernbert_train.train.config import ConfigError, load_config
+from modernbert_train.train.schema import TrainConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,7 +51,46 @@ def main(argv: list[str] | None = None) -> None:
         # ValueError: the model, optimizer, scheduler, data and checkpoint builders' one-line errors.
         print(f"modernbert-train: error: {e}", file=sys.stderr)
         sys.exit(2)
-    run.fit()
+    from modernbert_train.train.checkpoint_files import CheckpointSaveError
+    from modernbert_train.train.preemption import EXIT_PREEMPTED
+
+    try:
+        exit_code = run.fit()
+    except CheckpointSaveError as e:
+        print(f"modernbert-train: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except Exception as e:
+        where = _write_traceback(config, dist.get_global_rank())
+        print(f"modernbert-train: error: {_one_line(e)} (traceback in {where})", file=sys.stderr)
+        sys.exit(1)
+    if exit_code == EXIT_PREEMPTED and dist.get_global_rank() == 0:
+        at = run.trainer.state.timestamp.batch
+        print(
+            f"modernbert-train: preempted: stopped at batch {at.value} with a checkpoint in "
+            f"{config.save_folder}; rerun the same command to resume",
+            file=sys.stderr,
+        )
+    sys.exit(exit_code)
+
+
+def _one_line(error: Exception) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+def _write_traceback(config: TrainConfig, rank: int) -> Path:
+    """The current exception's traceback, in the save folder or else a temporary file."""
+    text = traceback.format_exc()
+    if config.save_folder and "://" not in config.save_folder:
+        path = Path(config.save_folder, f"traceback-rank{rank}.log")
+        try:
+            path.write_text(text)
+            return path
+        except OSError:
+            pass
+    with tempfile.NamedTemporaryFile("w", prefix="modernbert-train-", suffix=".log", delete=False) as f:
+        f.write(text)
+    return Path(f.name)
 
 
 def cli() -> None:

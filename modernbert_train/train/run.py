@@ -20,6 +20,7 @@ from modernbert_train.hf import from_hf, read_hf_config
 from modernbert_train.model import ModernBertConfig, pad_vocab_size
 from modernbert_train.optim import build_optimizer
 from modernbert_train.train.checkpoint import CheckpointError, PhaseChange, explain_mismatch
+from modernbert_train.train.checkpoint_files import AtomicCheckpointSaver
 from modernbert_train.train.composer_model import ModernBertMLM, data_spec
 from modernbert_train.train.config import ConfigError, to_dict, to_yaml
 from modernbert_train.train.data import TrainData, build_data, device_microbatch_size
@@ -42,13 +43,17 @@ class Run:
     config: TrainConfig
     data: TrainData
     reset_time: bool
+    preemption: SaveOnSigterm
 
-    def fit(self) -> None:
+    def fit(self) -> int:
+        """Train, and export when training completed; the command's exit code (see train/preemption.py)."""
         self.trainer.fit(reset_time=self.reset_time)
-        if self.config.export.hf_dir:
+        exit_code = self.preemption.exit_code(self.trainer.state)
+        if self.config.export.hf_dir and exit_code == 0:
             export_trainer_model(self.model, self.config.export.hf_dir, self.data.tokenizer_file)
             log.info("exported the model to %s", self.config.export.hf_dir)
         self.trainer.close()
+        return exit_code
 
 
 def model_config(
@@ -179,7 +184,7 @@ def build_run(config: TrainConfig, start: RunStart | None = None) -> Run:
     )
     scheduler = build_scheduler({k: v for k, v in to_dict(config)["scheduler"].items() if v is not None})
 
-    sigterm = SaveOnSigterm(config.save_interval)
+    sigterm = SaveOnSigterm(config.save_interval, saves=bool(config.save_folder))
     callbacks = [
         SpeedMonitor(window_size=config.speed_window),
         LRMonitor(),
@@ -187,6 +192,10 @@ def build_run(config: TrainConfig, start: RunStart | None = None) -> Run:
         RunMetadata(model.config.to_dict(), str(data.tokenizer_file), to_dict(config)),
         sigterm,
     ]
+    if config.save_folder:
+        overwrite = not config.autoresume
+        keep = config.save_num_checkpoints_to_keep
+        callbacks.append(AtomicCheckpointSaver(config.save_folder, sigterm.save_interval, overwrite, keep))
     phase_change = PhaseChange() if start.kind is StartKind.PHASE_CHANGE else None
     if phase_change:
         callbacks.append(phase_change)
@@ -246,4 +255,4 @@ def build_run(config: TrainConfig, start: RunStart | None = None) -> Run:
         if problem is None:
             raise
         raise CheckpointError(problem) from e
-    return Run(trainer, model, config, data, reset_time=start.reset_time)
+    return Run(trainer, model, config, data, reset_time=start.reset_time, preemption=sigterm)

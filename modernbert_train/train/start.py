@@ -1,6 +1,7 @@
 """How a run starts, decided once before the Trainer is built.
 
-- resume: autoresume finds this run's own latest checkpoint below max_duration (load_path is then ignored);
+- resume: autoresume finds this run's own newest whole checkpoint below max_duration (load_path is then
+  ignored); damaged or incomplete newer ones are reported and moved aside;
 - complete: that checkpoint already reached max_duration: rerunning the command has nothing to do;
 - phase change: load_path with reset_time: another run's weights and moments, this recipe's clock;
 - load: load_path without reset_time: the checkpoint's clock goes on;
@@ -9,7 +10,7 @@
 Rank 0 reads the files and broadcasts its answer, so all ranks start the same way, or all exit.
 """
 
-import os
+import sys
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -18,6 +19,7 @@ from composer.core import Time
 from composer.utils import dist, get_device
 
 from modernbert_train.train.checkpoint import CLOCK_COUNTERS, CheckpointError, checkpoint_clock
+from modernbert_train.train.checkpoint_files import checkpoint_order, newest_good_checkpoint
 from modernbert_train.train.schema import TrainConfig
 
 
@@ -65,10 +67,8 @@ def decide_start(config: TrainConfig) -> RunStart:
 
 
 def _decide(config: TrainConfig) -> RunStart:
-    latest = Path(config.save_folder, "latest-rank0.pt") if config.autoresume else None
-    if latest is not None and latest.exists():
-        # Composer resolves the link against the save folder the same way.
-        checkpoint = os.path.join(config.save_folder, os.readlink(latest)) if latest.is_symlink() else latest
+    checkpoint = _newest_good_checkpoint(config.save_folder) if config.autoresume else None
+    if checkpoint is not None:
         elapsed = _elapsed(checkpoint, config.max_duration)
         kind = StartKind.COMPLETE if _reached(elapsed, config.max_duration) else StartKind.RESUME
         return RunStart(kind, str(checkpoint), elapsed)
@@ -85,6 +85,23 @@ def _decide(config: TrainConfig) -> RunStart:
             f"{config.max_duration}, so nothing would train; a new phase needs reset_time=true"
         )
     return RunStart(StartKind.LOAD, config.load_path, elapsed)
+
+
+def _newest_good_checkpoint(save_folder: str) -> Path | None:
+    """The checkpoint autoresume continues from (`latest-rank0.pt` is pointed at it); the damaged or
+    incomplete ones newer than it are reported and moved aside."""
+    folder = Path(save_folder)
+    if not folder.is_dir():
+        return None
+    checkpoint, skipped = newest_good_checkpoint(folder)
+    for skip in skipped:
+        print(f"modernbert-train: skipped {folder / skip.name}: {skip.reason}", file=sys.stderr)
+    if checkpoint is None and any(checkpoint_order(Path(skip.name)) for skip in skipped):
+        raise CheckpointError(
+            f"save_folder {folder} has checkpoints but none is whole (see above); move them away to start "
+            "over"
+        )
+    return checkpoint
 
 
 def _elapsed(checkpoint: str | Path, max_duration: str) -> Time | None:

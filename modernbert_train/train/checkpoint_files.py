@@ -1,0 +1,245 @@
+"""Checkpoint files that are either complete or absent, and the choice of the newest good one on resume.
+
+A checkpoint is written under a hidden temporary name, its SHA-256 recorded beside it (`NAME.sha256`, in
+`sha256sum` format so `sha256sum -c` checks it by hand), and only then renamed to its final name: a kill or
+a full disk mid-save leaves no file under a checkpoint's name. On resume the newest checkpoint whose bytes
+match its checksum is taken; the others newer than it are moved aside (`NAME.bad`), which also keeps them
+out of the way of Composer's check for files a resumed run would overwrite.
+"""
+
+import errno
+import hashlib
+import logging
+import os
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from composer.callbacks import CheckpointSaver
+from composer.core import State
+from composer.loggers import Logger
+from composer.utils import checkpoint, dist, parse_uri, reproducibility
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest-rank0.pt"
+# Composer's default checkpoint names: `ep{epoch}-ba{batch}-rank0.pt` files, or folders `ep{epoch}-ba{batch}`
+# of a sharded (FSDP) checkpoint.
+_CHECKPOINT_NAME = re.compile(r"^ep(\d+)-ba(\d+)(-rank0\.pt)?$")
+_PARTIAL_SUFFIX = ".partial"
+# A full disk, a quota, a read-only mount or folder: the user can fix these and rerun the same command.
+_NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written; the message is one line naming the folder and what it needs."""
+
+
+def checksum_file(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def partial_file(path: Path) -> Path:
+    return path.with_name(f".{path.name}{_PARTIAL_SUFFIX}")
+
+
+def sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _write_durably(path: Path, write: Callable[[Any], None]) -> None:
+    with path.open("wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint_atomically(path: Path, state_dict: dict[str, Any]) -> None:
+    """torch.save `state_dict` to `path` through a temporary name, with its checksum recorded."""
+    staged = partial_file(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_durably(staged, lambda f: torch.save(state_dict, f))
+        line = f"{sha256(staged)}  {path.name}\n"
+        _write_durably(partial_file(checksum_file(path)), lambda f: f.write(line.encode()))
+        os.replace(partial_file(checksum_file(path)), checksum_file(path))
+        os.replace(staged, path)
+        _fsync_folder(path.parent)
+    except (OSError, RuntimeError) as e:  # torch.save's failed writes are RuntimeErrors
+        for leftover in (staged, partial_file(checksum_file(path))):
+            try:
+                leftover.unlink(missing_ok=True)
+            except OSError:  # a read-only folder has none to remove
+                pass
+        raise CheckpointSaveError(_explain_failed_write(path, state_dict, e)) from None
+
+
+def _explain_failed_write(path: Path, state_dict: dict[str, Any], error: Exception) -> str:
+    folder = path.parent
+    needed = _tensor_bytes(state_dict)
+    try:
+        free_bytes = shutil.disk_usage(folder).free
+        free = f"{free_bytes / 2**20:.1f} MiB free"
+    except OSError:
+        free_bytes, free = None, "free space unknown"
+    code = getattr(error, "errno", None)
+    if code in _NO_ROOM:
+        reason = os.strerror(code)
+    elif free_bytes is not None and free_bytes < needed:
+        # torch.save reports a short write as "unexpected pos ...", without the errno.
+        reason = os.strerror(errno.ENOSPC)
+    else:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (
+        f"cannot save checkpoint {path.name} in {folder}: {reason}; it needs about "
+        f"{needed / 2**20:.1f} MiB ({free}); earlier checkpoints are untouched: make room and rerun the "
+        f"same command to resume"
+    )
+
+
+def _tensor_bytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.untyped_storage().nbytes()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """Composer's CheckpointSaver, but a whole (unsharded) checkpoint is written atomically with its checksum.
+
+    Sharded checkpoints are torch.distributed.checkpoint folders, which are complete once their `.metadata`
+    file exists (written last, through a rename), and remote folders are uploaded whole by Composer's
+    uploader: both are saved as Composer saves them.
+    """
+
+    def __init__(self, folder: str, save_interval, overwrite: bool, num_checkpoints_to_keep: int):
+        # The names the Trainer would give its own saver for `save_folder`.
+        filename, latest = "ep{epoch}-ba{batch}-rank{rank}.pt", "latest-rank{rank}.pt"
+        remote_folder = parse_uri(folder)[2]
+        super().__init__(
+            folder=folder,
+            filename=filename,
+            remote_file_name=str(Path(remote_folder, filename)) if remote_folder else filename,
+            latest_filename=latest,
+            latest_remote_file_name=str(Path(remote_folder, latest)) if remote_folder else latest,
+            save_interval=save_interval,
+            overwrite=overwrite,
+            num_checkpoints_to_keep=num_checkpoints_to_keep,
+        )
+
+    def _save_checkpoint(self, state: State, logger: Logger) -> None:
+        remote = self.remote_uploader is not None
+        if remote or state.fsdp_sharded_state_dict_enabled or self.weights_only or self.ignore_keys:
+            super()._save_checkpoint(state, logger)
+            return
+        self.last_checkpoint_batch = state.timestamp.batch
+        path = checkpoint.get_save_filename(state, self.filename.format(state, keep_placeholders=True))
+        # Recorded before saving, so that the checkpoint's own saver state names it (as Composer does).
+        self.all_saved_checkpoints_to_timestamp[path] = state.timestamp
+        state_dict = {"state": state.state_dict(), "rng": reproducibility.get_rng_state()}
+        failure = [None]
+        if dist.get_global_rank() == 0:
+            try:
+                write_checkpoint_atomically(Path(path), state_dict)
+            except CheckpointSaveError as e:
+                failure[0] = str(e)
+        dist.broadcast_object_list(failure, src=0)  # every rank stops, rather than waiting for rank 0
+        if failure[0]:
+            raise CheckpointSaveError(failure[0])
+        if dist.get_global_rank() != 0:
+            return
+        if self.latest_filename is not None and self.num_checkpoints_to_keep != 0:
+            point_latest_at(Path(self.latest_filename.format(state)), Path(path))
+        self.saved_checkpoints.append(path)
+        if self.remote_file_name is not None:
+            self._upload_checkpoint(
+                remote_file_name=self.remote_file_name.format(state).lstrip("/"),
+                local_file_name=path,
+                local_remote_file_names=[],
+                logger=logger,
+            )
+        if self.num_checkpoints_to_keep >= 0:
+            while len(self.saved_checkpoints) > self.num_checkpoints_to_keep:
+                oldest = Path(self.saved_checkpoints.pop(0))
+                oldest.unlink(missing_ok=True)
+                checksum_file(oldest).unlink(missing_ok=True)
+
+
+def point_latest_at(link: Path, target: Path) -> None:
+    """Replace the `latest` symlink in one step, relative to its folder (as Composer makes it)."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    staged = link.with_name(f".{link.name}{_PARTIAL_SUFFIX}")
+    staged.unlink(missing_ok=True)
+    os.symlink(os.path.relpath(target, link.parent), staged)
+    os.replace(staged, link)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    name: str
+    reason: str
+
+
+def checkpoint_order(path: Path) -> tuple[int, int] | None:
+    match = _CHECKPOINT_NAME.match(path.name)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def why_unusable(path: Path) -> str | None:
+    """Why the checkpoint at `path` is incomplete or damaged, or None when it is whole."""
+    if path.is_dir():
+        return None if (path / ".metadata").is_file() else "incomplete sharded checkpoint (no .metadata)"
+    recorded = checksum_file(path)
+    if not recorded.is_file():
+        # Written before checksums were recorded: it must at least open as a checkpoint.
+        from modernbert_train.train.checkpoint import CheckpointError, checkpoint_clock
+
+        try:
+            checkpoint_clock(path)
+        except CheckpointError:
+            return "cannot be read (truncated or not a checkpoint)"
+        return None
+    expected = recorded.read_text().split()[:1]
+    if not expected or expected[0] != sha256(path):
+        return f"its bytes do not match the checksum in {recorded.name} (damaged)"
+    return None
+
+
+def newest_good_checkpoint(folder: Path) -> tuple[Path | None, list[Skipped]]:
+    """The newest whole checkpoint in `folder`, and those newer than it that were skipped (moved aside to
+    NAME.bad, so Composer does not mistake them for a later run's) with why. Leftover partial files of
+    interrupted saves are removed. `latest-rank0.pt` is pointed at the chosen checkpoint."""
+    skipped = []
+    for leftover in sorted(folder.glob(f".*{_PARTIAL_SUFFIX}")):
+        leftover.unlink(missing_ok=True)
+        if not leftover.name.startswith(f".{LATEST}"):
+            skipped.append(Skipped(leftover.name, "an interrupted save's partial file (removed)"))
+    candidates = sorted(
+        (p for p in folder.iterdir() if checkpoint_order(p) is not None), key=checkpoint_order, reverse=True
+    )
+    for candidate in candidates:
+        reason = why_unusable(candidate)
+        if reason is None:
+            link = folder / LATEST
+            if not link.is_symlink() or Path(folder, os.readlink(link)).resolve() != candidate.resolve():
+                point_latest_at(link, candidate)
+            return candidate, skipped
+        candidate.rename(candidate.with_name(candidate.name + ".bad"))
+        skipped.append(Skipped(candidate.name, f"{reason}; moved aside to {candidate.name}.bad"))
+    return None, skipped
