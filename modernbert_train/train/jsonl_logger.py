@@ -30,6 +30,8 @@ class JSONLLogger(LoggerDestination):
     has every row up to the checkpoint it resumes from. Until SpeedMonitor's window fills, throughput is the
     average since the run started. Rank 0 writes; rows are appended across restarts, and a resumed run first
     drops the rows a killed run wrote past the checkpoint it resumes from, so each batch has one row.
+    JSON has no NaN or infinity: such a value is written as the string "nan", "inf" or "-inf" (which
+    `float()` reads back) and its key listed in the row's `non_finite`.
     """
 
     def __init__(self, path: str | Path, log_every_n_batches: int = 1):
@@ -97,7 +99,13 @@ class JSONLLogger(LoggerDestination):
             return
         for key, value in self.average_throughput.items():
             row.setdefault(key, value)
-        ordered = {"batch": row.pop("batch"), **{k: v for k, v in row.items() if math.isfinite(v)}}
+        ordered = {
+            "batch": row.pop("batch"),
+            **{k: v if math.isfinite(v) else str(v) for k, v in row.items()},
+        }
+        non_finite = [k for k, v in row.items() if not math.isfinite(v)]
+        if non_finite:
+            ordered["non_finite"] = non_finite
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
             f.write(json.dumps(ordered) + "\n")
