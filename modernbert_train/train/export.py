@@ -1,10 +1,17 @@
 """`modernbert-export CHECKPOINT OUT_DIR`: a Composer checkpoint -> a transformers ModernBERT folder.
 
-The checkpoint carries its model config and tokenizer (RunMetadata), so no recipe is needed.
+The checkpoint carries its model config and tokenizer (RunMetadata), so no recipe is needed. An export
+refuses a target folder holding anything but an earlier export (unless overwritten on purpose) and is
+written beside it, then swapped in: a failed export leaves the target as it was.
 """
 
 import argparse
+import json
+import os
+import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -12,13 +19,72 @@ from composer.utils import dist
 from tokenizers import Tokenizer
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from modernbert_train import storage
 from modernbert_train.hf import to_hf
 from modernbert_train.model import ModernBertConfig, ModernBertForMaskedLM
 from modernbert_train.train.checkpoint import CheckpointError, model_weights, read_checkpoint
 from modernbert_train.train.run_metadata import metadata_from_checkpoint
 
+# What an export writes (to_hf, and save_tokenizer through transformers).
+EXPORT_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json"}  # fmt: skip
 
-def export_checkpoint(checkpoint_path: str | Path, out_dir: str | Path, tokenizer: str | None = None) -> Path:
+
+class ExportTargetError(ValueError):
+    """An export folder that must not be written; the message is one line naming it."""
+
+
+def check_export_target(out_dir: str | Path, overwrite: bool) -> None:
+    """Refuse a target that is a file, or (unless `overwrite`) a folder holding anything but an export."""
+    if storage.is_uri(out_dir):
+        return
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ExportTargetError(f"export target {out} is a file, not a folder")
+    if overwrite or not out.is_dir():
+        return
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_FILES)
+    if not foreign and (out / "config.json").is_file():
+        try:
+            if json.loads((out / "config.json").read_text()).get("model_type") == "modernbert":
+                return
+        except (json.JSONDecodeError, AttributeError):
+            pass
+        foreign = ["config.json"]
+    if foreign:
+        raise ExportTargetError(
+            f"export target {out} is not empty and not an earlier export (it holds {foreign[0]}); choose "
+            f"another folder, or replace it with --overwrite"
+        )
+
+
+@contextmanager
+def staged_export(out_dir: str | Path) -> Iterator[Path | str]:
+    """A folder to write the export to, swapped in for `out_dir` once complete (a URI is uploaded whole)."""
+    if storage.is_uri(out_dir):
+        yield out_dir
+        return
+    out = Path(out_dir)
+    staging, old = (out.with_name(f".{out.name}.{what}-{os.getpid()}") for what in ("staging", "old"))
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if out.is_dir():
+        out.rename(old)
+        staging.rename(out)
+        shutil.rmtree(old)
+    else:
+        staging.rename(out)
+
+
+def export_checkpoint(
+    checkpoint_path: str | Path, out_dir: str | Path, tokenizer: str | None = None, overwrite: bool = False
+) -> Path | str:
+    check_export_target(out_dir, overwrite)
     checkpoint = read_checkpoint(checkpoint_path)
     metadata = metadata_from_checkpoint(checkpoint)
     if not metadata or "model_config" not in metadata:
@@ -29,7 +95,9 @@ def export_checkpoint(checkpoint_path: str | Path, out_dir: str | Path, tokenize
     model.load_state_dict(model_weights(checkpoint))
     if tokenizer is None and metadata.get("tokenizer_json"):
         tokenizer = Tokenizer.from_str(metadata["tokenizer_json"])
-    return to_hf(model, out_dir, tokenizer)
+    with staged_export(out_dir) as staging:
+        to_hf(model, staging, tokenizer)
+    return out_dir
 
 
 def export_trainer_model(composer_model, out_dir: str | Path, tokenizer_file: str | Path) -> None:
@@ -39,7 +107,8 @@ def export_trainer_model(composer_model, out_dir: str | Path, tokenizer_file: st
     if dist.get_global_rank() == 0:
         model = ModernBertForMaskedLM(composer_model.config)
         model.load_state_dict({k: v.to(torch.float32) for k, v in weights.items()})
-        to_hf(model, out_dir, str(tokenizer_file))
+        with staged_export(out_dir) as staging:
+            to_hf(model, staging, str(tokenizer_file))
     dist.barrier()
 
 
@@ -50,9 +119,12 @@ def cli(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--tokenizer", help="tokenizer.json to ship instead of the one stored in the checkpoint"
     )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace OUT_DIR even when it holds something else"
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        out = export_checkpoint(args.checkpoint, args.out_dir, args.tokenizer)
+        out = export_checkpoint(args.checkpoint, args.out_dir, args.tokenizer, args.overwrite)
     except ValueError as e:
         print(f"modernbert-export: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1,0 +1,71 @@
+"""modernbert-export's target folder: a file or another model's folder is refused in one line (unless
+--overwrite), and an export is written beside the target and swapped in, so a failed one changes nothing."""
+
+import json
+
+import pytest
+import torch
+
+from modernbert_train.hf import from_hf, to_hf
+from modernbert_train.model import ModernBertConfig, ModernBertForMaskedLM
+from modernbert_train.train.export import check_export_target, cli, staged_export
+
+
+def tiny_model(seed: int) -> ModernBertForMaskedLM:
+    torch.manual_seed(seed)
+    ids = dict(pad_token_id=0, cls_token_id=1, sep_token_id=2, mask_token_id=3)
+    return ModernBertForMaskedLM(ModernBertConfig.from_preset("tiny", vocab_size=128, **ids))
+
+
+def export_cli(capsys, *args: str) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as done:
+        cli([str(a) for a in args])
+    return done.value.code, capsys.readouterr().err
+
+
+def test_a_file_or_another_models_folder_is_refused_in_one_line(tmp_path, capsys):
+    # No checkpoint is read: the target is checked first.
+    target = tmp_path / "model.bin"
+    target.write_text("not a folder")
+    code, err = export_cli(capsys, tmp_path / "missing.pt", target)
+    assert (
+        code == 2
+        and err.strip() == f"modernbert-export: error: export target {target} is a file, not a folder"
+    )
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    (other / "pytorch_model.bin").write_text("weights")
+    code, err = export_cli(capsys, tmp_path / "missing.pt", other)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"export target {other} is not empty and not an earlier export" in err and "--overwrite" in err
+    assert (other / "pytorch_model.bin").read_text() == "weights"
+    # with --overwrite the target passes (the missing checkpoint is then the error)
+    code, err = export_cli(capsys, tmp_path / "missing.pt", other, "--overwrite")
+    assert code == 2 and "checkpoint not found" in err
+
+
+def test_an_earlier_export_is_replaced_whole(tmp_path):
+    target = tmp_path / "hf"
+    with staged_export(target) as staging:
+        to_hf(tiny_model(0), staging)
+    check_export_target(target, overwrite=False)  # an earlier export may be replaced
+    newer = tiny_model(1)
+    with staged_export(target) as staging:
+        to_hf(newer, staging)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no staging or old folder left
+    for name, tensor in from_hf(target).state_dict().items():
+        assert torch.equal(tensor, newer.state_dict()[name]), name
+
+
+def test_a_failed_export_leaves_the_target_as_it_was(tmp_path):
+    target = tmp_path / "hf"
+    with staged_export(target) as staging:
+        to_hf(tiny_model(0), staging)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    with pytest.raises(RuntimeError, match="disk gone"), staged_export(target) as staging:
+        (staging / "config.json").write_text("{}")
+        raise RuntimeError("disk gone")
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
