@@ -1,4 +1,5 @@
-"""Documents out of files and folders: jsonl (plain, .gz, .zst), parquet, and any other text file.
+"""Documents out of files and folders: jsonl (plain, .gz, .zst), parquet, and any other text file (plain,
+.gz or .zst).
 
 Order is deterministic: inputs in the order given, a folder's files sorted (hidden entries skipped),
 records in file order. Bad records are skipped and counted in a `ReadReport`; a file that cannot be read
@@ -198,9 +199,21 @@ def _read_parquet(item: InputSource, text_field: str, report: ReadReport) -> Ite
                 yield document
 
 
+def _file_bytes(path: Path) -> bytes:
+    """The file's bytes, decompressed when it is gzip or zstd (README.gz, changelog.gz, notes.txt.zst)."""
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        with gzip.open(path, "rb") as file:
+            return file.read()
+    if name.endswith((".zst", ".zstd")):
+        return b"".join(_zstd_chunks(path))
+    return path.read_bytes()
+
+
 def _read_text_file(item: InputSource, text_field: str, report: ReadReport) -> Iterator[Document]:
+    """The whole file as one document (decompressed first when .gz/.zst); a NUL in its head: binary."""
     origin = str(item.path)
-    raw = item.path.read_bytes()
+    raw = _file_bytes(item.path)
     if b"\0" in raw[:BINARY_SNIFF_BYTES]:
         report.binary(origin)
         return
