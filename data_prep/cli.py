@@ -91,10 +91,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     shard.add_argument("--size-limit", default="64mb", help="uncompressed bytes per shard (e.g. 64mb)")
     shard.add_argument("--source", metavar="NAME", help="source name of every document (default: input name)")
+    shard.add_argument(
+        "--num-tasks",
+        type=_positive_int,
+        metavar="N",
+        help="shard across N machines: this task writes OUTPUT/part-I-of-N from 1/N of the input files "
+        "(default: SLURM_ARRAY_TASK_COUNT, else 1); then run merge OUTPUT",
+    )
+    shard.add_argument(
+        "--task-index",
+        type=int,
+        metavar="I",
+        help="this task's index, 0..N-1 (default: SLURM_ARRAY_TASK_ID, else JOB_COMPLETION_INDEX, else 0)",
+    )
 
     inspect = commands.add_parser("inspect", parents=[common], help="count documents and tokens in DIR")
     inspect.add_argument("dir", type=_path_or_uri, metavar="DIR", help="folder or URI")
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
+
+    merge = commands.add_parser("merge", parents=[common], help="join the parts of sharding tasks")
+    merge.add_argument("output", type=_path_or_uri, metavar="OUTPUT", help="the --output of the tasks")
 
     train = commands.add_parser("train-tokenizer", parents=[common], help="train a byte-level BPE tokenizer")
     _add_input_arguments(train)
@@ -103,13 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _documents(args, report: ReadReport, source: str | None = None):
-    """The documents of --input and --hf-dataset, in that order (inputs and datasets resolved now)."""
+def _documents(args, report: ReadReport, source: str | None = None, task: tuple[int, int] = (0, 1)):
+    """The documents of --input and --hf-dataset, in that order (inputs and datasets resolved now); of a
+    task's share of the input files when `task` (index, count) splits them."""
+    from data_prep.parts import task_inputs
     from data_prep.readers import expand_inputs, read_documents
 
     if not args.input and not args.hf_dataset:
         raise UsageError("give at least one --input PATH or --hf-dataset NAME")
-    inputs = expand_inputs(args.input, source, report)
+    if args.hf_dataset and task[1] > 1:
+        raise UsageError("--num-tasks splits --input files; shard --hf-dataset in a single task")
+    inputs = task_inputs(expand_inputs(args.input, source, report), *task)
     streams = [read_documents(inputs, args.text_field, report)]
     if args.hf_dataset:
         from data_prep.hf_dataset import open_hf_dataset, read_hf_documents
@@ -128,11 +148,12 @@ def _finish(report: ReadReport) -> int:
 
 
 def _already_sharded(args) -> bool:
-    """A URI output that a run with these inputs finished: a rerun (a requeued job) has nothing to do."""
+    """A URI output or a task's part that a run with these inputs finished: a rerun (a requeued job) has
+    nothing to do."""
     from data_prep.output_dir import FINISHED_MARKER, is_finished
     from modernbert_train import storage
 
-    if args.overwrite or not storage.is_uri(args.output):
+    if args.overwrite or not (storage.is_uri(args.output) or args.task[1] > 1):
         return False
     storage.check(args.output, "--output")
     if not is_finished(args.output):
@@ -153,16 +174,22 @@ def _input_names(args) -> list[str]:
 
 def run_shard(args) -> int:
     from data_prep.output_dir import check_output_free
+    from data_prep.parts import part_name, resolve_task
     from data_prep.shard import parse_size_limit, shard
     from data_prep.tokenizer_load import load_tokenizer
+    from modernbert_train import storage
 
+    args.task = resolve_task(args.task_index, args.num_tasks)
+    if args.task[1] > 1:
+        part = part_name(*args.task)
+        args.output = storage.join(args.output, part) if storage.is_uri(args.output) else args.output / part
     if _already_sharded(args):
         return 0
     tokenizer = load_tokenizer(args.tokenizer)
     size_limit = parse_size_limit(args.size_limit)
     check_output_free(args.output, args.overwrite)
     report = ReadReport()
-    documents = _documents(args, report, args.source)
+    documents = _documents(args, report, args.source, args.task)
     metadata = shard(
         documents,
         args.output,
@@ -182,6 +209,17 @@ def run_shard(args) -> int:
     for name, counts in metadata["sources"].items():
         print(f"  {name}: {counts['documents']:,} documents, {counts['tokens']:,} tokens")
     return _finish(report)
+
+
+def run_merge(args) -> int:
+    from data_prep.parts import merge
+
+    merged = merge(str(args.output))
+    print(
+        f"merged {len(merged['parts'])} parts: {merged['documents']:,} documents, "
+        f"{merged['tokens']:,} tokens ({merged['shards']} shard(s)) in {args.output}"
+    )
+    return 0
 
 
 def run_inspect(args) -> int:
@@ -214,7 +252,12 @@ def run_train_tokenizer(args) -> int:
     return _finish(report)
 
 
-COMMANDS = {"shard": run_shard, "inspect": run_inspect, "train-tokenizer": run_train_tokenizer}
+COMMANDS = {
+    "shard": run_shard,
+    "merge": run_merge,
+    "inspect": run_inspect,
+    "train-tokenizer": run_train_tokenizer,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
