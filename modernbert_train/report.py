@@ -42,7 +42,7 @@ PANELS = (
     Panel("masking ratio", r"data/mlm_probability$", percent=True),
     Panel("tokens/s per device", r"throughput/device/tokens_per_sec$", smooth=True),
     Panel("MFU", r"throughput/device/mfu$", smooth=True, percent=True),
-    Panel("data wait (s per batch)", r"(?:.+/)?data_wait\w*$", smooth=True),
+    Panel("data wait (s per batch)", r"time/data_wait$", smooth=True),
 )
 
 

@@ -1,0 +1,171 @@
+"""modernbert-finetune: a tiny exported model learns a tiny task from JSONL/CSV/TSV; bad input is one line."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from modernbert_train.finetune import ModernBertForSequenceClassification
+from modernbert_train.finetune.cli import cli
+from modernbert_train.finetune.metrics import classification_scores, regression_scores
+from modernbert_train.hf import to_hf
+from modernbert_train.model import ModernBertConfig, ModernBertForMaskedLM
+
+WORDS = ["red", "blue", "cat", "dog", "sun", "moon", "tree", "rock", "sea", "sky"]
+SPECIALS = ["[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model")
+    vocab = {token: i for i, token in enumerate(SPECIALS + WORDS)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    config = ModernBertConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+        global_attn_every_n_layers=2, local_attention=8, pad_token_id=0, cls_token_id=1, sep_token_id=2,
+        mask_token_id=3,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    to_hf(ModernBertForMaskedLM(config), folder, tokenizer=tokenizer)
+    return folder
+
+
+def examples(n: int, seed: int) -> list[dict]:
+    """Label: which of "red" or "blue" the sentence holds, among filler words."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        colour = str(rng.choice(["red", "blue"]))
+        words = list(rng.choice(WORDS[2:], size=int(rng.integers(3, 8))))
+        words.insert(int(rng.integers(0, len(words) + 1)), colour)
+        rows.append(
+            {
+                "sentence": " ".join(words),
+                "other": "sky sea",
+                "colour": colour,
+                "score": float(colour == "red"),
+            }
+        )
+    return rows
+
+
+def write(path, rows):
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    else:
+        with path.open("w", newline="") as file:
+            writer = csv.DictWriter(
+                file, fieldnames=list(rows[0]), delimiter="," if path.suffix == ".csv" else "\t"
+            )
+            writer.writeheader()
+            writer.writerows(rows)
+    return path
+
+
+def test_finetune_learns_a_tiny_task_and_reports_every_epoch(model_dir, tmp_path, capsys):
+    train = write(tmp_path / "train.jsonl", examples(96, seed=1))
+    evaluation = write(tmp_path / "eval.csv", examples(40, seed=2))
+    out = tmp_path / "out"
+    cli([str(model_dir), "--train", str(train), "--eval", str(evaluation), "--output", str(out),
+         "--text-field", "sentence", "--label-field", "colour", "--seeds", "0", "1", "--epochs", "4",
+         "--lr", "3e-3", "--batch-size", "16"])  # fmt: skip
+    assert "results.json: accuracy" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert results["init"] == "pretrained" and results["label_names"] == ["blue", "red"]
+    assert [run["seed"] for run in results["runs"]] == [0, 1]
+    for run in results["runs"]:
+        assert [epoch["epoch"] for epoch in run["epochs"]] == [1, 2, 3, 4]
+        assert run["epochs"][-1]["train_loss"] < run["epochs"][0]["train_loss"]
+    assert results["final"]["accuracy"]["mean"] >= 0.9 and results["final"]["f1"]["mean"] >= 0.9
+
+
+def test_regression_with_text_pairs_from_tsv_reports_correlations(model_dir, tmp_path):
+    train = write(tmp_path / "train.tsv", examples(64, seed=3))
+    out = tmp_path / "out"
+    cli([str(model_dir), "--train", str(train), "--eval", str(train), "--output", str(out), "--task",
+         "regression", "--text-field", "sentence", "--text-pair-field", "other", "--label-field", "score",
+         "--epochs", "3", "--lr", "3e-3", "--random-init"])  # fmt: skip
+    results = json.loads((out / "results.json").read_text())
+    assert results["init"] == "random" and results["label_names"] is None
+    assert set(results["runs"][0]["epochs"][0]) == {"epoch", "train_loss", "pearson", "spearman"}
+    assert results["final"]["pearson"]["mean"] > 0.5
+
+
+def test_a_packed_batch_classifies_each_example_as_alone(model_dir):
+    from modernbert_train.hf import from_hf
+
+    torch.manual_seed(0)
+    model = ModernBertForSequenceClassification(from_hf(model_dir), num_labels=3).eval()
+    first, second = torch.tensor([1, 5, 6, 7, 2]), torch.tensor([1, 8, 9, 2])
+    together = model(torch.cat([first, second]), torch.tensor([0, 5, 9], dtype=torch.int32), 5)
+    alone = [model(ids, torch.tensor([0, len(ids)], dtype=torch.int32), len(ids)) for ids in (first, second)]
+    torch.testing.assert_close(together, torch.cat(alone))
+
+
+def test_scores_match_hand_computed_values():
+    scores = classification_scores(np.array([0, 0, 1, 1, 2]), np.array([0, 1, 1, 1, 0]), num_classes=3)
+    # class 0: tp 1, guessed 2, actual 2 -> 0.5; class 1: tp 2, 2, 3 -> 0.8; class 2: 0
+    assert scores == pytest.approx({"accuracy": 0.6, "f1": (0.5 + 0.8 + 0.0) / 3})
+    # Ranks with a tie: predicted [1, 2, 2, 3] -> [1, 2.5, 2.5, 4]; labels' ranks [1, 2, 3, 4].
+    correlations = regression_scores(np.array([1.0, 2.0, 2.0, 3.0]), np.array([10.0, 20.0, 30.0, 40.0]))
+    assert correlations["pearson"] == pytest.approx(np.corrcoef([1, 2, 2, 3], [10, 20, 30, 40])[0, 1])
+    assert correlations["spearman"] == pytest.approx(np.corrcoef([1, 2.5, 2.5, 4], [1, 2, 3, 4])[0, 1])
+
+
+GOOD = '{"text": "red cat", "label": "a"}\n{"text": "blue dog", "label": "b"}\n'
+
+
+@pytest.mark.parametrize(
+    "name, content, flags, expected",
+    [
+        ("t.jsonl", GOOD + "{oops\n", [], "t.jsonl:3: not JSON"),
+        ("t.jsonl", GOOD + '{"text": "sea"}\n', [], "t.jsonl:3: no field 'label'"),
+        (
+            "t.jsonl",
+            GOOD + '{"text": 5, "label": "a"}\n',
+            [],
+            "t.jsonl:3: field 'text' is int, expected text",
+        ),
+        (
+            "t.jsonl",
+            GOOD + '{"text": "sea", "label": "a"}\n',
+            ["--text-pair-field", "p"],
+            "t.jsonl:1: no field 'p'",
+        ),
+        ("t.jsonl", GOOD, ["--task", "regression"], "t.jsonl:1: label 'a' is not a number"),
+        ("t.jsonl", GOOD.replace('"b"', '"a"'), [], "every example has label 'a'"),
+        ("t.jsonl", "", [], "t.jsonl: no examples"),
+        ("t.csv", "text,label\nred cat,a\nblue dog,b,extra\n", [], "t.csv:3: more columns than the header"),
+        ("t.txt", "red cat\n", [], "unknown format '.txt'"),
+        ("t.jsonl", GOOD, ["--epochs", "0"], "--epochs must be at least 1"),
+    ],
+)
+def test_bad_input_is_a_one_line_error(model_dir, tmp_path, capsys, name, content, flags, expected):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(SystemExit) as exit:
+        cli([str(model_dir), "--train", str(tmp_path / name), "--eval", str(tmp_path / name), "--output",
+             str(tmp_path / "out"), *flags])  # fmt: skip
+    assert exit.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert expected in error and len(error.splitlines()) == 1, error
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_eval_labels_unseen_in_training_and_missing_models_are_one_line_errors(model_dir, tmp_path, capsys):
+    train = tmp_path / "train.jsonl"
+    train.write_text(GOOD)
+    evaluation = tmp_path / "eval.jsonl"
+    evaluation.write_text(GOOD + '{"text": "sky", "label": "c"}\n')
+    cases = ((model_dir, evaluation, "eval.jsonl:3: label 'c' does not occur in the training file"),
+             (tmp_path, train, "no config.json"))  # fmt: skip
+    for model, eval_file, expected in cases:
+        with pytest.raises(SystemExit):
+            cli(
+                [str(model), "--train", str(train), "--eval", str(eval_file), "--output", str(tmp_path / "o")]
+            )
+        error = capsys.readouterr().err.strip()
+        assert expected in error and len(error.splitlines()) == 1, error
