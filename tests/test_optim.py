@@ -157,6 +157,33 @@ def test_decay_reaches_only_the_decayed_group():
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters())) - 1
 
 
+def test_a_step_without_gradients_changes_nothing():
+    """A skipped batch (the non-finite guard drops its gradients): the step after it is the step the
+    optimizer would have taken had that batch never come: same step count, same moments, same weights."""
+    grads = gradient_steps(TinyNet())
+
+    def train(skip_after: int | None) -> tuple[list[torch.Tensor], dict]:
+        torch.manual_seed(0)
+        net = TinyNet()
+        opt = build_optimizer(net, lr=1e-2, weight_decay=1e-4)
+        for i, step_grads in enumerate(grads):
+            for p, g in zip(net.parameters(), step_grads):
+                p.grad = g.clone()
+            opt.step()
+            if i == skip_after:
+                opt.zero_grad(set_to_none=True)
+                assert opt.step(closure=lambda: 7.0) == 7.0  # the closure still runs
+        return [p.detach().clone() for p in net.parameters()], opt.state_dict()
+
+    straight, straight_state = train(None)
+    skipped, skipped_state = train(1)
+    for a, b in zip(straight, skipped):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert [int(g["step"]) for g in skipped_state["param_groups"]] == [len(grads)] * 2
+    for key, state in straight_state["state"].items():
+        torch.testing.assert_close(state["exp_avg"], skipped_state["state"][key]["exp_avg"], rtol=0, atol=0)
+
+
 def test_bf16_parameters_use_kahan_summation():
     """Steps of 1e-3 vanish against a bf16 weight of 1.0 (spacing 2^-7) unless compensated."""
     steps, lr = 100, 1e-3

@@ -34,20 +34,28 @@ class StableAdamW(optimi.StableAdamW):
     optimi 0.3.3 makes the Triton choice (`triton=None`) from a still empty list, so it picks Triton for CPU
     tensors too whenever Triton imports, and the step fails. We choose at the first step instead, after
     the Trainer has moved the model to its device. Its kernels read raw pointers, which a DTensor has not.
+    A step with no gradients at all is skipped whole: moments and step count stay as they were.
     """
 
     def step(self, closure=None, param=None):
-        sharded = any(isinstance(p, DTensor) for group in self.param_groups for p in group["params"])
-        for group in self.param_groups:
-            if group["triton"] is None:
-                on_gpu = all(p.is_cuda for p in group["params"]) and torch.cuda.is_bf16_supported()
-                group["triton"] = HAS_TRITON and on_gpu and not sharded
-        if not sharded or param is not None:
+        if param is not None:
             return super().step(closure, param)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if all(p.grad is None for group in self.param_groups for p in group["params"]):
+            # No gradient at all (the non-finite guard dropped a bad batch's): no step. optimi would still
+            # count one, which shifts the bias correction of every later step.
+            return loss
+        sharded = any(isinstance(p, DTensor) for group in self.param_groups for p in group["params"])
+        for group in self.param_groups:
+            if group["triton"] is None:
+                on_gpu = all(p.is_cuda for p in group["params"]) and torch.cuda.is_bf16_supported()
+                group["triton"] = HAS_TRITON and on_gpu and not sharded
+        if not sharded:
+            super().step()
+            return loss
         for group in self.param_groups:
             self._sharded_step(group)
         return loss

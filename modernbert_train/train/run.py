@@ -27,6 +27,7 @@ from modernbert_train.train.data import TrainData, build_data, device_microbatch
 from modernbert_train.train.data_state import ObserveDataState
 from modernbert_train.train.export import export_trainer_model
 from modernbert_train.train.jsonl_logger import JSONLLogger
+from modernbert_train.train.nonfinite_guard import NonFiniteGuard
 from modernbert_train.train.preemption import SaveOnSigterm
 from modernbert_train.train.run_metadata import RunMetadata
 from modernbert_train.train.schedulers import build_scheduler
@@ -189,6 +190,7 @@ def build_run(config: TrainConfig, start: RunStart | None = None) -> Run:
         SpeedMonitor(window_size=config.speed_window),
         LRMonitor(),
         ObserveDataState(),
+        NonFiniteGuard(config.max_nonfinite_batches),
         RunMetadata(model.config.to_dict(), str(data.tokenizer_file), to_dict(config)),
         sigterm,
     ]

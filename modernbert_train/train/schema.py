@@ -133,6 +133,7 @@ class TrainConfig:
     device_train_microbatch_size: int | None = None  # rows per forward; default: the whole device batch
     precision: str = "auto"  # auto (amp_bf16 on GPU, fp32 on CPU) | fp32 | amp_bf16 | amp_fp16
     grad_clip_norm: float | None = None
+    max_nonfinite_batches: int = 3  # non-finite batches (step skipped) in a row that stop the run
 
     eval_interval: str = "1000ba"
     eval_subset_num_batches: int = -1

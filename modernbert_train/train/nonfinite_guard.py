@@ -1,0 +1,99 @@
+"""Skips the optimizer step of a batch whose loss or gradient is not finite; stops a run that keeps making
+them. Logs the gradient norm of every batch, computed over FSDP2's shards as well as whole gradients."""
+
+import logging
+import math
+
+import torch
+from composer.core import Callback, Precision, State
+from composer.loggers import Logger
+from composer.utils import dist
+from torch.distributed.tensor import DTensor
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteStop(Exception):
+    """Too many non-finite batches in a row; the message is one line."""
+
+
+def grad_norm(parameters: list[torch.nn.Parameter]) -> torch.Tensor:
+    """The L2 norm of all gradients, the same value on every rank. A sharded gradient (DTensor) adds its
+    local shard's squares, summed over the ranks; a whole gradient (one process, DDP) is the same on every
+    rank and is counted once. Every rank must call this (it all-reduces)."""
+    device = parameters[0].device
+    sharded = torch.zeros((), dtype=torch.float32, device=device)
+    whole = torch.zeros((), dtype=torch.float32, device=device)
+    for param in parameters:
+        if param.grad is None:
+            continue
+        if isinstance(param.grad, DTensor):
+            sharded += param.grad.to_local().float().pow(2).sum()
+        else:
+            whole += param.grad.float().pow(2).sum()
+    if dist.get_world_size() > 1:
+        dist.all_reduce(sharded)  # SUM
+    return (sharded + whole).sqrt()
+
+
+class NonFiniteGuard(Callback):
+    """A batch with a non-finite loss on any rank, or a non-finite gradient, has its gradients dropped before
+    the optimizer steps: the optimizer (ours skips a step with no gradients) keeps weights, moments and step
+    count, while the clock and the schedule move on. `max_in_a_row` such batches in a row stop the run with
+    `NonFiniteStop`, before the last one's checkpoint: the latest checkpoint stays the last good one.
+
+    Under amp_fp16 the loss scaler owns gradient overflow (it skips those steps itself and lowers the
+    scale), so there only the loss is checked.
+    """
+
+    def __init__(self, max_in_a_row: int):
+        if max_in_a_row < 1:
+            raise ValueError(f"max_nonfinite_batches={max_in_a_row}: must be >= 1")
+        self.max_in_a_row = max_in_a_row
+        self.in_a_row = 0
+        self.skipped = 0
+        self._bad_loss = torch.zeros(())  # this batch's non-finite micro-batch losses on this rank
+        self._metrics: dict[str, float] = {}
+
+    def before_train_batch(self, state: State, logger: Logger) -> None:
+        self._bad_loss = torch.zeros(())
+
+    def after_loss(self, state: State, logger: Logger) -> None:
+        losses = state.loss.values() if isinstance(state.loss, dict) else [state.loss]
+        for loss in losses:
+            # Kept on the device: one host read per batch, in after_train_batch.
+            self._bad_loss = self._bad_loss.to(loss.device) + (~torch.isfinite(loss.detach())).sum()
+
+    def after_train_batch(self, state: State, logger: Logger) -> None:
+        parameters = [p for p in state.model.parameters() if p.requires_grad]
+        norm = grad_norm(parameters)
+        bad_loss = self._bad_loss.to(norm.device, torch.float32)
+        if dist.get_world_size() > 1:
+            dist.all_reduce(bad_loss)  # a loss that is bad on any rank is bad everywhere
+        norm_value, bad_loss_count = torch.stack([norm, bad_loss]).tolist()
+        check_grads = state.precision != Precision.AMP_FP16
+        bad_grad = check_grads and not math.isfinite(norm_value)
+        batch = int(state.timestamp.batch) + 1  # the clock advances after the optimizer step
+        if bad_loss_count or bad_grad:
+            for param in parameters:
+                param.grad = None
+            self.in_a_row += 1
+            self.skipped += 1
+            what = "loss" if bad_loss_count else "gradient"
+            log.warning(
+                "batch %d: non-finite %s (gradient norm %s): optimizer step skipped (%d in a row, limit %d)",
+                batch, what, norm_value, self.in_a_row, self.max_in_a_row,
+            )  # fmt: skip
+            if self.in_a_row >= self.max_in_a_row:
+                raise NonFiniteStop(
+                    f"{self.in_a_row} batches in a row (the last: batch {batch}) had a non-finite loss or "
+                    f"gradient (max_nonfinite_batches={self.max_in_a_row}); stopped: the latest checkpoint "
+                    "is the last good one"
+                )
+        else:
+            self.in_a_row = 0
+        self._metrics = {"train/grad_norm": norm_value, "train/skipped_steps": self.skipped}
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        # Logged here, where the clock already names this batch.
+        logger.log_metrics(self._metrics)

@@ -1,0 +1,113 @@
+"""The non-finite guard: a bad batch skips its optimizer step, K in a row stop the run with one line and the
+last good checkpoint as latest; the gradient norm it logs is the whole model's, also over FSDP2's shards."""
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.distributed as torch_dist
+import torch.multiprocessing as mp
+from conftest import REPO, read_metrics, run_env
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from modernbert_train.train.nonfinite_guard import grad_norm
+
+# The real CLI, with one extra callback that turns the listed batches' loss infinite before backward, as an
+# overflowing batch would.
+POISONED_MAIN = textwrap.dedent(
+    """
+    import sys
+
+    from composer.core import Callback
+
+    import modernbert_train.train.run as run_module
+    from modernbert_train.train.main import main
+
+    class PoisonLoss(Callback):
+        def after_loss(self, state, logger):
+            if int(state.timestamp.batch) + 1 in {BATCHES}:
+                state.loss = state.loss * float("inf")
+
+    build_run = run_module.build_run
+
+    def build_poisoned_run(config, start=None):
+        run = build_run(config, start)
+        run.trainer.state.callbacks.insert(0, PoisonLoss())  # before the guard sees the loss
+        return run
+
+    run_module.build_run = build_poisoned_run
+    main(sys.argv[1:])
+    """
+)
+
+
+@pytest.mark.slow
+def test_bad_batches_are_skipped_and_too_many_in_a_row_stop_the_run(write_recipe, tmp_path):
+    script = tmp_path / "poisoned_main.py"
+    script.write_text(POISONED_MAIN.replace("{BATCHES}", "{3, 6, 7}"))
+    recipe = write_recipe(
+        max_duration="12ba", save_interval="4ba", max_nonfinite_batches=2, data={"eval": []}
+    )
+    done = subprocess.run(
+        [sys.executable, str(script), str(recipe)], cwd=REPO, env=run_env(), capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    folder = tmp_path / "run"
+
+    # batch 3 skipped; 4 and 5 good; 6 and 7 bad: the second in a row stops the run before any later save
+    assert done.returncode == 1, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("modernbert-train: error:")]
+    assert len(errors) == 1 and "2 batches in a row (the last: batch 7)" in errors[0], done.stderr[-3000:]
+    assert "batch 3: non-finite loss" in done.stderr and "batch 6: non-finite loss" in done.stderr
+    assert os.readlink(folder / "latest-rank0.pt") == "ep0-ba4-rank0.pt"
+    assert not (folder / "ep0-ba8-rank0.pt").exists()
+
+    checkpoint = torch.load(folder / "ep0-ba4-rank0.pt", map_location="cpu", weights_only=False)
+    optimizer = checkpoint["state"]["optimizers"]["StableAdamW"]
+    assert [int(group["step"]) for group in optimizer["param_groups"]] == [3, 3]  # 4 batches, 1 skipped
+    assert all(torch.isfinite(w).all() for w in checkpoint["state"]["model"].values())
+
+    rows = {row["batch"]: row for row in read_metrics(folder / "metrics.jsonl")}
+    for batch in (1, 2, 4, 5):
+        assert 0 < rows[batch]["train/grad_norm"] < float("inf"), rows[batch]
+    assert [rows[batch]["train/skipped_steps"] for batch in (2, 3, 4, 5, 6)] == [0, 1, 1, 1, 2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sharded_grad_norm(rank: int, port: int, out) -> None:
+    """Rank `rank` of 2: a small model sharded with FSDP2, one backward over this rank's half of a batch; the
+    guard's norm from the shards, and the norm of the whole gradients gathered."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch_dist.init_process_group("gloo", rank=rank, world_size=2)
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(7, 5), nn.GELU(), nn.Linear(5, 3))
+    inputs = torch.randn(4, 7)
+    for module in (model[0], model[2], model):
+        fully_shard(module)
+    model(inputs[2 * rank : 2 * rank + 2]).pow(2).mean().backward()
+    parameters = list(model.parameters())
+    assert all(isinstance(p.grad, DTensor) for p in parameters)
+    whole = torch.cat([p.grad.full_tensor().flatten() for p in parameters]).norm().item()
+    (out / f"rank{rank}").write_text(f"{grad_norm(parameters).item()} {whole}")
+    torch_dist.destroy_process_group()
+
+
+def test_grad_norm_over_fsdp2_shards_is_the_whole_models(tmp_path):
+    mp.spawn(sharded_grad_norm, args=(free_port(), tmp_path), nprocs=2)
+    (guard0, whole0), (guard1, whole1) = [
+        map(float, (tmp_path / f"rank{rank}").read_text().split()) for rank in (0, 1)
+    ]
+    assert guard0 == guard1 == pytest.approx(whole0, rel=1e-6) and whole0 == whole1 > 0
