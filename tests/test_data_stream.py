@@ -1,8 +1,10 @@
 """The packed stream end to end: exact resume, epochs, mixture, eval determinism, ranks, bad input."""
 
 import json
+import logging
 import os
 import pickle
+import re
 import socket
 import subprocess
 import sys
@@ -13,6 +15,7 @@ import pytest
 import torch
 
 from modernbert_train.data import TokenizerInfo, build_dataloader, build_eval_dataset, build_train_dataset
+from modernbert_train.data.chunking import chunk_bounds
 from modernbert_train.data.synthetic import write_synthetic_mds
 
 INFO = TokenizerInfo(pad_id=0, cls_id=1, sep_id=2, mask_id=3, vocab_size=1000)
@@ -87,7 +90,8 @@ def test_resume_at_epoch_end_starts_the_next_epoch(corpus):
     loader = build_dataloader(dataset)
     epoch0, state = run(dataset, loader, epochs=1)
     epoch1, _ = run(dataset, loader, epochs=1)
-    assert state["ranks"][0]["epoch"] == 1 and state["ranks"][0]["batches_before_epoch"] == len(epoch0)
+    (rank_state,) = json.loads(state["ranks"])
+    assert rank_state["epoch"] == 1 and rank_state["batches_before_epoch"] == len(epoch0)
     resumed = train_dataset(corpus)
     resumed.load_state_dict(state)
     again, _ = run(resumed, build_dataloader(resumed), epochs=1)
@@ -96,13 +100,63 @@ def test_resume_at_epoch_end_starts_the_next_epoch(corpus):
     assert not torch.equal(epoch0[-1]["input_ids"], epoch1[-1]["input_ids"])
 
 
-def test_resume_rejects_a_different_worker_count(corpus):
-    dataset = train_dataset(corpus)
-    _, state = run(dataset, build_dataloader(dataset), epochs=1, stop_after=2)
-    resumed = train_dataset(corpus)
+def batch_pieces(batch: dict) -> list[tuple[int, ...]]:
+    """The unmasked tokens of each chunk in a batch, without [CLS] and [SEP]."""
+    tokens = torch.where(batch["labels"] == -100, batch["input_ids"], batch["labels"])
+    pieces = []
+    for row, lens in zip(tokens.tolist(), batch["seq_lens"].tolist()):
+        start = 0
+        for n in filter(None, lens):
+            pieces.append(tuple(row[start + 1 : start + n - 1]))
+            start += n
+    return pieces
+
+
+def epoch_chunks(documents: list, max_seq_len: int) -> list[tuple[int, ...]]:
+    return [tuple(doc[a:b].tolist()) for doc in documents for a, b in chunk_bounds(len(doc), max_seq_len)]
+
+
+@pytest.fixture(scope="module")
+def corpus_documents(corpus, tmp_path_factory) -> list:
+    """The corpus fixture's documents (the same seed and sizes, written again to learn them)."""
+    return write_synthetic_mds(
+        tmp_path_factory.mktemp("again") / "mds", 400, seed=5, median=60, size_limit=1 << 14
+    )
+
+
+def check_one_epoch(pieces: list, documents: list, skipped_chunks: int, old_producers: int) -> None:
+    """Every chunk of the epoch trained once, but the skipped ones; none twice."""
+    assert len(pieces) == len(set(pieces))
+    missing = set(epoch_chunks(documents, 128)) - set(pieces)
+    assert len(missing) == skipped_chunks
+    # at most what the old packers held: a packer reads whole documents until it holds the lookahead (48)
+    longest = max(len(chunk_bounds(len(doc), 128)) for doc in documents)
+    assert 0 < skipped_chunks <= old_producers * (48 + longest - 1)
+
+
+def skipped_chunks(log: str) -> int:
+    match = re.search(r"skipped (\d+) document\(s\) \((\d+) chunk\(s\)\)", log)
+    assert match, log[-2000:]
+    return int(match[2])
+
+
+def test_resume_on_another_worker_count_reads_no_document_twice(corpus, corpus_documents, caplog):
+    def dataset():
+        return build_train_dataset(
+            [{"local": corpus}], tokenizer=INFO, max_seq_len=128, global_batch_size=4, seed=3, lookahead=48,
+            drop_last=False,
+        )  # fmt: skip
+
+    first = dataset()
+    head, state = run(first, build_dataloader(first, num_workers=2), epochs=1, stop_after=5)
+    resumed = dataset()
     resumed.load_state_dict(state)
-    with pytest.raises(ValueError, match="resume needs the same num_workers, got 2"):
-        next(iter(build_dataloader(resumed, num_workers=2)))
+    with caplog.at_level(logging.WARNING, logger="modernbert_train.data.dataset"):
+        tail = [b for b in build_dataloader(resumed) if resumed.observe(b) is None]  # the rest of the epoch
+    assert "saved by 1 rank(s) x 2 producer(s)" in caplog.text
+    pieces = [piece for batch in head + tail for piece in batch_pieces(batch)]
+    check_one_epoch(pieces, corpus_documents, skipped_chunks(caplog.text), old_producers=2)
+    assert all(b["input_ids"].shape[0] == 4 for b in tail[:-1])  # the same global batch
 
 
 def test_eval_stream_is_deterministic_and_finite(corpus):
@@ -215,7 +269,7 @@ RANK_SCRIPT = textwrap.dedent(
     batch = next(iter(build_dataloader(train)))
     train.observe(batch)
     state = train.state_dict(batch["input_ids"].shape[0], True)
-    ranks = [r["producers"][0]["rank"] for r in state["ranks"]]
+    ranks = [r["producers"]["0"]["rank"] for r in json.loads(state["ranks"])]
     json.dump({"pieces": firsts, "ranks": ranks}, open(out, "w"))
     dist.destroy_process_group()
     """
@@ -243,6 +297,81 @@ def test_two_ranks_see_disjoint_data_and_gather_state(corpus, tmp_path):
     pieces = [{tuple(p) for p in r["pieces"]} for r in results]
     total = len(pieces[0]) + len(pieces[1])
     assert total > 400 and len(pieces[0] & pieces[1]) <= 2  # streaming pads the split with <= world repeats
+
+
+RESHAPE_SCRIPT = textwrap.dedent(
+    """
+    import json, os, pickle, sys
+    import torch.distributed as dist
+    from modernbert_train.data import TokenizerInfo, build_dataloader, build_train_dataset
+
+    corpus, state_in, take, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    if int(os.environ["WORLD_SIZE"]) > 1:
+        dist.init_process_group("gloo")
+    info = TokenizerInfo(pad_id=0, cls_id=1, sep_id=2, mask_id=3, vocab_size=1000)
+    dataset = build_train_dataset(
+        [{"local": corpus}], tokenizer=info, max_seq_len=128, global_batch_size=4, seed=3, lookahead=48,
+        drop_last=False,
+    )
+    if state_in != "-":
+        dataset.load_state_dict(pickle.load(open(state_in, "rb")))
+    batches, rows = [], 0
+    for batch in build_dataloader(dataset):
+        dataset.observe(batch)
+        rows += batch["input_ids"].shape[0]
+        batches.append({key: batch[key].tolist() for key in ("input_ids", "labels", "seq_lens")})
+        if len(batches) == take:
+            break
+    state = dataset.state_dict(rows, True)  # every rank calls it: it gathers
+    if take > 0 and int(os.environ["RANK"]) == 0:
+        pickle.dump(state, open(out + ".state", "wb"))
+    json.dump(batches, open(out + "-rank" + os.environ["RANK"] + ".json", "w"))
+    """
+)
+
+
+def run_ranks(script: Path, world_size: int, *args: str) -> str:
+    """`script ARGS` as `world_size` gloo ranks; their stderr, joined."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(world_size):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank))
+        env.update(WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TMPDIR=str(script.parent))
+        cmd = [sys.executable, str(script), *args]
+        procs.append(subprocess.Popen(cmd, env=env, cwd=Path(__file__).parents[1], stderr=subprocess.PIPE))
+    errors = []
+    for proc in procs:
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err.decode()[-2000:]
+        errors.append(err.decode())
+    return "\n".join(errors)
+
+
+def trained_pieces(out: Path, world_size: int) -> list:
+    pieces = []
+    for rank in range(world_size):
+        for batch in json.loads(Path(f"{out}-rank{rank}.json").read_text()):
+            pieces += batch_pieces({key: torch.tensor(value) for key, value in batch.items()})
+    return pieces
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
+def test_resume_on_another_world_size_reads_no_document_twice(
+    corpus, corpus_documents, tmp_path, before, after
+):
+    """5 batches on `before` ranks, the rest of the epoch on `after`: each chunk once, but the skipped."""
+    script = tmp_path / "rank.py"
+    script.write_text(RESHAPE_SCRIPT)
+    first, rest = tmp_path / "first", tmp_path / "rest"
+    run_ranks(script, before, corpus, "-", "5", str(first))
+    log = run_ranks(script, after, corpus, f"{first}.state", "-1", str(rest))
+    assert f"resuming on {after} rank(s) a stream saved by {before} rank(s) x 1 producer(s)" in log
+    pieces = trained_pieces(first, before) + trained_pieces(rest, after)
+    check_one_epoch(pieces, corpus_documents, skipped_chunks(log), old_producers=before)
 
 
 def test_a_shared_memory_prefix_taken_in_a_race_is_looked_up_again(corpus, monkeypatch):

@@ -16,14 +16,25 @@ process keeps the latest snapshot of each producer. `state_dict` returns them (f
 under torch.distributed); `load_state_dict` stages them, and the next iteration restarts each
 producer from its snapshot, handing producer (k + w) % W to worker w so the round robin goes on
 where it stopped. The state format is documented in docs/internals.md.
+
+Another topology. A state saved by another number of ranks or workers cannot restart its producers
+(the epoch's partition depends on both). The rest of the epoch is then read as this topology's
+partition without the documents the old producers had read (each old producer's order up to its
+cursor, recomputed from streaming's partition); the chunks that waited in the old packers' lookahead
+are skipped, and logged. The batch size and the global batch index go on unchanged. A state keeps
+these earlier topologies (`history`) until its epoch ends, so a later change still knows them.
 """
 
+import json
+import logging
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from streaming import StreamingDataset
+from streaming.base.batching import generate_work
 from streaming.base.world import World
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -34,7 +45,9 @@ from modernbert_train.data.mixture import ShardPrefetcher, epoch_sample_ids
 from modernbert_train.data.packing import BestFitPacker, Chunk, rows_to_batch
 from modernbert_train.data.tokens import TokenizerInfo
 
-STATE_FORMAT = "modernbert_train.data/packed-v1"
+STATE_FORMAT = "modernbert_train.data/packed-v2"
+
+log = logging.getLogger(__name__)
 
 
 class PackedMLMDataset(IterableDataset):
@@ -70,7 +83,7 @@ class PackedMLMDataset(IterableDataset):
         self.resumable = resumable
         self.prefetch_shards = prefetch_shards
         world = World.detect()
-        self.rank, self.world_size = world.rank, world.num_ranks
+        self.rank, self.world_size, self.num_nodes = world.rank, world.num_ranks, world.num_nodes
         if schedule.world_size != self.world_size:
             raise ValueError(
                 f"world_size={schedule.world_size} but the environment has {self.world_size} ranks"
@@ -84,6 +97,7 @@ class PackedMLMDataset(IterableDataset):
         self._num_producers = 1
         self._observed: dict[int, dict[str, Any]] = {}  # producer -> latest pack_state
         self._pending: dict[str, Any] | None = None  # this rank's state from load_state_dict
+        self._saved_ranks: list[dict[str, Any]] = []  # every rank's, for another number of workers
         self._plan: dict[str, Any] | None = None  # what the current iteration's producers start from
 
     # -- main process -------------------------------------------------------------------------
@@ -102,10 +116,7 @@ class PackedMLMDataset(IterableDataset):
             plan, self._pending = self._pending, None
             saved = plan["num_producers"]
             if saved is not None and saved != num_producers:
-                raise ValueError(
-                    f"data state was saved with num_workers={saved if saved > 1 else 0}; "
-                    f"resume needs the same num_workers, got {num_producers if num_producers > 1 else 0}"
-                )
+                plan = self._continue_elsewhere(self._saved_ranks)
         else:
             if self._iterated and self.resumable:
                 self.epoch += 1
@@ -142,7 +153,9 @@ class PackedMLMDataset(IterableDataset):
             dist.all_gather_object(ranks, local)
         else:
             ranks = [local]
-        return {"format": STATE_FORMAT, "ranks": ranks}
+        # One JSON string, not nested containers: a sharded (torch.distributed.checkpoint) load fills only
+        # the keys the fresh run's own state already has, which would drop every producer snapshot.
+        return {"format": STATE_FORMAT, "ranks": json.dumps(ranks)}
 
     def load_state_dict(self, obj: dict[str, Any] | None) -> None:
         """Stage this rank's part of a `state_dict`; the next iteration resumes from it."""
@@ -152,13 +165,16 @@ class PackedMLMDataset(IterableDataset):
             raise ValueError(
                 f"data state: not a {STATE_FORMAT} state (was the checkpoint written by another loader?)"
             )
-        ranks = obj["ranks"]
-        if len(ranks) != self.world_size:
-            raise ValueError(
-                f"data state was saved by {len(ranks)} rank(s); this run has {self.world_size}: "
-                "exact resume needs the same world size"
-            )
-        self._pending = ranks[self.rank]
+        ranks = json.loads(obj["ranks"])
+        for rank_state in ranks:
+            # JSON keeps no int keys or tuples: producers and buffered chunk keys back to their own types.
+            rank_state["producers"] = {
+                int(producer): {**state, "buffer": [tuple(key) for key in state["buffer"]]}
+                for producer, state in rank_state["producers"].items()
+            }
+        self._saved_ranks = ranks
+        same_world = len(ranks) == self.world_size
+        self._pending = ranks[self.rank] if same_world else self._continue_elsewhere(ranks)
         self.epoch = self._pending["epoch"]
 
     def _fresh_state(self, epoch: int) -> dict[str, Any]:
@@ -168,7 +184,68 @@ class PackedMLMDataset(IterableDataset):
             "batches_in_epoch": 0,
             "num_producers": None,
             "producers": {},
+            "history": [],
         }
+
+    def _continue_elsewhere(self, ranks: list[dict[str, Any]]) -> dict[str, Any]:
+        """A plan for this topology from every rank's state saved by another: the old producers' reading
+        becomes one more `history` segment; "batches_before_epoch" counts every batch trained so far, so
+        the batch-size schedule goes on. Chunks waiting in the old packers are skipped, and logged."""
+        saved = ranks[0]
+        plan = {
+            **self._fresh_state(saved["epoch"]),
+            "batches_before_epoch": saved["batches_before_epoch"] + saved["batches_in_epoch"],
+            "history": list(saved.get("history", [])),
+        }
+        if not saved["producers"]:  # nothing read since the epoch (or the last topology) began
+            return plan
+        num_producers = saved["num_producers"]
+        plan["history"].append(
+            {
+                "num_nodes": saved["num_nodes"],
+                "num_canonical_nodes": saved["num_canonical_nodes"],
+                "num_producers": num_producers,
+                "cursors": [
+                    [rank["producers"].get(p, {"cursor": 0})["cursor"] for p in range(num_producers)]
+                    for rank in ranks
+                ],
+            }
+        )
+        waiting = [key for rank in ranks for state in rank["producers"].values() for key in state["buffer"]]
+        if self.rank == 0:
+            log.warning(
+                "data: resuming on %d rank(s) a stream saved by %d rank(s) x %d producer(s): skipped %d "
+                "document(s) (%d chunk(s)) waiting in the packers' lookahead; no document is read twice",
+                self.world_size, len(ranks), num_producers, len({sample_id for sample_id, _ in waiting}),
+                len(waiting),
+            )  # fmt: skip
+        return plan
+
+    def _read_before(self, epoch: int, history: list[dict[str, Any]]) -> np.ndarray:
+        """Which sample ids of `epoch` the producers of earlier topologies read: each its own order (minus
+        what the topologies before it read) up to its cursor."""
+        read = np.zeros(self.samples.num_samples, dtype=bool)
+        own_canonical_nodes = self.samples.num_canonical_nodes
+        try:
+            for segment in history:
+                # The shuffle depends on the canonical node count, which follows the node count by default.
+                self.samples.num_canonical_nodes = segment["num_canonical_nodes"]
+                num_ranks, num_producers = len(segment["cursors"]), segment["num_producers"]
+                ranks_per_node = num_ranks // segment["num_nodes"]
+                world = World(segment["num_nodes"], ranks_per_node, num_producers, 0)
+                work = generate_work(self.samples.batching_method, self.samples, world, epoch, 0)
+                newly_read = []
+                for rank, cursors in enumerate(segment["cursors"]):
+                    node, rank_of_node = divmod(rank, ranks_per_node)
+                    for producer, cursor in enumerate(cursors):
+                        ids = work[node, rank_of_node, producer].ravel()
+                        ids = ids[ids >= 0]
+                        newly_read.append(ids[~read[ids]][:cursor])
+                for ids in newly_read:
+                    read[ids] = True
+        finally:
+            self.samples.num_canonical_nodes = own_canonical_nodes
+        return read
 
     def _rank_state(self, num_samples: int) -> dict[str, Any]:
         if self._pending is not None:
@@ -183,6 +260,9 @@ class PackedMLMDataset(IterableDataset):
             "batches_in_epoch": self._batches_in_epoch,
             "num_producers": self._num_producers,
             "producers": dict(self._observed),
+            "num_nodes": self.num_nodes,
+            "num_canonical_nodes": self.samples.num_canonical_nodes,
+            "history": self._plan["history"],
         }
 
     # -- producers (DataLoader workers, or the main process with num_workers=0) ---------------
@@ -201,6 +281,8 @@ class PackedMLMDataset(IterableDataset):
         num_producers, epoch = plan["num_producers"], plan["epoch"]
         snapshot = plan["producers"].get(producer)
         sample_ids = epoch_sample_ids(self.samples, epoch, producer, num_producers)
+        if plan["history"]:
+            sample_ids = sample_ids[~self._read_before(epoch, plan["history"])[sample_ids]]
         packer = BestFitPacker(self.max_seq_len, self.lookahead)
         cursor, emitted = 0, 0
         if snapshot is not None:
