@@ -5,6 +5,7 @@ Every problem becomes a one-line `ConfigError` that names the file (and line) or
 
 import dataclasses
 import difflib
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,10 @@ def _check_known_keys(schema: DictConfig, given: DictConfig, where, prefix: str 
                 for i, item in enumerate(given_value):
                     if isinstance(item, DictConfig):
                         _check_known_keys(item_schema, item, where, prefix=f"{full}[{i}].")
+        elif isinstance(schema_value, ListConfig) and isinstance(given_value, DictConfig):
+            raise ConfigError(
+                f"{where(full)}: '{full}' must be a list, got a mapping (a single entry is a one-item list)"
+            )
 
 
 def _is_structured(node: DictConfig) -> bool:
@@ -198,6 +203,10 @@ def _check_values(c: TrainConfig, path: Path) -> None:
         value = OmegaConf.select(OmegaConf.structured(c), key)
         if value is not None and not _TIME_RE.match(str(value)):
             fail(key, f"must be a Composer time string like 100ba, 3e9tok or 0.5dur, got '{value}'")
+    for key, zero in (("max_duration", "nothing would train"), ("save_interval", "it would never save")):
+        value = getattr(c, key)
+        if time_value(value) <= 0:
+            fail(key, f"must be positive, got '{value}' ({zero})")
     if c.precision not in PRECISIONS:
         fail("precision", f"must be one of {', '.join(PRECISIONS)}, got '{c.precision}'")
     if c.model.attn_backend not in ATTN_BACKENDS:
@@ -208,6 +217,15 @@ def _check_values(c: TrainConfig, path: Path) -> None:
         fail("device_train_microbatch_size", "must be a positive integer")
     if c.global_train_batch_size <= 0:
         fail("global_train_batch_size", "must be positive")
+    # The launcher's world size; a micro-batch cannot hold more samples than a rank's share of the batch.
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    per_rank = c.global_train_batch_size // world_size
+    if (c.device_train_microbatch_size or 0) > per_rank:
+        fail(
+            "device_train_microbatch_size",
+            f"must be at most the batch per rank ({c.global_train_batch_size} / {world_size} = {per_rank}), "
+            f"got {c.device_train_microbatch_size}",
+        )
     for key in ("data.mlm_probability", "data.eval_mlm_probability"):
         value = OmegaConf.select(OmegaConf.structured(c), key)
         if not 0.0 < value < 1.0:

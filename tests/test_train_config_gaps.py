@@ -1,0 +1,31 @@
+"""Recipe values that used to pass validation and fail (or do nothing) later: one-line errors up front."""
+
+import pytest
+from test_train_config import GOOD, error_of, write
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("data.train={local: a}", "'data.train' must be a list, got a mapping"),
+        (
+            "device_train_microbatch_size=16",
+            "'device_train_microbatch_size' must be at most the batch per rank",
+        ),
+        ("save_interval=0ba", "'save_interval' must be positive, got '0ba' (it would never save)"),
+        ("max_duration=0ba", "'max_duration' must be positive, got '0ba' (nothing would train)"),
+        ("max_duration=0.0dur", "'max_duration' must be positive"),
+    ],
+)
+def test_config_gaps_are_one_line_errors(tmp_path, override, expected):
+    assert expected in error_of(write(tmp_path, GOOD), override)
+
+
+def test_data_train_as_a_mapping_in_the_recipe_names_the_line(tmp_path):
+    recipe = GOOD.replace("    - local: data/default/train", "    local: data/default/train")
+    assert "recipe.yaml:4: 'data.train' must be a list, got a mapping" in error_of(write(tmp_path, recipe))
+
+
+def test_micro_batch_is_checked_against_each_ranks_share(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as the Composer launcher sets it
+    assert "(8 / 2 = 4), got 8" in error_of(write(tmp_path, GOOD), "device_train_microbatch_size=8")
