@@ -112,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     merge = commands.add_parser("merge", parents=[common], help="join the parts of sharding tasks")
     merge.add_argument("output", type=_path_or_uri, metavar="OUTPUT", help="the --output of the tasks")
 
+    plan = commands.add_parser("plan", parents=[common], help="tokens, share and epochs per mixture source")
+    plan.add_argument("recipe", type=Path, metavar="RECIPE", help="a training or data recipe (data.train)")
+    plan.add_argument("--tokens", required=True, metavar="N", help="tokens the run trains on, e.g. 1.7e12")
+    plan.add_argument("--json", action="store_true", help="print one JSON object")
+
     train = commands.add_parser("train-tokenizer", parents=[common], help="train a byte-level BPE tokenizer")
     _add_input_arguments(train)
     train.add_argument("--output", required=True, type=_path_or_uri, metavar="DIR", help="folder or URI")
@@ -222,6 +227,15 @@ def run_merge(args) -> int:
     return 0
 
 
+def run_plan(args) -> int:
+    from data_prep.plan import format_plan, parse_tokens, plan
+
+    tokens = parse_tokens(args.tokens)
+    rows = plan(args.recipe, tokens)
+    print(json.dumps({"tokens": tokens, "sources": rows}) if args.json else format_plan(rows, tokens))
+    return 0
+
+
 def run_inspect(args) -> int:
     from data_prep.inspect_shards import format_report, inspect_folder
     from modernbert_train import storage
@@ -255,6 +269,7 @@ def run_train_tokenizer(args) -> int:
 COMMANDS = {
     "shard": run_shard,
     "merge": run_merge,
+    "plan": run_plan,
     "inspect": run_inspect,
     "train-tokenizer": run_train_tokenizer,
 }

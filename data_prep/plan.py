@@ -1,0 +1,93 @@
+"""`modernbert-data plan RECIPE --tokens N`: what a run of N tokens takes from each source of a mixture.
+
+Each source's token count comes from its `modernbert_data.json` (written by shard and merge), local or
+remote: one small file per source, no shard is downloaded. A source's share of the run is its
+`proportion` (normalized over the sources), or, without proportions, its tokens times `repeat`; the
+epochs it implies are its tokens in the run over the tokens it holds (> 1: its documents repeat).
+"""
+
+import json
+from pathlib import Path
+
+import yaml
+
+from data_prep.errors import UsageError
+from data_prep.output_dir import FINISHED_MARKER
+from modernbert_train import storage
+
+
+def parse_tokens(text: str) -> int:
+    try:
+        tokens = float(text.removesuffix("tok"))
+    except ValueError:
+        tokens = 0.0
+    if not tokens > 0:
+        raise UsageError(f"--tokens {text}: expected a positive number of tokens, e.g. 1.7e12")
+    return int(tokens)
+
+
+def recipe_sources(recipe: Path) -> list[dict]:
+    """`data.train` of a training recipe, or `train` of a data recipe."""
+    try:
+        values = yaml.safe_load(Path(recipe).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise UsageError(f"plan {recipe}: cannot read it: {' '.join(str(e).split())}") from None
+    values = values.get("data", values) if isinstance(values, dict) else None
+    sources = values.get("train") if isinstance(values, dict) else None
+    if not isinstance(sources, list) or not sources:
+        raise UsageError(f"plan {recipe}: no data.train (or train) list of sources")
+    return sources
+
+
+def _source_tokens(recipe: Path, i: int, source: dict) -> int:
+    location = source.get("remote") or source.get("local")
+    if not location:
+        raise UsageError(f"plan {recipe}: train.{i} has neither 'remote' nor 'local'")
+    storage.check(location, f"train.{i}")
+    marker = storage.join(location, FINISHED_MARKER)
+    try:
+        return int(json.loads(storage.read_text(marker))["tokens"])
+    except FileNotFoundError:
+        raise UsageError(
+            f"plan {recipe}: train.{i}: no {FINISHED_MARKER} in {location} (shard it with modernbert-data)"
+        ) from None
+
+
+def plan(recipe: Path, tokens: int) -> list[dict]:
+    sources = recipe_sources(recipe)
+    with_proportion = [s for s in sources if s.get("proportion") is not None]
+    if with_proportion and len(with_proportion) != len(sources):
+        raise UsageError(f"plan {recipe}: give every source a proportion, or none")
+    available = [_source_tokens(recipe, i, s) for i, s in enumerate(sources)]
+    if with_proportion:
+        weights = [float(s["proportion"]) for s in sources]
+    else:
+        weights = [n * float(s.get("repeat", 1.0)) for n, s in zip(available, sources)]
+    total = sum(weights)
+    if total <= 0:
+        raise UsageError(f"plan {recipe}: the sources' proportions (or sizes) add up to 0")
+    rows = []
+    for i, (source, held, weight) in enumerate(zip(sources, available, weights)):
+        share = weight / total
+        rows.append(
+            {
+                "source": source.get("name") or source.get("remote") or source.get("local") or f"train.{i}",
+                "tokens_available": held,
+                "share": share,
+                "tokens_in_run": round(share * tokens),
+                "epochs": share * tokens / held if held else float("inf"),
+            }
+        )
+    return rows
+
+
+def format_plan(rows: list[dict], tokens: int) -> str:
+    lines = [f"{'source':<40} {'available':>18} {'share':>7} {'in run':>18} {'epochs':>7}"]
+    for row in rows:
+        lines.append(
+            f"{row['source']:<40} {row['tokens_available']:>18,} {row['share']:>7.1%} "
+            f"{row['tokens_in_run']:>18,} {row['epochs']:>7.2f}"
+        )
+    held = sum(row["tokens_available"] for row in rows)
+    lines.append(f"{'total':<40} {held:>18,} {1:>7.1%} {tokens:>18,} {tokens / held if held else 0:>7.2f}")
+    return "\n".join(lines)

@@ -1,0 +1,49 @@
+"""`modernbert-data plan`: tokens, share and epochs per source, read from local and remote indexes."""
+
+import json
+
+import pytest
+import yaml
+
+from data_prep.cli import main
+from modernbert_train import storage
+
+
+def metadata_tokens(folder) -> int:
+    return json.loads((folder / "modernbert_data.json").read_text())["tokens"]
+
+
+def test_plan_reads_each_source_without_downloading_shards(s3_bucket, tiny_data, tmp_path, capsys):
+    remote = storage.join(s3_bucket, "val")
+    storage.upload_folder(tiny_data / "val", remote)
+    recipe = tmp_path / "mix.yaml"
+    recipe.write_text(yaml.safe_dump({"data": {"train": [
+        {"name": "train", "local": str(tiny_data / "train"), "proportion": 3},
+        {"name": "val", "remote": remote, "local": str(tmp_path / "cache"), "proportion": 1},
+    ]}}))  # fmt: skip
+    assert main(["plan", str(recipe), "--tokens", "1e6", "--json"]) == 0
+    rows = {row["source"]: row for row in json.loads(capsys.readouterr().out)["sources"]}
+    train, val = metadata_tokens(tiny_data / "train"), metadata_tokens(tiny_data / "val")
+    assert rows["train"]["tokens_available"] == train and rows["val"]["tokens_available"] == val
+    assert rows["train"]["share"] == 0.75 and rows["val"]["tokens_in_run"] == 250_000
+    assert rows["val"]["epochs"] == pytest.approx(250_000 / val)
+    assert not (tmp_path / "cache").exists()
+    assert main(["plan", str(recipe), "--tokens", "1.7e12"]) == 0
+    assert "epochs" in capsys.readouterr().out
+
+
+def test_plan_errors_name_the_source(tiny_data, tmp_path, capsys):
+    recipe = tmp_path / "mix.yaml"
+    recipe.write_text(yaml.safe_dump({"train": [{"local": str(tmp_path / "absent"), "proportion": 1}]}))
+    assert main(["plan", str(recipe), "--tokens", "1e9"]) == 2
+    assert "train.0: no modernbert_data.json in" in capsys.readouterr().err
+    assert main(["plan", str(recipe), "--tokens", "lots"]) == 2
+    assert "--tokens lots: expected a positive number" in capsys.readouterr().err
+
+
+def test_the_2t_mix_recipe_names_remote_streams():
+    from conftest import REPO
+
+    sources = yaml.safe_load((REPO / "yamls/data/modernbert-2t-mix.yaml").read_text())["data"]["train"]
+    assert all(storage.parse(source["remote"]).scheme == "s3" for source in sources)
+    assert sum(source["proportion"] for source in sources) == pytest.approx(1.0)
