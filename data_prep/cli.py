@@ -90,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokenizer processes (default: the CPUs this process may use)",
     )
     shard.add_argument("--size-limit", default="64mb", help="uncompressed bytes per shard (e.g. 64mb)")
+    for role in ("cls", "sep", "pad", "mask"):
+        shard.add_argument(
+            f"--{role}-token",
+            metavar="TOKEN",
+            help=f"the tokenizer's {role} token, where it is not spelled the BERT or RoBERTa way",
+        )
     shard.add_argument("--source", metavar="NAME", help="source name of every document (default: input name)")
     shard.add_argument(
         "--num-tasks",
@@ -190,7 +196,8 @@ def run_shard(args) -> int:
         args.output = storage.join(args.output, part) if storage.is_uri(args.output) else args.output / part
     if _already_sharded(args):
         return 0
-    tokenizer = load_tokenizer(args.tokenizer)
+    named = {f"{role}_token": getattr(args, f"{role}_token") for role in ("cls", "sep", "pad", "mask")}
+    tokenizer = load_tokenizer(args.tokenizer, named)
     size_limit = parse_size_limit(args.size_limit)
     check_output_free(args.output, args.overwrite)
     report = ReadReport()

@@ -9,13 +9,21 @@ from tokenizers import Tokenizer
 
 from data_prep.errors import UsageError
 
-# Where a tokenizer_config.json does not name them, these are the usual spellings (BERT, then RoBERTa).
+# Where neither a flag nor a tokenizer_config.json names them, these are the usual spellings (BERT, then
+# RoBERTa). The ids found are recorded in modernbert_data.json, where training and export read them.
 SPECIAL_TOKEN_SPELLINGS = {
     "unk_token": ("[UNK]", "<unk>"),
     "cls_token": ("[CLS]", "<s>"),
     "sep_token": ("[SEP]", "</s>"),
     "pad_token": ("[PAD]", "<pad>"),
     "mask_token": ("[MASK]", "<mask>"),
+}
+# What training needs (the masking, the packing and the document wrapping), each with the flag that names it.
+REQUIRED_SPECIAL_TOKENS = {
+    "cls_token": "--cls-token",
+    "sep_token": "--sep-token",
+    "pad_token": "--pad-token",
+    "mask_token": "--mask-token",
 }
 # Files copied next to the shards with tokenizer.json when the tokenizer has them.
 COMPANION_FILES = ("tokenizer_config.json", "special_tokens_map.json")
@@ -79,11 +87,19 @@ def _resolve_json(spec: str) -> Path:
     return _hub_tokenizer_json(spec)
 
 
-def _special_token_ids(tokenizer: Tokenizer, json_path: Path) -> dict[str, int | None]:
+def _special_token_ids(tokenizer: Tokenizer, json_path: Path, named: dict[str, str]) -> dict[str, int | None]:
+    """Each special token's id: as `named` (from flags), else as tokenizer_config.json names it, else the
+    first usual spelling the vocabulary has."""
     config_path = json_path.with_name("tokenizer_config.json")
     configured = json.loads(config_path.read_text()) if config_path.is_file() else {}
     ids = {}
     for key, spellings in SPECIAL_TOKEN_SPELLINGS.items():
+        if named.get(key):
+            ids[f"{key}_id"] = tokenizer.token_to_id(named[key])
+            if ids[f"{key}_id"] is None:
+                flag = REQUIRED_SPECIAL_TOKENS[key]
+                raise UsageError(f"{flag} {named[key]}: {json_path} has no such token")
+            continue
         value = configured.get(key)
         content = value.get("content") if isinstance(value, dict) else value
         candidates = (content,) if content else spellings
@@ -92,13 +108,25 @@ def _special_token_ids(tokenizer: Tokenizer, json_path: Path) -> dict[str, int |
     return ids
 
 
-def load_tokenizer(spec: str) -> LoadedTokenizer:
+def load_tokenizer(spec: str, named: dict[str, str] | None = None) -> LoadedTokenizer:
+    """The tokenizer at `spec`, with its special-token ids; `named` maps cls_token, sep_token, pad_token,
+    mask_token to their spelling where the tokenizer's own files do not say. A tokenizer that lacks one
+    of those is refused, naming the flag that would name it."""
     json_path = _resolve_json(spec)
     json_text = json_path.read_text(encoding="utf-8")
     try:
         tokenizer = Tokenizer.from_str(json_text)
-        special_token_ids = _special_token_ids(tokenizer, json_path)
+        special_token_ids = _special_token_ids(tokenizer, json_path, named or {})
+    except UsageError:
+        raise
     except Exception as error:  # tokenizers raises plain Exception for a malformed file
         raise UsageError(f"--tokenizer {spec}: cannot load {json_path}: {str(error)[:200]}") from error
+    for key, flag in REQUIRED_SPECIAL_TOKENS.items():
+        if special_token_ids[f"{key}_id"] is None:
+            spellings = " or ".join(SPECIAL_TOKEN_SPELLINGS[key])
+            raise UsageError(
+                f"--tokenizer {spec}: no {key.replace('_', ' ')} ({spellings}) and none named in its "
+                f"tokenizer_config.json; name it with {flag} TOKEN"
+            )
     vocab_size = max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
     return LoadedTokenizer(spec, json_path, json_text, vocab_size, special_token_ids)

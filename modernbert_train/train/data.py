@@ -8,6 +8,7 @@ from composer.utils import dist
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 
+from modernbert_train import storage
 from modernbert_train.data import TokenizerInfo, build_dataloader, build_eval_dataset, build_train_dataset
 from modernbert_train.train.config import ConfigError, time_value
 from modernbert_train.train.schema import DataSourceConfig, TrainConfig
@@ -41,12 +42,35 @@ def tokenizer_file(config: TrainConfig) -> Path:
     return path
 
 
-def tokenizer_info(path: Path) -> TokenizerInfo:
-    """ModernBERT's special tokens and the vocabulary size, read from the tokenizer itself."""
+def recorded_special_ids(config: TrainConfig) -> dict[str, int] | None:
+    """The special-token ids data_prep found (BERT or RoBERTa spellings, or named by flags) and recorded in
+    the first train source's modernbert_data.json; None for shards without one."""
+    source = config.data.train[0]
+    folder = source.remote or source.local
+    metadata = storage.join(folder, METADATA_FILE) if folder else None
+    if not metadata or not storage.exists(metadata):
+        return None
+    recorded = json.loads(storage.read_text(metadata)).get("tokenizer", {})
+    ids = {field: recorded.get(f"{field[: -len('_id')]}_token_id") for field in SPECIAL_TOKENS}
+    missing = [field for field, value in ids.items() if value is None]
+    if missing:
+        raise ConfigError(
+            f"data.train.0: {metadata} records no {missing[0][: -len('_id')]} token id; shard the data again "
+            "with modernbert-data (--pad-token and --mask-token name them)"
+        )
+    return ids
+
+
+def tokenizer_info(path: Path, recorded: dict[str, int] | None = None) -> TokenizerInfo:
+    """The special-token ids as the shards' metadata records them (`recorded`), else ModernBERT's spellings
+    looked up in the tokenizer; the vocabulary size from the tokenizer."""
     try:
         tokenizer = Tokenizer.from_file(str(path))
     except Exception as e:
         raise ConfigError(f"tokenizer {path} cannot be read: {str(e).splitlines()[0]}") from None
+    specials = tuple(i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special)
+    if recorded is not None:
+        return TokenizerInfo(vocab_size=tokenizer.get_vocab_size(), special_ids=specials, **recorded)
     ids = {}
     for field, token in SPECIAL_TOKENS.items():
         ids[field] = tokenizer.token_to_id(token)
@@ -54,7 +78,6 @@ def tokenizer_info(path: Path) -> TokenizerInfo:
             raise ConfigError(
                 f"tokenizer {path} has no {token} token (ModernBERT needs [PAD] [CLS] [SEP] [MASK])"
             )
-    specials = tuple(i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special)
     return TokenizerInfo(vocab_size=tokenizer.get_vocab_size(), special_ids=specials, **ids)
 
 
@@ -88,7 +111,7 @@ def sources(items: list[DataSourceConfig]) -> list[dict]:
 def build_data(config: TrainConfig) -> TrainData:
     data = config.data
     path = tokenizer_file(config)
-    info = tokenizer_info(path)
+    info = tokenizer_info(path, recorded_special_ids(config))
     check_shards_match(config, info)
     world_size = dist.get_world_size()
     if config.global_train_batch_size % world_size:
