@@ -9,6 +9,7 @@ import torch
 from modernbert_train.hf import from_hf, to_hf
 from modernbert_train.model import ModernBertConfig, ModernBertForMaskedLM
 from modernbert_train.train.export import check_export_target, cli, staged_export
+from modernbert_train.train.main import main
 
 
 def tiny_model(seed: int) -> ModernBertForMaskedLM:
@@ -69,3 +70,15 @@ def test_a_failed_export_leaves_the_target_as_it_was(tmp_path):
         raise RuntimeError("disk gone")
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_a_run_refuses_another_models_folder_as_its_export_before_it_starts(tmp_path, write_recipe, capsys):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "README.md").write_text("someone else's model")
+    with pytest.raises(SystemExit) as done:
+        main([str(write_recipe(export={"hf_dir": str(other)}))])
+    err = capsys.readouterr().err.strip()
+    assert done.value.code == 2 and len(err.splitlines()) == 1
+    assert f"export target {other} is not empty and not an earlier export (it holds README.md)" in err
+    assert not (tmp_path / "run" / "config.yaml").exists()  # nothing started

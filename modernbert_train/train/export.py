@@ -54,7 +54,7 @@ def check_export_target(out_dir: str | Path, overwrite: bool) -> None:
     if foreign:
         raise ExportTargetError(
             f"export target {out} is not empty and not an earlier export (it holds {foreign[0]}); choose "
-            f"another folder, or replace it with --overwrite"
+            f"another folder or empty it (modernbert-export --overwrite replaces it)"
         )
 
 

@@ -36,8 +36,15 @@ def main(argv: list[str] | None = None) -> None:
         config = load_config(args.config, args.overrides)
         from composer.utils import dist
 
+        from modernbert_train import storage
+        from modernbert_train.train.export import check_export_target
+        from modernbert_train.train.run_lock import hold_run_lock
         from modernbert_train.train.start import StartKind, decide_start
 
+        if config.save_folder and not storage.is_uri(config.save_folder) and dist.get_global_rank() == 0:
+            hold_run_lock(config.save_folder)  # before anything in the folder is read or changed
+        if config.export.hf_dir:
+            check_export_target(config.export.hf_dir, overwrite=False)
         start = decide_start(config)
         if start.kind is StartKind.COMPLETE:
             # A requeued job or a rerun pipeline repeats the command of a finished run: not an error.
