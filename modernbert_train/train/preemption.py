@@ -30,6 +30,7 @@ class SaveOnSigterm(Callback):
         self.regular = create_interval_scheduler(interval)
         self.saves = saves
         self.requested = False
+        self.stopped_early = False
 
     def init(self, state: State, logger: Logger) -> None:
         signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -47,11 +48,14 @@ class SaveOnSigterm(Callback):
         return self.regular(state, event)
 
     def batch_checkpoint(self, state: State, logger: Logger) -> None:
-        if self.requested:
+        if self.requested and not self.stopped_early:
+            # Asked before stopping: stop_training() makes the current batch max_duration.
+            self.stopped_early = (state.get_elapsed_duration() or 0) < 1
             state.stop_training()
 
-    def exit_code(self, state: State) -> int:
-        """0 when training reached max_duration (a late SIGTERM changes nothing), else why it stopped."""
-        if not self.requested or (state.get_elapsed_duration() or 0) >= 1:
+    def exit_code(self) -> int:
+        """0 when training reached max_duration (a SIGTERM in its last batch changes nothing), else why it
+        stopped."""
+        if not self.stopped_early:
             return 0
         return EXIT_PREEMPTED if self.saves else EXIT_TERMINATED

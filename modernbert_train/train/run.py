@@ -49,7 +49,7 @@ class Run:
     def fit(self) -> int:
         """Train, and export when training completed; the command's exit code (see train/preemption.py)."""
         self.trainer.fit(reset_time=self.reset_time)
-        exit_code = self.preemption.exit_code(self.trainer.state)
+        exit_code = self.preemption.exit_code()
         if self.config.export.hf_dir and exit_code == 0:
             export_trainer_model(self.model, self.config.export.hf_dir, self.data.tokenizer_file)
             log.info("exported the model to %s", self.config.export.hf_dir)
