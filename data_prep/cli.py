@@ -184,7 +184,7 @@ def _input_names(args) -> list[str]:
 
 
 def run_shard(args) -> int:
-    from data_prep.output_dir import check_output_free
+    from data_prep.output_dir import check_output_apart, check_output_free
     from data_prep.parts import part_name, resolve_task
     from data_prep.shard import parse_size_limit, shard
     from data_prep.tokenizer_load import load_tokenizer
@@ -194,6 +194,7 @@ def run_shard(args) -> int:
     if args.task[1] > 1:
         part = part_name(*args.task)
         args.output = storage.join(args.output, part) if storage.is_uri(args.output) else args.output / part
+    check_output_apart(args.output, args.input or [])
     if _already_sharded(args):
         return 0
     named = {f"{role}_token": getattr(args, f"{role}_token") for role in ("cls", "sep", "pad", "mask")}
@@ -213,6 +214,7 @@ def run_shard(args) -> int:
         progress=sys.stderr.isatty(),
         inputs=_input_names(args),
         text_field=args.text_field,
+        allow_empty=args.task[1] > 1,
     )
     print(
         f"wrote {metadata['documents']:,} documents, {metadata['tokens']:,} tokens "
@@ -261,10 +263,11 @@ def run_inspect(args) -> int:
 
 
 def run_train_tokenizer(args) -> int:
-    from data_prep.output_dir import check_output_free
+    from data_prep.output_dir import check_output_apart, check_output_free
     from data_prep.tokenizer_train import check_vocab_size, train_tokenizer
 
     check_vocab_size(args.vocab_size)
+    check_output_apart(args.output, args.input or [])
     check_output_free(args.output, args.overwrite)
     report = ReadReport()
     texts = (document.text for document in _documents(args, report))

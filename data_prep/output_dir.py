@@ -73,6 +73,24 @@ def staged_output(output: Path | str, overwrite: bool) -> Iterator[Path]:
         os.replace(staging, output)
 
 
+def check_output_apart(output: Path | str, inputs: list[str]) -> None:
+    """Refuse an output folder that is, holds or lies inside an input: replacing it (--overwrite) would delete
+    the input, and an input holding the output would read the output's own files back."""
+    if storage.is_uri(output):
+        return
+    out = Path(output).resolve()
+    for raw in inputs:
+        if storage.is_uri(raw):
+            continue
+        source = Path(raw).resolve()
+        if out == source or out in source.parents:
+            raise UsageError(f"--output {output}: holds --input {raw}; choose an output outside the input")
+        if source in out.parents:
+            raise UsageError(
+                f"--output {output}: lies inside --input {raw}; choose an output outside the input"
+            )
+
+
 def is_finished(output: Path | str) -> bool:
     """Whether `output` holds a complete result (its marker is written, or uploaded, last)."""
     return storage.exists(storage.join(output, FINISHED_MARKER))

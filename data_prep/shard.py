@@ -217,8 +217,10 @@ def shard(
     progress: bool = False,
     inputs: list[str] | None = None,
     text_field: str = "text",
+    allow_empty: bool = False,
 ) -> dict:
-    """Write `output` (shards, tokenizer.json, modernbert_data.json) atomically; return the metadata."""
+    """Write `output` (shards, tokenizer.json, modernbert_data.json) atomically; return the metadata.
+    No documents at all is an error, unless `allow_empty` (one task's part of many may get no files)."""
     with staged_output(output, overwrite) as folder:
         stats = write_shards(
             documents,
@@ -229,6 +231,11 @@ def shard(
             report=report,
             progress=progress,
         )
+        if stats.documents == 0 and not allow_empty:  # raised here, the staging folder is removed
+            raise UsageError(
+                f"--output {output}: no documents to write: no input record had text in field '{text_field}' "
+                f"(see --text-field)"
+            )
         shutil.copyfile(tokenizer.json_path, folder / "tokenizer.json")
         for companion in tokenizer.companion_files():
             shutil.copyfile(companion, folder / companion.name)

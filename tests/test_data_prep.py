@@ -290,7 +290,7 @@ def test_unreadable_files_are_reported_and_the_rest_sharded(tmp_path, capsys, to
         (["--input", "{tmp}/missing.jsonl"], "--input {tmp}/missing.jsonl"),
         (["--input", "{docs}", "--tokenizer", "{tmp}/nope.json"], "--tokenizer {tmp}/nope.json"),
         (["--input", "{docs}", "--frobnicate"], "--frobnicate"),
-        (["--input", "{docs}", "--output", "{docs}"], "already exists"),
+        (["--input", "{docs}", "--output", "{docs}"], "holds --input"),
         (["--input", "{docs}", "--workers", "0"], "--workers"),
         (["--input", "{docs}", "--size-limit", "lots"], "--size-limit lots"),
         (["--hf-dataset", "{tmp}/no_such_dataset"], "--hf-dataset {tmp}/no_such_dataset"),
