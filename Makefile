@@ -14,7 +14,7 @@ VENV_COMPAT := .venv-compat
 BIN_COMPAT := $(VENV_COMPAT)/bin
 STAMP_COMPAT := $(VENV_COMPAT)/.installed
 
-.PHONY: install test test-fast test-compat data train bench lint format clean wheelhouse device-check
+.PHONY: install test test-fast test-compat data train eval bench lint format clean wheelhouse device-check
 
 install: $(STAMP)
 
@@ -55,6 +55,11 @@ data/default/tokenizer/tokenizer.json:
 train: $(STAMP) data/default/tokenizer/tokenizer.json
 	$(BIN)/modernbert-train yamls/default.yaml
 	$(BIN)/modernbert-report runs/default --output runs/default/report.png
+
+# After `make train`: the embedded downstream task (modernbert_train/finetune/stdlib_task.py) fine-tuned from
+# runs/default/hf and from the same architecture's random init, 3 seeds each; scores in runs/default/eval.json.
+eval: $(STAMP)
+	$(BIN)/python -m modernbert_train.finetune.embedded_eval runs/default/hf --output runs/default/eval.json
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run

@@ -66,6 +66,7 @@ def write(path, rows):
     return path
 
 
+@pytest.mark.slow  # two seeds of four epochs: about 25 s of CPU
 def test_finetune_learns_a_tiny_task_and_reports_every_epoch(model_dir, tmp_path, capsys):
     train = write(tmp_path / "train.jsonl", examples(96, seed=1))
     evaluation = write(tmp_path / "eval.csv", examples(40, seed=2))
@@ -84,7 +85,7 @@ def test_finetune_learns_a_tiny_task_and_reports_every_epoch(model_dir, tmp_path
 
 
 def test_regression_with_text_pairs_from_tsv_reports_correlations(model_dir, tmp_path):
-    train = write(tmp_path / "train.tsv", examples(64, seed=3))
+    train = write(tmp_path / "train.tsv", examples(48, seed=3))
     out = tmp_path / "out"
     cli([str(model_dir), "--train", str(train), "--eval", str(train), "--output", str(out), "--task",
          "regression", "--text-field", "sentence", "--text-pair-field", "other", "--label-field", "score",
@@ -169,3 +170,16 @@ def test_eval_labels_unseen_in_training_and_missing_models_are_one_line_errors(m
             )
         error = capsys.readouterr().err.strip()
         assert expected in error and len(error.splitlines()) == 1, error
+
+
+def test_embedded_task_is_fixed_balanced_and_splits_by_file(tmp_path):
+    from modernbert_train.finetune.stdlib_task import PACKAGES, PER_CLASS, build_task
+
+    first, again = build_task(tmp_path / "a"), build_task(tmp_path / "b")
+    rows = {}
+    for split in ("train", "eval"):
+        assert first[split].read_bytes() == again[split].read_bytes()
+        rows[split] = [json.loads(line) for line in first[split].read_text().splitlines()]
+        labels = [row["label"] for row in rows[split]]
+        assert {label: labels.count(label) for label in PACKAGES} == dict.fromkeys(PACKAGES, PER_CLASS[split])
+    assert not {row["text"] for row in rows["train"]} & {row["text"] for row in rows["eval"]}

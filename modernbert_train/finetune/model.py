@@ -6,19 +6,22 @@ from torch import nn
 
 from modernbert_train.model import ModernBertConfig, ModernBertForMaskedLM
 from modernbert_train.model.attention import DocumentLayout
+from modernbert_train.model.layers import ModernBertPredictionHead
 
 
 class ModernBertForSequenceClassification(nn.Module):
     """num_labels outputs per example: class logits, or one value for regression (num_labels=1).
 
-    The prediction head (dense, activation, norm) is the masked-LM head's, as transformers' own
-    sequence classifier reuses it; its mean over each example's tokens feeds the classifier."""
+    The encoder's final states are averaged over each example's tokens, then go through a fresh head
+    (dense, activation, norm, as the masked-LM head) and the classifier. The masked-LM head is left
+    behind: it is shaped to feed the vocabulary decoder, and in a briefly pretrained model it maps every
+    input to nearly the same vector, which fine-tuning then struggles to move."""
 
     def __init__(self, masked_lm: ModernBertForMaskedLM, num_labels: int, dropout: float = 0.1):
         super().__init__()
         self.config: ModernBertConfig = masked_lm.config
         self.model = masked_lm.model
-        self.head = masked_lm.head
+        self.head = ModernBertPredictionHead(self.config)
         self.drop = nn.Dropout(dropout)
         self.classifier = nn.Linear(self.config.hidden_size, num_labels)
         nn.init.normal_(self.classifier.weight, std=self.config.initializer_range)
