@@ -85,6 +85,16 @@ def run_name(path: Path) -> str:
     return path.parent.resolve().name
 
 
+def latest_run(rows: list[dict]) -> list[dict]:
+    """The rows of the newest run in the file. A resumed run first drops the rows past its checkpoint, so
+    `batch` only falls where a fresh run was started in a folder that held an older run's metrics."""
+    batches = [row.get("batch") if _finite(row.get("batch")) else None for row in rows]
+    starts = [
+        i for i in range(1, len(rows)) if None not in batches[i - 1 : i + 1] and batches[i] <= batches[i - 1]
+    ]
+    return rows[starts[-1] :] if starts else rows
+
+
 def read_run(run: str) -> Run:
     path = metrics_path(run)
     rows = []
@@ -100,6 +110,7 @@ def read_run(run: str) -> Run:
         rows.append(row)
     if not rows:
         raise ReportError(f"{path}: no metrics logged yet")
+    rows = latest_run(rows)
     x_key = next((key for key in X_KEYS if all(_finite(row.get(key)) for row in rows)), None)
     if x_key is None:
         raise ReportError(f"{path}: rows lack a numeric 'tokens', 'samples' or 'batch' to plot against")

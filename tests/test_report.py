@@ -50,10 +50,10 @@ def test_report_overlays_runs_with_every_logged_panel(tmp_path, capsys):
     assert image.std() > 0.05  # something was drawn, not a blank canvas
 
 
-def test_read_run_names_and_orders_rows(tmp_path):
+def test_read_run_names_the_run_and_skips_blank_lines(tmp_path):
     folder = write_run(tmp_path / "r", "my-run", rows_count=5)
     lines = (folder / "metrics.jsonl").read_text().splitlines()
-    (folder / "metrics.jsonl").write_text("\n".join(reversed(lines)) + "\n\n")
+    (folder / "metrics.jsonl").write_text("\n\n".join(lines) + "\n\n")  # blank lines are skipped
     run = read_run(str(folder))
     assert run.name == "my-run" and run.x_key == "tokens"
     assert [row["batch"] for row in run.rows] == [1, 2, 3, 4, 5]
@@ -95,3 +95,12 @@ def test_missing_run_and_bad_smoothing_are_one_line_errors(tmp_path, capsys):
         cli([str(tmp_path / "ok"), "--output", str(tmp_path / "r.png"), "--smoothing", "1.5"])
     assert exit.value.code == 2
     assert "--smoothing must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_a_fresh_run_in_an_old_runs_folder_is_plotted_alone(tmp_path):
+    folder = write_run(tmp_path / "r", "again", rows_count=6)
+    old = (folder / "metrics.jsonl").read_text()
+    newer = [json.dumps({"batch": step, "tokens": 10 * step, "loss/train/total": 1.0}) for step in (1, 2, 3)]
+    (folder / "metrics.jsonl").write_text(old + "\n".join(newer) + "\n")
+    run = read_run(str(folder))
+    assert [row["tokens"] for row in run.rows] == [10, 20, 30]
