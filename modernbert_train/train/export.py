@@ -113,6 +113,12 @@ def export_trainer_model(composer_model, out_dir: str | Path, tokenizer_file: st
 
 
 def cli(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--average" in argv:  # modernbert-export --average CKPT [CKPT ...] OUT_DIR
+        from modernbert_train.train.average import average_cli  # it builds on this module
+
+        average_cli(argv)
+        return
     parser = argparse.ArgumentParser(prog="modernbert-export", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="a Composer checkpoint (.pt) written by modernbert-train")
     parser.add_argument("out_dir", help="folder to write config.json, model.safetensors and the tokenizer to")
@@ -122,7 +128,7 @@ def cli(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace OUT_DIR even when it holds something else"
     )
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
     try:
         out = export_checkpoint(args.checkpoint, args.out_dir, args.tokenizer, args.overwrite)
     except ValueError as e:

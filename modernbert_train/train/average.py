@@ -1,0 +1,94 @@
+"""`modernbert-export --average CKPT [CKPT ...] OUT_DIR`: the uniform average of several checkpoints' model
+weights (checkpoint averaging: LAWA, model soups) as one transformers ModernBERT folder.
+
+Checkpoints are read one at a time and summed in float64, so N checkpoints cost two models of memory and the
+average is exact to the weights' own precision. They must share the model config; the tokenizer is the
+first one's.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from modernbert_train.hf import to_hf
+from modernbert_train.model import ModernBertConfig, ModernBertForMaskedLM
+from modernbert_train.train.checkpoint import CheckpointError, model_weights, read_checkpoint
+from modernbert_train.train.export import check_export_target, staged_export
+from modernbert_train.train.run_metadata import metadata_from_checkpoint
+
+
+def model_config_of(path: str | Path, checkpoint: dict) -> dict:
+    metadata = metadata_from_checkpoint(checkpoint)
+    if not metadata or "model_config" not in metadata:
+        raise CheckpointError(f"checkpoint {path} has no model config (not written by modernbert-train)")
+    # The attention backend is how the weights were run, not what they are.
+    return {k: v for k, v in metadata["model_config"].items() if k != "attn_backend"}
+
+
+def average_checkpoints(paths: list[str | Path]) -> tuple[ModernBertForMaskedLM, str | None]:
+    """The averaged model and the first checkpoint's tokenizer.json text."""
+    total: dict[str, torch.Tensor] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    first_config = tokenizer_json = None
+    for path in paths:
+        checkpoint = read_checkpoint(path)
+        config = model_config_of(path, checkpoint)
+        weights = model_weights(checkpoint)
+        if first_config is None:
+            first_config, tokenizer_json = config, metadata_from_checkpoint(checkpoint).get("tokenizer_json")
+            dtypes = {key: value.dtype for key, value in weights.items()}
+            total = {key: value.to(torch.float64) for key, value in weights.items()}
+            continue
+        differing = sorted(
+            k for k in first_config.keys() | config.keys() if first_config.get(k) != config.get(k)
+        )
+        if differing:
+            key = differing[0]
+            raise CheckpointError(
+                f"checkpoint {path} has model {key}={config.get(key)!r}, but {paths[0]} has "
+                f"{first_config.get(key)!r}: only checkpoints of one model can be averaged"
+            )
+        if weights.keys() != total.keys():
+            odd = sorted(weights.keys() ^ total.keys())[0]
+            raise CheckpointError(f"checkpoint {path} and {paths[0]} differ in their weights ({odd})")
+        for key, value in weights.items():
+            total[key] += value.to(torch.float64)
+        del checkpoint, weights
+    model = ModernBertForMaskedLM(ModernBertConfig.from_dict(first_config))
+    model.load_state_dict({key: (value / len(paths)).to(dtypes[key]) for key, value in total.items()})
+    return model, tokenizer_json
+
+
+def average_cli(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="modernbert-export",
+        usage="modernbert-export --average CKPT [CKPT ...] OUT_DIR [--tokenizer FILE] [--overwrite]",
+        description=__doc__.splitlines()[0],
+    )
+    parser.add_argument("--average", action="store_true", required=True)
+    parser.add_argument(
+        "paths", nargs="+", metavar="CKPT... OUT_DIR", help="checkpoints (.pt), then the folder"
+    )
+    parser.add_argument("--tokenizer", help="tokenizer.json to ship instead of the first checkpoint's")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace OUT_DIR even when it holds something else"
+    )
+    args = parser.parse_args(argv)
+    if len(args.paths) < 3:
+        print("modernbert-export: error: --average needs at least two checkpoints and the output folder",
+              file=sys.stderr)  # fmt: skip
+        sys.exit(2)
+    *checkpoints, out_dir = args.paths
+    try:
+        check_export_target(out_dir, args.overwrite)
+        model, tokenizer_json = average_checkpoints(checkpoints)
+        tokenizer = args.tokenizer or (Tokenizer.from_str(tokenizer_json) if tokenizer_json else None)
+        with staged_export(out_dir) as staging:
+            to_hf(model, staging, tokenizer)
+    except ValueError as e:
+        print(f"modernbert-export: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote {out_dir}: the average of {len(checkpoints)} checkpoints")

@@ -1,0 +1,65 @@
+"""modernbert-export --average: the uniform average of checkpoints' weights, exactly; mismatches refused."""
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from modernbert_train.hf import from_hf
+from modernbert_train.model import ModernBertConfig, ModernBertForMaskedLM
+from modernbert_train.train.export import cli
+from modernbert_train.train.run_metadata import RunMetadata
+
+SHAPE = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+             pad_token_id=0, cls_token_id=1, sep_token_id=2, mask_token_id=3)  # fmt: skip
+
+
+def write_checkpoint(path, tokenizer_file, seed, **overrides):
+    """A checkpoint as modernbert-train saves one: ModernBertMLM's weights under state/model ("model."
+    prefix) and the run's metadata under the RunMetadata callback."""
+    torch.manual_seed(seed)
+    model = ModernBertForMaskedLM(ModernBertConfig(**{**SHAPE, **overrides}))
+    metadata = RunMetadata(model.config.to_dict(), str(tokenizer_file), {}).state_dict()
+    weights = {f"model.{key}": value for key, value in model.state_dict().items()}
+    torch.save({"state": {"model": weights, "callbacks": {"RunMetadata": metadata}}}, path)
+    return model.state_dict()
+
+
+@pytest.fixture
+def tokenizer_file(tmp_path):
+    vocab = {token: i for i, token in enumerate(["[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]", "a", "b"])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    return tmp_path / "tokenizer.json"
+
+
+def test_average_of_checkpoints_is_exact(tmp_path, tokenizer_file, capsys):
+    states = [write_checkpoint(tmp_path / f"ba{i}.pt", tokenizer_file, seed=i) for i in range(3)]
+    cli(["--average", *(str(tmp_path / f"ba{i}.pt") for i in range(3)), str(tmp_path / "avg")])
+    assert "average of 3 checkpoints" in capsys.readouterr().out
+    averaged = from_hf(tmp_path / "avg").state_dict()
+    for key, value in averaged.items():
+        expected = (sum(state[key].double() for state in states) / 3).float()
+        assert torch.equal(value, expected), key
+    assert (tmp_path / "avg" / "tokenizer.json").is_file()
+    # One checkpoint twice averages to itself, bit for bit.
+    cli(["--average", str(tmp_path / "ba1.pt"), str(tmp_path / "ba1.pt"), str(tmp_path / "same")])
+    for key, value in from_hf(tmp_path / "same").state_dict().items():
+        assert torch.equal(value, states[1][key]), key
+
+
+def test_average_refuses_mismatched_or_missing_checkpoints(tmp_path, tokenizer_file, capsys):
+    write_checkpoint(tmp_path / "a.pt", tokenizer_file, seed=0)
+    write_checkpoint(tmp_path / "wide.pt", tokenizer_file, seed=1, intermediate_size=64)
+    cases = [
+        (["a.pt", "wide.pt"], "wide.pt has model intermediate_size=64, but"),
+        (["a.pt", "missing.pt"], "checkpoint not found"),
+        (["a.pt"], "needs at least two checkpoints and the output folder"),
+    ]
+    for checkpoints, expected in cases:
+        with pytest.raises(SystemExit) as exit:
+            cli(["--average", *(str(tmp_path / name) for name in checkpoints), str(tmp_path / "out")])
+        assert exit.value.code == 2
+        error = capsys.readouterr().err.strip()
+        assert expected in error and len(error.splitlines()) == 1, error
+        assert not (tmp_path / "out").exists()
