@@ -15,6 +15,8 @@ import numpy as np
 from streaming import Stream, StreamingDataset
 from streaming.base.world import World
 
+from modernbert_train.data.shared_memory import remove_stale_streaming_segments
+
 SOURCE_KEYS = ("name", "local", "remote", "split", "proportion", "repeat", "choose")
 PREFIX_ATTEMPTS = 5
 
@@ -92,6 +94,8 @@ def build_sample_space(
     # so looking again (after a random pause, to break the tie) is safe, with fresh Streams: streaming
     # writes its resolved proportions into the ones it was given.
     rng = np.random.default_rng()
+    # Killed runs' segments would otherwise stay; a later job on the host can fail on them.
+    remove_stale_streaming_segments()
     for attempt in range(PREFIX_ATTEMPTS):
         try:
             streams = [Stream(**{k: v for k, v in source.items() if k != "name"}) for source in sources]
