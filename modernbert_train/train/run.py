@@ -28,6 +28,7 @@ from modernbert_train.train.data_state import ObserveDataState
 from modernbert_train.train.export import export_trainer_model
 from modernbert_train.train.jsonl_logger import JSONLLogger
 from modernbert_train.train.nonfinite_guard import NonFiniteGuard
+from modernbert_train.train.periodic_export import periodic_export
 from modernbert_train.train.preemption import SaveOnSigterm
 from modernbert_train.train.run_metadata import RunMetadata
 from modernbert_train.train.schedulers import build_scheduler
@@ -198,6 +199,10 @@ def build_run(config: TrainConfig, start: RunStart | None = None) -> Run:
         overwrite = not config.autoresume
         keep = config.save_num_checkpoints_to_keep
         callbacks.append(AtomicCheckpointSaver(config.save_folder, sigterm.save_interval, overwrite, keep))
+    if config.export.interval:
+        callbacks.append(
+            periodic_export(config.export.interval, config.export.hf_dir, model, data.tokenizer_file)
+        )
     phase_change = PhaseChange() if start.kind is StartKind.PHASE_CHANGE else None
     if phase_change:
         callbacks.append(phase_change)

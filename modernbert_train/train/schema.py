@@ -117,6 +117,7 @@ class ParallelismConfig:
 @dataclass
 class ExportConfig:
     hf_dir: str | None = None  # written at the end of training (rank 0)
+    interval: str | None = None  # e.g. 500ba: also a transformers folder every N batches, at <hf_dir>-ba<N>
 
 
 @dataclass
