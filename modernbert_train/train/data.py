@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from modernbert_train import storage
 from modernbert_train.data import TokenizerInfo, build_dataloader, build_eval_dataset, build_train_dataset
 from modernbert_train.train.config import ConfigError, time_value
+from modernbert_train.train.data_checks import check_sources
 from modernbert_train.train.schema import DataSourceConfig, TrainConfig
 
 METADATA_FILE = "modernbert_data.json"  # written by data_prep next to the shards
@@ -113,6 +114,7 @@ def build_data(config: TrainConfig) -> TrainData:
     path = tokenizer_file(config)
     info = tokenizer_info(path, recorded_special_ids(config))
     check_shards_match(config, info)
+    check_sources(config, path)
     world_size = dist.get_world_size()
     if config.global_train_batch_size % world_size:
         raise ConfigError(
