@@ -13,7 +13,7 @@ from modernbert_train.train.main import main
 from modernbert_train.train.run_lock import LOCK_FILE, RunLockError, hold_run_lock
 
 HOLD = "import sys, time; from modernbert_train.train.run_lock import hold_run_lock; " \
-       "hold_run_lock(sys.argv[1]); print('held', flush=True); time.sleep(300)"  # fmt: skip
+       "hold_run_lock(sys.argv[1]).claim(); print('held', flush=True); time.sleep(300)"  # fmt: skip
 
 
 @pytest.fixture
@@ -50,14 +50,15 @@ def test_a_dead_runs_lock_is_taken_over(tmp_path, holder, capsys):
     folder = tmp_path / "run"
     holder.send_signal(signal.SIGKILL)  # dies without releasing anything
     holder.wait()
-    fd = hold_run_lock(folder)
+    lock = hold_run_lock(folder)
+    lock.claim()
     try:
         err = capsys.readouterr().err
         assert f"took over the lock of {folder} from a run that ended" in err and f"pid {holder.pid}" in err
         mine = json.loads((folder / LOCK_FILE).read_text())
         assert mine["pid"] == os.getpid() and mine["host"] == socket.gethostname()
     finally:
-        os.close(fd)
+        os.close(lock.fd)
 
 
 def test_a_save_folder_that_cannot_be_written_is_one_line(tmp_path):

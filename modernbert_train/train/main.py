@@ -41,8 +41,9 @@ def main(argv: list[str] | None = None) -> None:
         from modernbert_train.train.run_lock import hold_run_lock
         from modernbert_train.train.start import StartKind, decide_start
 
+        lock = None
         if config.save_folder and not storage.is_uri(config.save_folder) and dist.get_global_rank() == 0:
-            hold_run_lock(config.save_folder)  # before anything in the folder is read or changed
+            lock = hold_run_lock(config.save_folder)  # before anything in the folder is read or changed
         if config.export.hf_dir:
             check_export_target(config.export.hf_dir, overwrite=False)
         start = decide_start(config)
@@ -51,6 +52,8 @@ def main(argv: list[str] | None = None) -> None:
             if dist.get_global_rank() == 0:
                 print(start.completion_message(config))
             return
+        if lock is not None:
+            lock.claim()
         from modernbert_train.train.run import build_run
 
         run = build_run(config, start)

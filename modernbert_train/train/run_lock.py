@@ -2,7 +2,8 @@
 names the holder (host, pid, start time), so a second run on the folder is refused with who holds it.
 
 The kernel releases the lock when its process dies, however it dies; a lock file still naming a holder but no
-longer held is a dead run's, and is taken over (and said so). A run that ends normally empties the file.
+longer held is a dead run's, and is taken over (and said so). The holder is written once the run is known
+to train (a rerun of a finished run changes nothing in the folder); a run that ends normally empties it.
 """
 
 import atexit
@@ -22,8 +23,20 @@ class RunLockError(ValueError):
     """The save folder is another run's, or cannot hold a lock; one line naming the folder."""
 
 
-def hold_run_lock(folder: str | Path) -> int:
-    """Take the save folder's lock for the rest of this process; its file descriptor. Raises RunLockError."""
+class RunLock:
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def claim(self) -> None:
+        """Name this process as the holder, until it ends."""
+        _write(
+            self.fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()})
+        )
+        atexit.register(_release, self.fd)
+
+
+def hold_run_lock(folder: str | Path) -> RunLock:
+    """Take the save folder's lock for the rest of this process. Raises RunLockError."""
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -46,9 +59,7 @@ def hold_run_lock(folder: str | Path) -> int:
             f"({_describe(previous)})",
             file=sys.stderr,
         )
-    _write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}))
-    atexit.register(_release, fd)
-    return fd
+    return RunLock(fd)
 
 
 def _release(fd: int) -> None:
