@@ -7,6 +7,7 @@ match its checksum is taken; the others newer than it are moved aside (`NAME.bad
 out of the way of Composer's check for files a resumed run would overwrite.
 """
 
+import contextlib
 import errno
 import hashlib
 import logging
@@ -80,10 +81,8 @@ def write_checkpoint_atomically(path: Path, state_dict: dict[str, Any]) -> None:
         _fsync_folder(path.parent)
     except (OSError, RuntimeError) as e:  # torch.save's failed writes are RuntimeErrors
         for leftover in (staged, partial_file(checksum_file(path))):
-            try:
+            with contextlib.suppress(OSError):  # a read-only folder has none to remove
                 leftover.unlink(missing_ok=True)
-            except OSError:  # a read-only folder has none to remove
-                pass
         raise CheckpointSaveError(_explain_failed_write(path, state_dict, e)) from None
 
 
