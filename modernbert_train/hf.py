@@ -13,11 +13,13 @@ loads the same model.
 
 import dataclasses
 import json
+import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import storage
 from .model import ModelConfigError, ModernBertConfig, ModernBertForMaskedLM
 
 TIED_KEY = "decoder.weight"
@@ -184,6 +186,9 @@ def _summarise(kind: str, keys: list[str]) -> str:
 
 def read_hf_config(path: str | Path) -> ModernBertConfig:
     """Our config from a transformers ModernBERT folder's config.json (and its tokenizer's [MASK] id)."""
+    if storage.is_uri(path):
+        with storage.local_folder(path) as folder:
+            return read_hf_config(folder)
     folder = Path(path)
     config_file = folder / "config.json"
     if not config_file.is_file():
@@ -197,6 +202,9 @@ def read_hf_config(path: str | Path) -> ModernBertConfig:
 
 def from_hf(path: str | Path) -> ModernBertForMaskedLM:
     """Load a transformers ModernBertForMaskedLM folder (config.json + model.safetensors) as our model."""
+    if storage.is_uri(path):
+        with storage.local_folder(path) as folder:
+            return from_hf(folder)
     folder = Path(path)
     config = read_hf_config(folder)
     weights = _read_weights(folder)
@@ -231,9 +239,15 @@ def from_hf(path: str | Path) -> ModernBertForMaskedLM:
     return model
 
 
-def to_hf(model: ModernBertForMaskedLM, out_dir: str | Path, tokenizer=None) -> Path:
+def to_hf(model: ModernBertForMaskedLM, out_dir: str | Path, tokenizer=None) -> Path | str:
     """Write `model` as a transformers ModernBERT folder; with `tokenizer` (a tokenizer.json path, a folder
-    holding one, a tokenizers.Tokenizer or a transformers tokenizer) also its tokenizer files."""
+    holding one, a tokenizers.Tokenizer or a transformers tokenizer) also its tokenizer files. A URI
+    `out_dir` is written locally, then uploaded (config.json last)."""
+    if storage.is_uri(out_dir):
+        with tempfile.TemporaryDirectory(prefix="modernbert-hf-") as staging:
+            to_hf(model, staging, tokenizer)
+            storage.upload_folder(staging, out_dir, last=["config.json"])
+        return out_dir
     model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

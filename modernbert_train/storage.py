@@ -207,7 +207,7 @@ def download_file(path: str | os.PathLike, local: str | os.PathLike) -> Path:
         shutil.copyfile(path, local)
         return local
     uri = parse(str(path))
-    partial = local.with_name(local.name + ".part")
+    partial = local.with_name(f"{local.name}.part-{os.getpid()}")  # ranks may fetch the same file
     if uri.scheme == "s3":
         _s3_call(uri, "read", _s3().download_file, Bucket=uri.bucket, Key=uri.key, Filename=str(partial))
     else:

@@ -243,13 +243,45 @@ def _check_values(c: TrainConfig, path: Path) -> None:
         fail("parallelism.fsdp.state_dict_type", f"must be full or sharded, got '{fsdp.state_dict_type}'")
     if c.autoresume and not (c.run_name and c.save_folder):
         fail("autoresume", "needs run_name and save_folder")
+    _check_locations(c, fail)
     _check_model(c, path, fail)
+
+
+def _check_locations(c: TrainConfig, fail) -> None:
+    """Every URI in the recipe well formed and its bucket reachable, before any work starts."""
+    from modernbert_train import storage
+
+    locations = {
+        "save_folder": c.save_folder,
+        "load_path": c.load_path,
+        "model.init_from_hf": c.model.init_from_hf,
+        "export.hf_dir": c.export.hf_dir,
+        "data.tokenizer": c.data.tokenizer,
+    }
+    for split in ("train", "eval"):
+        for i, source in enumerate(getattr(c.data, split)):
+            if storage.is_uri(source.local):
+                fail(
+                    f"data.{split}.{i}.local",
+                    f"must be a local folder (the cache of 'remote'), got {source.local}",
+                )
+            locations[f"data.{split}.{i}.remote"] = source.remote
+    for key, location in locations.items():
+        try:
+            storage.check(location, "")
+        except storage.StorageError as e:
+            fail(key, str(e).strip())
+    hf = c.model.init_from_hf
+    if storage.is_uri(hf) and not storage.exists(storage.join(hf, "config.json")):
+        fail("model.init_from_hf", f"'{hf}' is not a transformers model folder: no config.json")
 
 
 def _check_model(c: TrainConfig, path: Path, fail) -> None:
     from modernbert_train.model import ModernBertConfig
+    from modernbert_train.storage import is_uri
 
-    if c.model.init_from_hf is not None and not Path(c.model.init_from_hf, "config.json").is_file():
+    hf = c.model.init_from_hf
+    if hf is not None and not is_uri(hf) and not Path(hf, "config.json").is_file():
         fail(
             "model.init_from_hf",
             f"'{c.model.init_from_hf}' is not a transformers model folder: no config.json",

@@ -1,6 +1,7 @@
 """The recipe's `data` section -> train and eval loaders over MDS shards, and their tokenizer."""
 
 import json
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,9 +29,30 @@ class TrainData:
 
 
 def tokenizer_file(config: TrainConfig) -> Path:
-    """data.tokenizer, else the tokenizer.json that data_prep leaves in the first train source's folder."""
+    """data.tokenizer, else the tokenizer.json that data_prep leaves in the first train source's folder
+    (of a `remote` source: fetched into its `local` cache, or a temporary folder)."""
     given = config.data.tokenizer
-    source = config.data.train[0].local
+    first = config.data.train[0]
+    if given is None and first.remote:
+        cache = Path(first.local or tempfile.mkdtemp(prefix="modernbert-tokenizer-"))
+        try:
+            return storage.download_file(
+                storage.join(first.remote, "tokenizer.json"), cache / "tokenizer.json"
+            )
+        except FileNotFoundError:
+            raise ConfigError(
+                f"data.train.0.remote: no tokenizer.json in {first.remote} (set data.tokenizer)"
+            ) from None
+    if storage.is_uri(given):
+        cache = Path(tempfile.mkdtemp(prefix="modernbert-tokenizer-"))
+        name = "tokenizer.json" if not given.endswith(".json") else given.rpartition("/")[2]
+        try:
+            return storage.download_file(
+                given if given.endswith(".json") else storage.join(given, name), cache / name
+            )
+        except FileNotFoundError:
+            raise ConfigError(f"data.tokenizer: no tokenizer at {given}") from None
+    source = first.local
     if given is None and source is None:
         raise ConfigError("data.tokenizer: needed when the first train source has no 'local' folder")
     path = Path(given if given is not None else source)
@@ -93,14 +115,16 @@ def check_shards_match(config: TrainConfig, info: TokenizerInfo) -> None:
     }
     for split in ("train", "eval"):
         for i, source in enumerate(getattr(config.data, split)):
-            metadata = Path(source.local or "", METADATA_FILE)
-            if not source.local or not metadata.is_file():
+            folder = source.remote or source.local
+            metadata = storage.join(folder, METADATA_FILE) if folder else None
+            if not metadata or not storage.exists(metadata):
                 continue
-            theirs = json.loads(metadata.read_text()).get("tokenizer", {})
+            theirs = json.loads(storage.read_text(metadata)).get("tokenizer", {})
             differing = [f"{k}={theirs[k]} there, {v} here" for k, v in ours.items() if theirs.get(k, v) != v]
             if differing:
+                key = "remote" if source.remote else "local"
                 raise ConfigError(
-                    f"data.{split}.{i}.local: {source.local} was tokenized with another "
+                    f"data.{split}.{i}.{key}: {folder} was tokenized with another "
                     f"tokenizer ({'; '.join(differing)})"
                 )
 
@@ -138,6 +162,8 @@ def build_data(config: TrainConfig) -> TrainData:
         lookahead=data.lookahead,
         batch_size_warmup=warmup,
         shuffle=data.shuffle,
+        predownload=data.predownload,
+        cache_limit=data.cache_limit,
     )
     eval_loader = None
     per_device = data.eval_batch_size or config.device_train_microbatch_size or 8

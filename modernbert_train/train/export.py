@@ -84,8 +84,13 @@ def staged_export(out_dir: str | Path) -> Iterator[Path | str]:
 def export_checkpoint(
     checkpoint_path: str | Path, out_dir: str | Path, tokenizer: str | None = None, overwrite: bool = False
 ) -> Path | str:
+    """Either path may be a URI: the checkpoint is fetched, the folder uploaded."""
     check_export_target(out_dir, overwrite)
-    checkpoint = read_checkpoint(checkpoint_path)
+    try:
+        with storage.local_file(checkpoint_path) as local:
+            checkpoint = read_checkpoint(local)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {checkpoint_path}") from None
     metadata = metadata_from_checkpoint(checkpoint)
     if not metadata or "model_config" not in metadata:
         raise CheckpointError(

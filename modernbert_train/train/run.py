@@ -16,6 +16,7 @@ from composer.core import Evaluator, Time, TimeUnit
 from composer.loggers import WandBLogger
 from composer.utils import FSDP2Config, dist, reproducibility
 
+from modernbert_train import storage
 from modernbert_train.hf import from_hf, read_hf_config
 from modernbert_train.model import ModernBertConfig, pad_vocab_size
 from modernbert_train.optim import build_optimizer
@@ -25,6 +26,7 @@ from modernbert_train.train.composer_model import ModernBertMLM, data_spec
 from modernbert_train.train.config import ConfigError, to_dict, to_yaml
 from modernbert_train.train.data import TrainData, build_data, device_microbatch_size
 from modernbert_train.train.data_state import ObserveDataState
+from modernbert_train.train.data_wait import DataWaitMonitor
 from modernbert_train.train.export import export_trainer_model
 from modernbert_train.train.jsonl_logger import JSONLLogger
 from modernbert_train.train.nonfinite_guard import NonFiniteGuard
@@ -126,8 +128,7 @@ def progress_bar(config: TrainConfig) -> bool:
 
 def save_resolved_config(config: TrainConfig) -> None:
     if config.save_folder and dist.get_global_rank() == 0:
-        Path(config.save_folder).mkdir(parents=True, exist_ok=True)
-        Path(config.save_folder, "config.yaml").write_text(to_yaml(config))
+        storage.write_text(storage.join(config.save_folder, "config.yaml"), to_yaml(config))
 
 
 def parallelism(config: TrainConfig) -> dict | None:
@@ -142,7 +143,8 @@ def loggers(config: TrainConfig) -> list:
     if config.save_folder:
         every = Time.from_timestring(config.log_interval)
         every_n = int(every.value) if every.unit == TimeUnit.BATCH else 1
-        destinations.append(JSONLLogger(Path(config.save_folder, "metrics.jsonl"), every_n))
+        metrics = storage.join(config.save_folder, "metrics.jsonl")
+        destinations.append(JSONLLogger(metrics, every_n, config.save_interval))
     wandb = config.loggers.wandb
     if wandb is not None:
         init_kwargs = {"config": to_dict(config)}
@@ -191,6 +193,7 @@ def build_run(config: TrainConfig, start: RunStart | None = None) -> Run:
         SpeedMonitor(window_size=config.speed_window),
         LRMonitor(),
         ObserveDataState(),
+        DataWaitMonitor(),
         NonFiniteGuard(config.max_nonfinite_batches),
         RunMetadata(model.config.to_dict(), str(data.tokenizer_file), to_dict(config)),
         sigterm,
@@ -217,6 +220,7 @@ def build_run(config: TrainConfig, start: RunStart | None = None) -> Run:
             )
         )
     save_resolved_config(config)
+    remote_resume = storage.is_uri(config.save_folder) and start.kind is StartKind.RESUME
     trainer_kwargs = dict(
         model=model,
         train_dataloader=data_spec(data.train_loader),
@@ -241,9 +245,10 @@ def build_run(config: TrainConfig, start: RunStart | None = None) -> Run:
         save_interval=sigterm.save_interval,
         save_num_checkpoints_to_keep=config.save_num_checkpoints_to_keep,
         save_overwrite=not config.autoresume,
-        autoresume=config.autoresume,
-        load_path=config.load_path,
-        load_weights_only=config.load_weights_only,
+        # A bucket's run resumes from the checkpoint decide_start found, loaded like a load_path.
+        autoresume=config.autoresume and not remote_resume,
+        load_path=start.checkpoint if remote_resume else config.load_path,
+        load_weights_only=config.load_weights_only and not remote_resume,
         load_ignore_keys=phase_change.ignore_keys if phase_change else None,
         parallelism_config=parallelism(config),
         dist_timeout=config.dist_timeout,

@@ -53,6 +53,10 @@ class DataConfig:
     shuffle: bool = True
     eval_batch_size: int | None = None  # per device; default: device_train_microbatch_size or 8
     batch_size_warmup: BatchSizeWarmupConfig = field(default_factory=BatchSizeWarmupConfig)
+    # Remote streams' local cache (streaming's): bytes kept before the least recently used shards are
+    # evicted (e.g. 200gb; default: no limit), and samples per worker downloaded ahead of use.
+    cache_limit: str | None = None
+    predownload: int | None = None
 
 
 @dataclass

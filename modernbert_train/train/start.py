@@ -18,6 +18,7 @@ from pathlib import Path
 from composer.core import Time
 from composer.utils import dist, get_device
 
+from modernbert_train import storage
 from modernbert_train.train.checkpoint import CLOCK_COUNTERS, CheckpointError, checkpoint_clock
 from modernbert_train.train.checkpoint_files import checkpoint_order, newest_good_checkpoint
 from modernbert_train.train.schema import TrainConfig
@@ -67,7 +68,12 @@ def decide_start(config: TrainConfig) -> RunStart:
 
 
 def _decide(config: TrainConfig) -> RunStart:
-    checkpoint = _newest_good_checkpoint(config.save_folder) if config.autoresume else None
+    if not config.autoresume:
+        checkpoint = None
+    elif storage.is_uri(config.save_folder):
+        checkpoint = _latest_remote_checkpoint(config.save_folder)
+    else:
+        checkpoint = _newest_good_checkpoint(config.save_folder)
     if checkpoint is not None:
         elapsed = _elapsed(checkpoint, config.max_duration)
         kind = StartKind.COMPLETE if _reached(elapsed, config.max_duration) else StartKind.RESUME
@@ -104,13 +110,25 @@ def _newest_good_checkpoint(save_folder: str) -> Path | None:
     return checkpoint
 
 
+def _latest_remote_checkpoint(save_folder: str) -> str | None:
+    """The newest checkpoint in a bucket's save folder. An object appears whole or not at all, so every
+    listed one is complete; Composer's `latest` link there is uploaded up to half a minute after it."""
+    names = [name for name in storage.list_files(save_folder) if checkpoint_order(Path(name))]
+    newest = max(names, key=lambda name: checkpoint_order(Path(name)), default=None)
+    return storage.join(save_folder, newest) if newest else None
+
+
 def _elapsed(checkpoint: str | Path, max_duration: str) -> Time | None:
     """The checkpoint's training time in max_duration's unit; None for a unit the clock does not count."""
     unit = Time.from_timestring(max_duration).unit
     counter = unit.name.lower()
     if counter not in CLOCK_COUNTERS:
         return None
-    return Time(checkpoint_clock(checkpoint)[counter], unit)
+    try:
+        with storage.local_file(checkpoint) as local:  # a bucket's checkpoint is fetched whole to read it
+            return Time(checkpoint_clock(local)[counter], unit)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {checkpoint}") from None
 
 
 def _reached(elapsed: Time | None, max_duration: str) -> bool:

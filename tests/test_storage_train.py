@@ -1,0 +1,98 @@
+"""A run that lives in a bucket, end to end against the suite's S3 server: shard to s3://, inspect it, train
+from it with save_folder=s3:// and autoresume, SIGKILL after a checkpoint, rerun the same command, export."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import REPO, run_env, run_train, train_command
+
+from modernbert_train import storage
+
+pytestmark = pytest.mark.slow
+CHECKPOINT = re.compile(r"ep\d+-ba(\d+)-rank0\.pt")
+
+
+def data_cli(*args: str) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        [sys.executable, "-m", "data_prep.cli", *args],
+        cwd=REPO,
+        env=run_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_shard_train_kill_resume_and_export_in_a_bucket(s3_bucket, tiny_data, write_recipe, tmp_path):
+    data = storage.join(s3_bucket, "data", "train")
+    data_cli("shard", "--input", str(tiny_data / "corpus" / "train.jsonl"), "--output", data,
+             "--tokenizer", str(tiny_data / "tokenizer"), "--workers", "1")  # fmt: skip
+    inspected = json.loads(data_cli("inspect", data, "--json").stdout)
+    assert inspected["documents"] == 400 and inspected["path"] == data
+
+    run = storage.join(s3_bucket, "run")
+    recipe = write_recipe(
+        max_duration="24ba",
+        autoresume=True,
+        save_interval="4ba",
+        save_folder=run,
+        data={"train": [{"remote": data, "local": str(tmp_path / "cache")}], "eval": []},
+        export={"hf_dir": storage.join(run, "hf")},
+    )
+    log = tmp_path / "killed.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            train_command(recipe), cwd=REPO, env=run_env(), stdout=out, stderr=out, start_new_session=True
+        )
+    deadline = time.monotonic() + 300
+    while not any(CHECKPOINT.fullmatch(name) for name in storage.list_files(run)):
+        assert process.poll() is None, f"training ended early:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, "no checkpoint reached the bucket"
+        time.sleep(0.1)
+    # The whole process group, as when a node dies: Composer's uploader runs in processes of its own.
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    killed_at = max(int(m[1]) for name in storage.list_files(run) if (m := CHECKPOINT.fullmatch(name)))
+    assert killed_at < 24, "the run finished before the kill (uploads slower than training)"
+    # The metrics were uploaded with (before) the checkpoint.
+    assert killed_at in {row["batch"] for row in read_json_lines(storage.join(run, "metrics.jsonl"))}
+
+    resumed = run_train(recipe, timeout=600)  # the same command again
+    loaded = re.findall(r"Loading checkpoint from (\S+)", resumed.stderr)
+    assert loaded == [storage.join(run, f"ep0-ba{killed_at}-rank0.pt")], resumed.stderr[-3000:]
+    rows = read_json_lines(storage.join(run, "metrics.jsonl"))
+    # Continued from the checkpoint: the killed run's rows up to it, then the rest, one row per batch.
+    assert [row["batch"] for row in rows] == list(range(1, 25))
+    assert all(
+        0 <= row["time/data_wait_fraction"] <= 1 and 0 < row["data/packing_efficiency"] <= 1 for row in rows
+    )
+    names = storage.list_files(run)
+    assert {"config.yaml", "ep0-ba24-rank0.pt", "hf/config.json", "hf/model.safetensors"} <= set(names)
+    assert not (REPO / "s3:").exists()
+
+    from transformers import AutoModelForMaskedLM
+
+    exported = tmp_path / "exported"
+    done = subprocess.run(
+        [sys.executable, "-m", "modernbert_train.train.export", storage.join(run, "ep0-ba24-rank0.pt"),
+         str(exported)], cwd=REPO, env=run_env(), capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    with storage.local_folder(storage.join(run, "hf")) as hf_dir:
+        at_end = AutoModelForMaskedLM.from_pretrained(hf_dir).eval()
+    from_checkpoint = AutoModelForMaskedLM.from_pretrained(exported).eval()
+    ids = torch.tensor([[1, 10, 20, 30, 2]])
+    with torch.no_grad():
+        assert torch.equal(at_end(ids).logits, from_checkpoint(ids).logits)
+
+
+def read_json_lines(uri: str) -> list[dict]:
+    return [json.loads(line) for line in storage.read_text(uri).splitlines()]
