@@ -13,7 +13,7 @@ from pathlib import Path
 from modernbert_train.hf import HFCheckpointError
 
 from .data import FinetuneError
-from .stdlib_task import build_task
+from .stdlib_task import PACKAGES, build_task
 from .train import FinetuneSettings, finetune
 
 METRIC = "accuracy"
@@ -32,7 +32,7 @@ def evaluate(model_dir: Path, output: Path) -> dict:
         results = finetune(model_dir, task["train"], task["eval"], work / name, settings)
         scores[name] = results["final"]
     summary = {
-        "task": "stdlib-package: which of 10 standard-library packages a 12-line Python snippet comes from",
+        "task": f"which of {len(PACKAGES)} standard-library packages a 12-line snippet of Python comes from",
         "metric": METRIC,
         "pretrained": scores["pretrained"][METRIC]["mean"],
         "random_init": scores["random_init"][METRIC]["mean"],

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-PACKAGES = ("asyncio", "distutils", "email", "idlelib", "importlib", "lib2to3", "multiprocessing",
-            "tkinter", "unittest", "xml")  # fmt: skip
+from .data import FinetuneError
+
+# Packages every Python from 3.10 on ships with enough code (distutils and lib2to3 are gone in 3.12/3.13).
+PACKAGES = ("asyncio", "email", "idlelib", "importlib", "multiprocessing", "tkinter", "unittest", "xml")
 EXCLUDED_DIRS = {"test", "tests", "idle_test", "__pycache__"}
 SNIPPET_LINES = 12
 SNIPPETS_PER_FILE = 16  # big files would otherwise crowd the small ones out of a class
@@ -56,7 +58,7 @@ def build_task(output: str | Path, stdlib: Path | None = None) -> dict[str, Path
             pools[split_of(relative)].extend(snippets(path))
         for split, pool in pools.items():
             if len(pool) < PER_CLASS[split]:
-                raise ValueError(
+                raise FinetuneError(
                     f"{stdlib / package}: {len(pool)} {split} snippets, {PER_CLASS[split]} needed"
                 )
             chosen = rng.choice(len(pool), PER_CLASS[split], replace=False)
