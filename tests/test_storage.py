@@ -80,3 +80,21 @@ def test_local_paths_pass_through(tmp_path):
     assert storage.list_files(tmp_path) == ["deep/x.txt"]
     assert storage.exists(tmp_path / "deep" / "x.txt") and not storage.exists(tmp_path / "deep")
     assert storage.list_files(tmp_path / "absent") == []
+
+
+def test_hf_folder_round_trip_through_s3(s3_bucket):
+    import torch
+
+    from modernbert_train.hf import from_hf, read_hf_config, to_hf
+    from modernbert_train.model import ModernBertConfig, ModernBertForMaskedLM
+
+    ids = dict(pad_token_id=0, cls_token_id=1, sep_token_id=2, mask_token_id=3)
+    model = ModernBertForMaskedLM(ModernBertConfig.from_preset("tiny", vocab_size=64, **ids)).eval()
+    folder = storage.join(s3_bucket, "export", "hf")
+    assert to_hf(model, folder) == folder
+    assert {"config.json", "model.safetensors"} <= set(storage.list_files(folder))
+    assert read_hf_config(folder).to_dict() == model.config.to_dict()
+    loaded = from_hf(folder).eval()
+    tokens = torch.tensor([[1, 5, 6, 7, 2]])
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, model(tokens).logits)
