@@ -185,9 +185,9 @@ def draw(runs: list[Run], output: Path, smoothing: float | None, log_x: bool) ->
         ax.set_title(panel.title)
         ax.set_xlabel(x_label)
         ax.grid(True, alpha=0.3)
-        ax.xaxis.set_major_formatter(EngFormatter())
         if log_x:
             ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(EngFormatter())  # after the scale: setting one resets the formatter
         values = [v for series in per_run for _, y in series.values() for v in y]
         # A log axis only helps a loss that falls by a large factor; over a narrow range it hides labels.
         if panel.log_y and min(values) > 0 and max(values) / min(values) > 4:
@@ -196,6 +196,10 @@ def draw(runs: list[Run], output: Path, smoothing: float | None, log_x: bool) ->
         if panel.percent:
             ax.yaxis.set_major_formatter(PercentFormatter(1.0))
         ax.legend(fontsize=8)
+    # One tokens-seen range for every panel, so a point sits at the same place in each.
+    xs = [row[run.x_key] for run in runs for row in run.rows]
+    for ax in list(axes.flat)[: len(drawn)]:
+        ax.set_xlim(min(xs), max(xs))
     for ax in list(axes.flat)[len(drawn) :]:
         ax.set_visible(False)
     figure.tight_layout()
