@@ -41,7 +41,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from modernbert_train.data.batch_schedule import BatchSizeSchedule
 from modernbert_train.data.chunking import chunk_bounds, wrap_chunk
 from modernbert_train.data.masking import IGNORE_INDEX, document_rng, mask_tokens
-from modernbert_train.data.mixture import ShardPrefetcher, epoch_sample_ids
+from modernbert_train.data.mixture import ShardPrefetcher, epoch_sample_ids, read_sample
 from modernbert_train.data.packing import BestFitPacker, Chunk, rows_to_batch
 from modernbert_train.data.tokens import TokenizerInfo
 
@@ -322,7 +322,7 @@ class PackedMLMDataset(IterableDataset):
                 prefetcher.close()
 
     def _document_chunks(self, epoch: int, sample_id: int) -> list[Chunk]:
-        tokens = self.samples[sample_id]["input_ids"]
+        tokens = read_sample(self.samples, sample_id)["input_ids"]
         if not len(tokens):
             return []
         rng = document_rng(self.seed, epoch, sample_id)

@@ -155,3 +155,22 @@ class ShardPrefetcher:
 
     def close(self) -> None:
         self._stop.set()
+
+
+class ShardReadError(RuntimeError):
+    """A shard that cannot be read; the message is one line naming the shard and its stream."""
+
+
+def read_sample(samples: StreamingDataset, sample_id: int) -> dict[str, Any]:
+    """`samples[sample_id]`, with a damaged shard (say zstd's "Data corruption detected") named."""
+    try:
+        return samples[sample_id]
+    except Exception as e:
+        shard_id = int(samples.spanner[sample_id][0])
+        stream = samples.streams[int(samples.stream_per_shard[shard_id])]
+        shard = samples.shards[shard_id]
+        name = (shard.zip_data or shard.raw_data).basename
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ShardReadError(
+            f"shard {name} of stream {stream.remote or stream.local} cannot be read: {reason}"
+        ) from e

@@ -84,8 +84,12 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _one_line(error: Exception) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+    lines = str(error).strip().splitlines()
+    if not lines:
+        return type(error).__name__
+    if any(line.startswith("Original Traceback") for line in lines):
+        return lines[-1]  # a DataLoader worker's error, re-raised: its own last line names it
+    return f"{type(error).__name__}: {lines[0]}"
 
 
 def _write_traceback(config: TrainConfig, rank: int) -> Path:
