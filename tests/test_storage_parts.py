@@ -49,6 +49,19 @@ def test_three_tasks_and_merge_equal_one_task(s3_bucket, tiny_data, tmp_path, ca
     assert (metadata["documents"], metadata["tokens"]) == (400, single["tokens"])
     assert storage.exists(storage.join(output, "tokenizer.json"))
 
+    # The same parts merged in a local folder.
+    local = tmp_path / "local"
+    for i in range(3):
+        storage.download_folder(
+            storage.join(output, f"part-0000{i}-of-00003"), local / f"part-0000{i}-of-00003"
+        )
+    assert main(["merge", str(local)]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(local), "--json"]) == 0
+    assert {k: v for k, v in json.loads(capsys.readouterr().out).items() if k != "path"} == {
+        k: v for k, v in merged.items() if k != "path"
+    }
+
     from streaming import StreamingDataset
 
     def streamed(**where) -> list[list[int]]:
@@ -57,7 +70,7 @@ def test_three_tasks_and_merge_equal_one_task(s3_bucket, tiny_data, tmp_path, ca
 
     from_single = streamed(local=str(tmp_path / "single"))
     from_bucket = streamed(remote=output, local=str(tmp_path / "cache"))
-    assert from_bucket == from_single and len(from_single) == 400
+    assert from_bucket == from_single == streamed(local=str(local)) and len(from_single) == 400
 
 
 def test_task_split_is_contiguous_balanced_and_complete(tmp_path):
