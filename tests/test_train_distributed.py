@@ -1,9 +1,12 @@
 """Multi-process training on CPU (gloo) through Composer's launcher: DDP, two "nodes" on localhost, FSDP2."""
 
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -103,30 +106,95 @@ def test_two_nodes_on_localhost(write_recipe, tmp_path):
     assert all(row["samples"] == 8 * row["batch"] for row in rows)
 
 
-def test_fsdp2_with_full_and_sharded_state_dicts(write_recipe, tmp_path):
-    outputs = {}
-    for state_dict_type in ("full", "sharded"):
-        folder = tmp_path / state_dict_type
+def rewind(folder, to: str) -> None:
+    """Make `to` the latest checkpoint, as a kill right after writing it would have left the folder."""
+    for later in folder.glob("ep*"):
+        if later.name != to:
+            shutil.rmtree(later) if later.is_dir() else later.unlink()
+    (folder / "latest-rank0.pt").unlink()
+    (folder / "latest-rank0.pt").symlink_to(to)
+
+
+@pytest.mark.timeout(1800)  # four 2-process runs: minutes on a loaded 2-core machine
+def test_fsdp2_resume_is_exact_with_full_and_sharded_state_dicts(write_recipe, tmp_path):
+    """A straight run (full state dicts) and, beside it, a sharded run SIGKILLed after its batch-4 checkpoint;
+    then the sharded run restarted with the same command and, beside it, the straight run rewound to its
+    batch-4 checkpoint and restarted. All agree batch by batch: the resumed runs found the same weights,
+    moments, schedule and data stream. (Two runs at a time: half the wall time of one after the other.)"""
+
+    def start(state_dict_type: str, log, **popen) -> subprocess.Popen:
         recipe = write_recipe(
             tmp_path / f"{state_dict_type}.yaml",
-            max_duration="4ba",
+            max_duration="8ba",
             save_interval="4ba",
-            save_folder=str(folder),
+            autoresume=True,
+            save_folder=str(tmp_path / state_dict_type),
             data={"eval": []},
             parallelism={"fsdp": {"state_dict_type": state_dict_type}},
         )
-        with (tmp_path / f"{state_dict_type}.log").open("w+b") as log:
-            process = launch(
-                [*LAUNCHER, "-n", "2", "--master_port", str(free_port()), *train_args(recipe)], log
-            )
-            (output,) = finish([process], [log])
-        assert process.returncode == 0, output[-4000:]
-        outputs[state_dict_type] = losses_by_batch(folder / "metrics.jsonl")
-    assert (tmp_path / "sharded" / "ep0-ba4").is_dir()
-    assert outputs["full"] == pytest.approx(outputs["sharded"], rel=1e-5)
+        command = [*LAUNCHER, "-n", "2", "--master_port", str(free_port()), *train_args(recipe)]
+        return subprocess.Popen(
+            command, cwd=REPO, env=run_env(), stdout=log, stderr=subprocess.STDOUT, **popen
+        )
+
+    def finish_all(processes: list[subprocess.Popen], logs: list) -> None:
+        for process, output in zip(processes, finish(processes, logs, timeout=900)):
+            assert process.returncode == 0, output[-4000:]
+
+    full, sharded = tmp_path / "full", tmp_path / "sharded"
+    with (tmp_path / "full.log").open("w+b") as full_log, (tmp_path / "killed.log").open("w+b") as killed_log:
+        straight_run = start("full", full_log)
+        # its own session: the kill takes the launcher and both ranks at once, as a lost node does
+        killed = start("sharded", killed_log, start_new_session=True)
+        deadline = time.monotonic() + 600
+        while not (sharded / "latest-rank0.pt").is_symlink() and killed.poll() is None:
+            assert time.monotonic() < deadline, "timed out waiting for the batch-4 checkpoint"
+            time.sleep(0.05)
+        os.killpg(killed.pid, signal.SIGKILL)
+        killed.wait()
+        finish_all([straight_run], [full_log])
+    assert (sharded / "ep0-ba4").is_dir() and not (sharded / "ep0-ba8").exists()
+    straight = losses_by_batch(full / "metrics.jsonl")
+    assert sorted(straight) == list(range(1, 9))
     # The optimizer stepped the sharded weights: its moments hold the gradients of every parameter. (Had
     # backward left the gradients on unsharded copies, the state would be empty until the checkpoint's
     # zero-gradient initialization.)
-    checkpoint = torch.load(tmp_path / "full" / "ep0-ba4-rank0.pt", map_location="cpu", weights_only=False)
+    checkpoint = torch.load(full / "ep0-ba8-rank0.pt", map_location="cpu", weights_only=False)
     moments = checkpoint["state"]["optimizers"]["StableAdamW"]["state"]
     assert moments and all(state["exp_avg"].abs().max() > 0 for state in moments.values())
+    grad_norms = {row["batch"]: row["train/grad_norm"] for row in read_metrics(full / "metrics.jsonl")}
+
+    rewind(full, "ep0-ba4-rank0.pt")
+    with (tmp_path / "full2.log").open("w+b") as full_log, (tmp_path / "sharded.log").open("w+b") as log:
+        finish_all([start("full", full_log), start("sharded", log)], [full_log, log])
+    resumed_full = losses_by_batch(full / "metrics.jsonl")
+    resumed_sharded = losses_by_batch(sharded / "metrics.jsonl")
+    assert sorted(resumed_sharded) == sorted(resumed_full) == list(range(1, 9))
+    for batch, loss in straight.items():
+        assert resumed_full[batch] == pytest.approx(loss, rel=1e-6), f"full, batch {batch}"
+        assert resumed_sharded[batch] == pytest.approx(loss, rel=1e-5), f"sharded, batch {batch}"
+    # the gradient norm over FSDP's shards, logged every batch, the same whichever state dicts are saved
+    sharded_norms = {row["batch"]: row["train/grad_norm"] for row in read_metrics(sharded / "metrics.jsonl")}
+    assert all(0 < norm < float("inf") for norm in grad_norms.values())
+    assert sharded_norms == pytest.approx(grad_norms, rel=1e-4)
+
+
+@pytest.mark.timeout(1800)
+def test_resume_on_another_world_size(write_recipe, tmp_path):
+    """1 process to batch 3, then 2 processes to batch 6, then 1 again to batch 9 (DDP, autoresume): the
+    global batch stays 8 rows, each change logs what it skipped, and the run trains on."""
+    recipe = write_recipe(save_interval="3ba", autoresume=True, data={"eval": []})
+    logs = []
+    for processes, until in ((1, 3), (2, 6), (1, 9)):
+        command = [*LAUNCHER, "-n", str(processes), "--master_port", str(free_port())]
+        with (tmp_path / f"to{until}.log").open("w+b") as log:
+            process = launch([*command, *train_args(recipe, f"max_duration={until}ba")], log)
+            (output,) = finish([process], [log], timeout=900)
+        assert process.returncode == 0, output[-4000:]
+        logs.append(output)
+    assert "resuming on 2 rank(s) a stream saved by 1 rank(s)" in logs[1]
+    assert "resuming on 1 rank(s) a stream saved by 2 rank(s)" in logs[2]
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [row["batch"] for row in rows] == list(range(1, 10))
+    assert all(row["samples"] == 8 * row["batch"] for row in rows)
+    assert rows[-1]["loss/train/total"] < rows[0]["loss/train/total"]

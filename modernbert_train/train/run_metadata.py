@@ -1,5 +1,6 @@
 """Keeps what export and later phases need inside every checkpoint: model config, tokenizer, recipe."""
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,9 @@ class RunMetadata(Callback):
     """Composer saves each callback's `state_dict` under `state/callbacks/RunMetadata` in the checkpoint.
 
     Loading a checkpoint never overwrites this run's own metadata (a phase change may set a new RoPE
-    theta); what the checkpoint held is kept in `loaded`.
+    theta); what the checkpoint held is kept in `loaded`. The state is one JSON string: a sharded checkpoint's
+    load (torch.distributed.checkpoint) needs every key of this run's state in the checkpoint, so nested
+    recipe keys would fail the resume of any checkpoint saved before a recipe key was added.
     """
 
     def __init__(self, model_config: dict[str, Any], tokenizer_file: str, recipe: dict[str, Any]):
@@ -24,11 +27,17 @@ class RunMetadata(Callback):
         self.loaded: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        return dict(self.metadata)
+        return {"json": json.dumps(self.metadata)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.loaded = state
+        self.loaded = decode(state)
+
+
+def decode(state: dict[str, Any]) -> dict[str, Any]:
+    """The metadata of a RunMetadata state (checkpoints before the JSON string held the dict itself)."""
+    return json.loads(state["json"]) if set(state) == {"json"} else state
 
 
 def metadata_from_checkpoint(checkpoint: dict) -> dict[str, Any] | None:
-    return checkpoint.get("state", {}).get("callbacks", {}).get(RunMetadata.__qualname__)
+    state = checkpoint.get("state", {}).get("callbacks", {}).get(RunMetadata.__qualname__)
+    return decode(state) if state is not None else None
