@@ -126,3 +126,11 @@ def test_cli_exits_2_with_one_line_before_importing_composer(tmp_path):
         [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True
     )
     assert imported.stdout.strip() == "False"
+
+
+def test_sharded_checkpoints_in_a_bucket_are_refused_rather_than_missed_on_resume(tmp_path):
+    recipe = write(tmp_path, GOOD + "parallelism:\n  fsdp:\n    state_dict_type: sharded\n")
+    overrides = ("run_name=r", "save_folder=s3://bucket/run", "autoresume=true")
+    assert "'parallelism.fsdp.state_dict_type' sharded checkpoints in a bucket" in error_of(
+        recipe, *overrides
+    )
