@@ -5,7 +5,7 @@ import math
 import tempfile
 from pathlib import Path
 
-from composer.core import Event, State
+from composer.core import Callback, Event, State
 from composer.loggers import Logger, LoggerDestination
 from composer.utils import create_interval_scheduler, dist
 
@@ -70,9 +70,15 @@ class JSONLLogger(LoggerDestination):
         self._flush()
 
     def batch_checkpoint(self, state: State, logger: Logger) -> None:
-        self._flush()
+        self._flush()  # done already by `writer_before_save()` when the run lists it
         if self.checkpoint_due(state, Event.BATCH_CHECKPOINT):
             self._upload()
+
+    def writer_before_save(self) -> Callback:
+        """A callback to list before the checkpoint saver. At an event's end Composer runs loggers after the
+        other callbacks, so this logger alone would write the batch's row after its checkpoint is saved,
+        and a kill between the two would lose the row."""
+        return _WriteRow(self)
 
     def batch_end(self, state: State, logger: Logger) -> None:
         now = state.timestamp
@@ -132,3 +138,11 @@ class JSONLLogger(LoggerDestination):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
             f.write(json.dumps(ordered) + "\n")
+
+
+class _WriteRow(Callback):
+    def __init__(self, destination: JSONLLogger):
+        self.destination = destination
+
+    def batch_checkpoint(self, state: State, logger: Logger) -> None:
+        self.destination._flush()

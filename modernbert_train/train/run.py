@@ -189,6 +189,7 @@ def build_run(config: TrainConfig, start: RunStart | None = None) -> Run:
     scheduler = build_scheduler({k: v for k, v in to_dict(config)["scheduler"].items() if v is not None})
 
     sigterm = SaveOnSigterm(config.save_interval, saves=bool(config.save_folder))
+    destinations = loggers(config)
     callbacks = [
         SpeedMonitor(window_size=config.speed_window),
         LRMonitor(),
@@ -198,6 +199,7 @@ def build_run(config: TrainConfig, start: RunStart | None = None) -> Run:
         RunMetadata(model.config.to_dict(), str(data.tokenizer_file), to_dict(config)),
         sigterm,
     ]
+    callbacks += [d.writer_before_save() for d in destinations if isinstance(d, JSONLLogger)]
     if config.save_folder:
         overwrite = not config.autoresume
         keep = config.save_num_checkpoints_to_keep
@@ -233,7 +235,7 @@ def build_run(config: TrainConfig, start: RunStart | None = None) -> Run:
         step_schedulers_every_batch=True,
         algorithms=[GradientClipping("norm", config.grad_clip_norm)] if config.grad_clip_norm else [],
         callbacks=callbacks,
-        loggers=loggers(config),
+        loggers=destinations,
         run_name=config.run_name,
         progress_bar=progress_bar(config),
         log_to_console=not progress_bar(config),
