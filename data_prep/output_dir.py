@@ -9,7 +9,6 @@ reader never sees a half-uploaded dataset, and an interrupted upload is simply r
 """
 
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,13 +19,6 @@ from modernbert_train import storage
 
 FINISHED_MARKER = "modernbert_data.json"  # written last by every command that fills an output folder
 UPLOADED_LAST = ("index.json", FINISHED_MARKER)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink()
 
 
 def check_output_free(output: Path | str, overwrite: bool) -> None:
@@ -56,21 +48,9 @@ def staged_output(output: Path | str, overwrite: bool) -> Iterator[Path]:
     output = Path(os.path.abspath(output))
     check_output_free(output, overwrite)
     staging = output.with_name(f"{output.name}.tmp-{os.getpid()}")
-    if staging.exists():
-        _remove(staging)
-    staging.mkdir(parents=True)
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if output.exists() or output.is_symlink():
-        retired = output.with_name(f"{output.name}.old-{os.getpid()}")
-        os.replace(output, retired)
-        os.replace(staging, output)
-        _remove(retired)
-    else:
-        os.replace(staging, output)
+    retired = output.with_name(f"{output.name}.old-{os.getpid()}")
+    with storage.staged_folder(output, staging, retired) as folder:
+        yield folder
 
 
 def check_output_apart(output: Path | str, inputs: list[str]) -> None:

@@ -306,3 +306,31 @@ def local_file(path: str | os.PathLike) -> Iterator[Path]:
         return
     with tempfile.TemporaryDirectory(prefix="modernbert-download-") as staging:
         yield download_file(path, Path(staging, parse(str(path)).key.rpartition("/")[2] or "file"))
+
+
+@contextmanager
+def staged_folder(target: Path, staging: Path, retired: Path) -> Iterator[Path]:
+    """`staging`, fresh, to write into; once the block completes it replaces the local folder `target` (the
+    old one moved to `retired`, then removed), so a reader sees the old folder or the new one, never half of
+    one. A failed block removes `staging` and leaves `target` as it was."""
+    if staging.exists() or staging.is_symlink():
+        _remove_path(staging)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if target.exists() or target.is_symlink():
+        os.replace(target, retired)
+        os.replace(staging, target)
+        _remove_path(retired)
+    else:
+        os.replace(staging, target)
+
+
+def _remove_path(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()

@@ -8,7 +8,6 @@ written beside it, then swapped in: a failed export leaves the target as it was.
 import argparse
 import json
 import os
-import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -65,20 +64,9 @@ def staged_export(out_dir: str | Path) -> Iterator[Path | str]:
         yield out_dir
         return
     out = Path(out_dir)
-    staging, old = (out.with_name(f".{out.name}.{what}-{os.getpid()}") for what in ("staging", "old"))
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    hidden = [out.with_name(f".{out.name}.{what}-{os.getpid()}") for what in ("staging", "old")]
+    with storage.staged_folder(out, *hidden) as staging:
         yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if out.is_dir():
-        out.rename(old)
-        staging.rename(out)
-        shutil.rmtree(old)
-    else:
-        staging.rename(out)
 
 
 def export_checkpoint(
