@@ -30,17 +30,16 @@ def test_best_fit_packing_is_over_99_percent_full_on_a_realistic_mix():
     max_seq_len = 1024
     lengths = document_lengths(20_000, np.random.default_rng(0))
     packer = BestFitPacker(max_seq_len, lookahead=1000)
+    starts = np.random.default_rng(1)  # rows start with a random buffered chunk, as in training
     rows = []
     for doc, length in enumerate(lengths):
         for i, (start, end) in enumerate(chunk_bounds(int(length), max_seq_len)):
-            packer.add(
-                Chunk((doc, i), np.zeros(end - start + 2, np.int64), np.zeros(end - start + 2, np.int64))
-            )
+            packer.add(Chunk((doc, i), np.zeros(end - start + 2, np.int64)))
             if packer.full:
-                rows.append(packer.next_row())
+                rows.append(packer.next_row(starts))
     steady = packer.efficiency
     while len(packer):
-        rows.append(packer.next_row())
+        rows.append(packer.next_row(starts))
     assert steady >= 0.99, steady
     assert all(sum(len(c.input_ids) for c in row) <= max_seq_len for row in rows)
     packed_keys = sorted(c.key for row in rows for c in row)
@@ -51,18 +50,41 @@ def test_best_fit_packing_is_over_99_percent_full_on_a_realistic_mix():
     )
 
 
+def test_random_row_starts_mix_the_buffer_and_replay_from_the_same_generator():
+    """Chunks arrive one document at a time; oldest-first starts made each row the next piece of the same
+    document, a random start samples the whole buffer (and the same generator draws the same rows)."""
+
+    def rows_of(starts):
+        packer = BestFitPacker(8, lookahead=64)
+        for doc in range(8):  # 8 documents of 16 full-row pieces each, arriving whole
+            for i in range(16):
+                packer.add(Chunk((doc, i), np.zeros(8, np.int64)))
+        return [packer.next_row(starts)[0].key for _ in range(16)]
+
+    oldest_first = rows_of(None)
+    assert {doc for doc, _ in oldest_first} == {0}
+    mixed = rows_of(np.random.default_rng(5))
+    assert len({doc for doc, _ in mixed}) >= 6
+    assert mixed == rows_of(np.random.default_rng(5)) != rows_of(np.random.default_rng(6))
+
+
 def test_rows_to_batch_layout():
     rows = [
-        [Chunk((0, 0), np.array([1, 7, 8, 2]), np.array([-100, 7, -100, -100]))],
-        [
-            Chunk((1, 0), np.array([1, 9, 2]), np.full(3, -100)),
-            Chunk((2, 0), np.array([1, 2]), np.full(2, -100)),
-        ],
+        [Chunk((0, 0), np.array([1, 7, 8, 2]))],
+        [Chunk((1, 0), np.array([1, 9, 2])), Chunk((2, 0), np.array([1, 2]))],
     ]
     batch = rows_to_batch(rows, max_seq_len=6, pad_id=0)
     assert batch["input_ids"].tolist() == [[1, 7, 8, 2, 0, 0], [1, 9, 2, 1, 2, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0]]
-    assert batch["labels"].tolist()[0] == [-100, 7, -100, -100, -100, -100]
+    assert (batch["labels"] == IGNORE_INDEX).all()  # no mask given: nothing labelled
+
+    def mask_sevens(chunk):
+        ids = chunk.input_ids
+        return np.where(ids == 7, 3, ids), np.where(ids == 7, 7, -100)
+
+    masked = rows_to_batch(rows, 6, 0, mask=mask_sevens)
+    assert masked["input_ids"].tolist()[0] == [1, 3, 8, 2, 0, 0]
+    assert masked["labels"].tolist()[0] == [-100, 7, -100, -100, -100, -100]
     assert batch["seq_lens"].tolist() == [[4, 0], [3, 2]]
     assert {k: str(v.dtype) for k, v in batch.items()} == {
         "input_ids": "torch.int64",

@@ -14,7 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from modernbert_train.data import TokenizerInfo, build_dataloader, build_eval_dataset, build_train_dataset
+from modernbert_train.data import (
+    MaskingSchedule,
+    TokenizerInfo,
+    build_dataloader,
+    build_eval_dataset,
+    build_train_dataset,
+)
 from modernbert_train.data.chunking import chunk_bounds
 from modernbert_train.data.synthetic import write_synthetic_mds
 
@@ -39,6 +45,8 @@ def train_dataset(corpus: str):
         lookahead=48,
         batch_size_warmup={"start": 2, "tokens": 20 * 128 * 4},
         seed=3,
+        # a ramp through the resume points below: a resumed run must mask each batch at its own ratio
+        mlm_probability=MaskingSchedule((0.4, 0.1), (4, 16), "linear"),
     )
 
 
@@ -82,6 +90,23 @@ def test_exact_resume_mid_epoch_and_across_the_epoch_boundary(corpus, num_worker
         tail = [b for b in loader if resumed.observe(b) is None]  # rest of epoch 0
         tail += [b for b in loader if resumed.observe(b) is None]  # epoch 1
         assert_same(head + tail, full)
+
+
+def test_each_batch_is_masked_at_its_scheduled_ratio_and_observe_records_it(corpus):
+    dataset = train_dataset(corpus)
+    loader = build_dataloader(dataset)
+    labelled, ratios = [], []
+    for k, batch in enumerate(loader):
+        dataset.observe(batch)
+        real = batch["attention_mask"].sum() - 2 * (batch["seq_lens"] > 0).sum()  # without [CLS]/[SEP]
+        labelled.append(float((batch["labels"] != -100).sum() / real))
+        ratios.append(dataset.last_mlm_probability)
+        assert ratios[-1] == pytest.approx(dataset.masking.rate(k))
+        if k == 24:
+            break
+    assert ratios[:5] == [0.4] * 5 and ratios[16:] == [0.1] * 9
+    assert ratios[4:17] == sorted(ratios[4:17], reverse=True)
+    assert abs(sum(labelled[:4]) / 4 - 0.4) < 0.04 and abs(sum(labelled[16:]) / 9 - 0.1) < 0.02
 
 
 @pytest.mark.slow

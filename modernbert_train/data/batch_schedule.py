@@ -50,6 +50,17 @@ class BatchSizeSchedule:
             self._slots += self._sizes[-1] * self.max_seq_len
         return self._sizes[batch_index] if batch_index < len(self._sizes) else self.global_rows
 
+    def batches_until(self, rows: int) -> int:
+        """The index of the first global batch that starts with at least `rows` rows already trained."""
+        seen = batch = 0
+        while seen < rows:
+            size = self.rows(batch)
+            if batch >= len(self._sizes):  # past the warmup: every batch holds global_rows
+                return batch + -(-(rows - seen) // self.global_rows)
+            seen += size
+            batch += 1
+        return batch
+
     def rank_rows(self, batch_index: int) -> int:
         """Rows one rank contributes to global batch `batch_index`."""
         return self.rows(batch_index) // self.world_size

@@ -2,9 +2,12 @@
 
 Producers. With a DataLoader of W workers each rank runs W producers (one with no workers). A
 producer reads its own part of the epoch (streaming's partition), splits each document into
-chunks, masks it, packs chunks into rows and rows into batches. Its whole state after a batch is
-small: (epoch, cursor into its sample list, keys of the buffered chunks, batches emitted). Every
-batch carries that snapshot under `pack_state`.
+chunks, packs chunks into rows (each started by a random buffered chunk) and rows into batches,
+and masks each chunk at its batch's scheduled ratio. The row starts come from a generator keyed by
+the batch's global index and the masks from one keyed by the chunk, so a producer's whole state
+after a batch is small: (epoch, cursor into its sample list, keys of the buffered chunks, batches
+emitted). Every batch carries
+that snapshot under `pack_state`.
 
 Order. The loader (loader.py) keeps the batches in strict round robin over producers: the k-th
 batch of an epoch comes from producer k % W, and the epoch ends when the next producer has none
@@ -40,7 +43,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from modernbert_train.data.batch_schedule import BatchSizeSchedule
 from modernbert_train.data.chunking import chunk_bounds, wrap_chunk
-from modernbert_train.data.masking import IGNORE_INDEX, document_rng, mask_tokens
+from modernbert_train.data.masking import MaskingSchedule, chunk_rng, mask_tokens
 from modernbert_train.data.mixture import ShardPrefetcher, epoch_sample_ids, read_sample
 from modernbert_train.data.packing import BestFitPacker, Chunk, rows_to_batch
 from modernbert_train.data.tokens import TokenizerInfo
@@ -58,7 +61,7 @@ class PackedMLMDataset(IterableDataset):
         tokenizer: TokenizerInfo,
         max_seq_len: int,
         schedule: BatchSizeSchedule,
-        mlm_probability: float,
+        mlm_probability: float | MaskingSchedule,
         seed: int,
         lookahead: int,
         drop_last: bool = True,
@@ -67,16 +70,19 @@ class PackedMLMDataset(IterableDataset):
     ):
         """`resumable=True` is the training stream: epochs advance by one per iteration, the last
         partial batch of an epoch is dropped (`drop_last`), strict round robin, `pack_state` kept
-        for `observe`. `resumable=False` is evaluation: the same epoch every time, all batches."""
+        for `observe`. `resumable=False` is evaluation: the same epoch every time, all batches.
+        `mlm_probability`: one ratio, or a schedule over the global batch index."""
         if max_seq_len < 3:
             raise ValueError(f"max_seq_len must be >= 3 to hold [CLS] token [SEP], got {max_seq_len}")
-        if not 0.0 < mlm_probability < 1.0:
-            raise ValueError(f"mlm_probability must be in (0, 1), got {mlm_probability}")
+        if not isinstance(mlm_probability, MaskingSchedule):
+            if not 0.0 < mlm_probability < 1.0:
+                raise ValueError(f"mlm_probability must be in (0, 1), got {mlm_probability}")
+            mlm_probability = MaskingSchedule((mlm_probability,))
         self.samples = samples
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
         self.schedule = schedule
-        self.mlm_probability = mlm_probability
+        self.masking = mlm_probability
         self.seed = seed
         self.lookahead = lookahead
         self.drop_last = drop_last
@@ -99,6 +105,7 @@ class PackedMLMDataset(IterableDataset):
         self._pending: dict[str, Any] | None = None  # this rank's state from load_state_dict
         self._saved_ranks: list[dict[str, Any]] = []  # every rank's, for another number of workers
         self._plan: dict[str, Any] | None = None  # what the current iteration's producers start from
+        self.last_mlm_probability: float | None = None  # the ratio the last observed batch was masked at
 
     # -- main process -------------------------------------------------------------------------
 
@@ -137,6 +144,7 @@ class PackedMLMDataset(IterableDataset):
         state = batch.pop("pack_state", None)
         if state is None:
             return
+        self.last_mlm_probability = state.pop("mlm_probability")
         self._observed[state["producer"]] = state
         self._batches_seen += 1
         self._batches_in_epoch += 1
@@ -285,28 +293,36 @@ class PackedMLMDataset(IterableDataset):
             sample_ids = sample_ids[~self._read_before(epoch, plan["history"])[sample_ids]]
         packer = BestFitPacker(self.max_seq_len, self.lookahead)
         cursor, emitted = 0, 0
+        stream = 0 if self.resumable else 1  # row starts: a generator per (stream, rank, global batch)
         if snapshot is not None:
             cursor, emitted = snapshot["cursor"], snapshot["batches_emitted"]
-            self._refill(packer, epoch, snapshot["buffer"])
+            self._refill(packer, snapshot["buffer"])
         prefetcher = ShardPrefetcher(self.samples, sample_ids, cursor) if self.prefetch_shards else None
         try:
             while True:
                 batch_index = plan["batches_before_epoch"] + producer + emitted * num_producers
                 wanted = self.schedule.rank_rows(batch_index)
+                starts = np.random.default_rng([self.seed, stream, self.rank, batch_index])
                 rows = []
                 while len(rows) < wanted:
                     while not packer.full and cursor < len(sample_ids):
-                        for chunk in self._document_chunks(epoch, int(sample_ids[cursor])):
+                        for chunk in self._document_chunks(int(sample_ids[cursor])):
                             packer.add(chunk)
                         cursor += 1
                         if prefetcher is not None:
                             prefetcher.position = cursor
                     if not len(packer):
                         break
-                    rows.append(packer.next_row())
+                    rows.append(packer.next_row(starts))
                 if not rows or (len(rows) < wanted and self.drop_last):
                     return
-                batch = rows_to_batch(rows, self.max_seq_len, self.tokenizer.pad_id)
+                rate = self.masking.rate(batch_index)
+                batch = rows_to_batch(
+                    rows,
+                    self.max_seq_len,
+                    self.tokenizer.pad_id,
+                    mask=lambda chunk, rate=rate: self._mask(chunk, epoch, rate),
+                )
                 emitted += 1
                 batch["pack_state"] = {
                     "rank": self.rank,
@@ -315,34 +331,30 @@ class PackedMLMDataset(IterableDataset):
                     "cursor": cursor,
                     "buffer": packer.buffered_keys(),
                     "batches_emitted": emitted,
+                    "mlm_probability": rate,  # popped by observe (not part of the saved snapshot)
                 }
                 yield batch
         finally:
             if prefetcher is not None:
                 prefetcher.close()
 
-    def _document_chunks(self, epoch: int, sample_id: int) -> list[Chunk]:
+    def _mask(self, chunk: Chunk, epoch: int, rate: float) -> tuple[np.ndarray, np.ndarray]:
+        return mask_tokens(chunk.input_ids, chunk_rng(self.seed, epoch, *chunk.key), rate, self.tokenizer)
+
+    def _document_chunks(self, sample_id: int) -> list[Chunk]:
         tokens = read_sample(self.samples, sample_id)["input_ids"]
-        if not len(tokens):
-            return []
-        rng = document_rng(self.seed, epoch, sample_id)
-        input_ids, labels = mask_tokens(tokens, rng, self.mlm_probability, self.tokenizer)
         cls_id, sep_id = self.tokenizer.cls_id, self.tokenizer.sep_id
         return [
-            Chunk(
-                key=(sample_id, i),
-                input_ids=wrap_chunk(input_ids[start:end], cls_id, sep_id),
-                labels=wrap_chunk(labels[start:end], IGNORE_INDEX, IGNORE_INDEX),
-            )
+            Chunk(key=(sample_id, i), input_ids=wrap_chunk(tokens[start:end], cls_id, sep_id))
             for i, (start, end) in enumerate(chunk_bounds(len(tokens), self.max_seq_len))
         ]
 
-    def _refill(self, packer: BestFitPacker, epoch: int, keys: list[tuple[int, int]]) -> None:
+    def _refill(self, packer: BestFitPacker, keys: list[tuple[int, int]]) -> None:
         """Put the buffered chunks of a snapshot back, in their order, re-reading their documents."""
         documents: dict[int, list[Chunk]] = {}
         for sample_id, chunk_index in keys:
             if sample_id not in documents:
-                documents[sample_id] = self._document_chunks(epoch, sample_id)
+                documents[sample_id] = self._document_chunks(sample_id)
             packer.add(documents[sample_id][chunk_index])
 
 

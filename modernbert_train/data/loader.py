@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from modernbert_train.data.batch_schedule import BatchSizeSchedule
 from modernbert_train.data.dataset import PackedMLMDataset
+from modernbert_train.data.masking import MaskingSchedule
 from modernbert_train.data.mixture import build_sample_space
 from modernbert_train.data.tokens import TokenizerInfo
 
@@ -72,7 +73,7 @@ def build_train_dataset(
     global_batch_size: int,
     micro_batch_size: int = 1,
     world_size: int | None = None,
-    mlm_probability: float = 0.3,
+    mlm_probability: float | MaskingSchedule = 0.3,
     seed: int = 17,
     lookahead: int = 512,
     batch_size_warmup: dict[str, int] | None = None,
@@ -93,15 +94,14 @@ def build_train_dataset(
     batch_size_warmup: {"start": rows, "tokens": row slots} grows the batch linearly from `start`
         to global_batch_size over that many tokens, in steps of micro_batch_size * world_size.
     lookahead: chunks buffered for best-fit packing. epoch_size: samples per epoch (streaming).
+    mlm_probability: the masking ratio, or a MaskingSchedule over the global batch index.
     """
-    world_size = _world_size(world_size)
-    warmup = _parse_warmup(batch_size_warmup)
-    schedule = BatchSizeSchedule(
-        global_rows=global_batch_size,
+    schedule = batch_size_schedule(
+        global_batch_size=global_batch_size,
         max_seq_len=max_seq_len,
         micro_batch_size=micro_batch_size,
         world_size=world_size,
-        **warmup,
+        batch_size_warmup=batch_size_warmup,
     )
     samples = build_sample_space(
         sources,
@@ -125,6 +125,25 @@ def build_train_dataset(
         drop_last=drop_last,
         resumable=True,
         prefetch_shards=any(source.get("remote") for source in sources),
+    )
+
+
+def batch_size_schedule(
+    *,
+    global_batch_size: int,
+    max_seq_len: int,
+    micro_batch_size: int = 1,
+    world_size: int | None = None,
+    batch_size_warmup: dict[str, int] | None = None,
+) -> BatchSizeSchedule:
+    """The rows of every global batch, as `build_train_dataset` with the same arguments will make them (a
+    caller turning sample or token counts into batch indices, as for a masking schedule, asks this)."""
+    return BatchSizeSchedule(
+        global_rows=global_batch_size,
+        max_seq_len=max_seq_len,
+        micro_batch_size=micro_batch_size,
+        world_size=_world_size(world_size),
+        **_parse_warmup(batch_size_warmup),
     )
 
 

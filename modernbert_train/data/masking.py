@@ -1,5 +1,13 @@
-"""BERT-style MLM masking of one document, vectorized and reproducible from its own seed."""
+"""BERT-style MLM masking of a document's chunk, vectorized, at a ratio that may follow a schedule.
 
+A chunk is masked when its batch is emitted, at the ratio the batch's global index gets from the
+`MaskingSchedule`, with a generator keyed by which piece of which document it is (`chunk_rng`): the
+masks depend on no worker count, topology or resume, and the ratio can change over the run (Ettin
+and mmBERT lower it through the decay phase).
+"""
+
+import bisect
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -7,22 +15,65 @@ import numpy as np
 from modernbert_train.data.tokens import TokenizerInfo
 
 IGNORE_INDEX = -100
+SCHEDULE_SHAPES = ("constant", "linear", "step")
 
 
-def document_rng(seed: int, epoch: int, sample_id: int) -> np.random.Generator:
-    """The generator that masks one document: depends only on who the document is, never on
+@dataclass(frozen=True)
+class MaskingSchedule:
+    """The masking ratio of global batch k, a pure function of k.
+
+    constant: `values=(p,)`. linear: `values=(start, end)`, `milestones=(first, last)`: `start` up to
+    batch `first`, `end` from batch `last`, linear in between. step: `values[i]` from batch
+    `milestones[i - 1]` on (one value more than milestones)."""
+
+    values: tuple[float, ...]
+    milestones: tuple[int, ...] = ()
+    shape: str = "constant"
+
+    def __post_init__(self):
+        if self.shape not in SCHEDULE_SHAPES:
+            raise ValueError(f"masking schedule: shape must be one of {', '.join(SCHEDULE_SHAPES)}")
+        wanted = {"constant": (1, 0), "linear": (2, 2)}.get(self.shape, (len(self.milestones) + 1, None))
+        if len(self.values) != wanted[0] or (wanted[1] is not None and len(self.milestones) != wanted[1]):
+            raise ValueError(
+                f"masking schedule ({self.shape}): got {len(self.values)} value(s) and "
+                f"{len(self.milestones)} milestone(s)"
+            )
+        for value in self.values:
+            if not 0.0 < value < 1.0:
+                raise ValueError(f"masking schedule: every ratio must be in (0, 1), got {value}")
+        if list(self.milestones) != sorted(self.milestones) or any(m < 0 for m in self.milestones):
+            raise ValueError(
+                f"masking schedule: milestones must be ascending batch indices, got {self.milestones}"
+            )
+
+    def rate(self, batch_index: int) -> float:
+        if self.shape == "constant":
+            return self.values[0]
+        if self.shape == "step":
+            return self.values[bisect.bisect_right(self.milestones, batch_index)]
+        (start, end), (first, last) = self.values, self.milestones
+        if batch_index <= first:
+            return start
+        if batch_index >= last:
+            return end
+        return start + (end - start) * (batch_index - first) / (last - first)
+
+
+def chunk_rng(seed: int, epoch: int, sample_id: int, chunk_index: int) -> np.random.Generator:
+    """The generator that masks one chunk: depends only on which piece of which document it is, never on
     which worker reads it or when, so masks survive any worker count and any resume."""
-    return np.random.default_rng([seed, epoch, sample_id])
+    return np.random.default_rng([seed, epoch, sample_id, chunk_index])
 
 
 def mask_tokens(
     tokens: np.ndarray, rng: np.random.Generator, probability: float, info: TokenizerInfo
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Mask `probability` of the non-special tokens: 80% become [MASK], 10% a random non-special
-    token, 10% stay. Returns (input_ids, labels) as int64; labels are the original token where
-    masked, IGNORE_INDEX elsewhere."""
+    """Mask `probability` of the non-special tokens (any shape; padding and [CLS]/[SEP] are special):
+    80% become [MASK], 10% a random non-special token, 10% stay. Returns (input_ids, labels) as int64;
+    labels are the original token where masked, IGNORE_INDEX elsewhere."""
     tokens = tokens.astype(np.int64)
-    draw = rng.random(tokens.shape[0])
+    draw = rng.random(tokens.shape)
     selected = (draw < probability) & ~special_table(info)[tokens]
     labels = np.where(selected, tokens, IGNORE_INDEX)
 

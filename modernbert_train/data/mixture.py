@@ -6,6 +6,10 @@ per-(rank, worker) sample order for an epoch (`epoch_sample_ids`) and fetch samp
 packer can restart from any position in that order without replaying the epoch.
 """
 
+import hashlib
+import logging
+import os
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -16,6 +20,8 @@ from streaming import Stream, StreamingDataset
 from streaming.base.world import World
 
 from modernbert_train.data.shared_memory import remove_stale_streaming_segments
+
+log = logging.getLogger(__name__)
 
 SOURCE_KEYS = ("name", "local", "remote", "split", "proportion", "repeat", "choose")
 PREFIX_ATTEMPTS = 5
@@ -96,6 +102,7 @@ def build_sample_space(
     rng = np.random.default_rng()
     # Killed runs' segments would otherwise stay; a later job on the host can fail on them.
     remove_stale_streaming_segments()
+    sources = [_readable_in_place(source) for source in sources]
     for attempt in range(PREFIX_ATTEMPTS):
         try:
             streams = [Stream(**{k: v for k, v in source.items() if k != "name"}) for source in sources]
@@ -104,6 +111,26 @@ def build_sample_space(
             if attempt == PREFIX_ATTEMPTS - 1:
                 raise
             time.sleep(rng.uniform(0.05, 0.5))
+
+
+def _readable_in_place(source: dict[str, Any]) -> dict[str, Any]:
+    """A local source streaming cannot write into (a read-only mount: it decompresses each shard next to
+    itself) is read as a remote of itself into a cache folder. The cache is named by the folder and its
+    index.json's identity, so a rewritten dataset gets a fresh one, and every rank and worker of a node the
+    same."""
+    if source.get("remote") or not source.get("local"):
+        return source
+    folder = os.path.join(source["local"], source["split"]) if source.get("split") else source["local"]
+    index = os.path.join(folder, "index.json")
+    if os.access(folder, os.W_OK) or not os.path.isfile(index):
+        return source  # a missing index is data_checks' to report
+    stat = os.stat(index)
+    identity = f"{os.path.realpath(folder)}|{stat.st_size}|{stat.st_mtime_ns}".encode()
+    cache = os.path.join(
+        tempfile.gettempdir(), "modernbert-streams", hashlib.sha256(identity).hexdigest()[:16]
+    )
+    log.warning("data: %s is read-only; its shards are decompressed into %s", folder, cache)
+    return {**source, "remote": source["local"], "local": cache}
 
 
 def epoch_sample_ids(samples: StreamingDataset, epoch: int, producer: int, num_producers: int) -> np.ndarray:

@@ -59,6 +59,14 @@ def time_value(text: str) -> float:
     return float(text[: -len(match.group(4))])
 
 
+def time_unit(text: str) -> str:
+    """The unit of a Composer time string: '5e10tok' -> 'tok'."""
+    match = _TIME_RE.match(text)
+    if match is None:
+        raise ConfigError(f"not a Composer time string: '{text}'")
+    return match.group(4)
+
+
 def to_yaml(config: TrainConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(config))
 
@@ -227,10 +235,9 @@ def _check_values(c: TrainConfig, path: Path) -> None:
             f"must be at most the batch per rank ({c.global_train_batch_size} / {world_size} = {per_rank}), "
             f"got {c.device_train_microbatch_size}",
         )
-    for key in ("data.mlm_probability", "data.eval_mlm_probability"):
-        value = OmegaConf.select(OmegaConf.structured(c), key)
-        if not 0.0 < value < 1.0:
-            fail(key, f"must be between 0 and 1, got {value}")
+    _check_masking(c.data.mlm_probability, fail)
+    if not 0.0 < c.data.eval_mlm_probability < 1.0:
+        fail("data.eval_mlm_probability", f"must be between 0 and 1, got {c.data.eval_mlm_probability}")
     if not c.data.train:
         fail("data.train", "needs at least one source")
     for split in ("train", "eval"):
@@ -254,6 +261,57 @@ def _check_values(c: TrainConfig, path: Path) -> None:
         fail("autoresume", "needs run_name and save_folder")
     _check_locations(c, fail)
     _check_model(c, path, fail)
+
+
+MASKING_SCHEDULES = {  # shape -> (required keys, optional keys)
+    "constant": (("value",), ()),
+    "linear": (("start", "end"), ("t_start", "t_end")),
+    "step": (("values", "milestones"), ()),
+}
+
+
+def _check_masking(value: Any, fail) -> None:
+    """data.mlm_probability: a ratio in (0, 1), or a schedule mapping whose ratios and times are well formed
+    (their order is checked once the times are batches, in train/data.py)."""
+    key = "data.mlm_probability"
+    if not isinstance(value, dict):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail(key, f"must be a ratio or a schedule ({{schedule: linear|step|constant}}), got {value!r}")
+        if not 0.0 < value < 1.0:
+            fail(key, f"must be between 0 and 1, got {value}")
+        return
+    shape = value.get("schedule")
+    if shape not in MASKING_SCHEDULES:
+        fail(f"{key}.schedule", f"must be one of {', '.join(MASKING_SCHEDULES)}, got {shape!r}")
+    required, optional = MASKING_SCHEDULES[shape]
+    allowed = ("schedule", *required, *optional)
+    for name in value:
+        if name not in allowed:
+            fail(f"{key}.{name}", f"is not a key of a {shape} schedule (keys: {', '.join(allowed)})")
+    for name in required:
+        if name not in value:
+            fail(f"{key}.{name}", f"is required by a {shape} schedule")
+    ratios = {name: value[name] for name in ("value", "start", "end") if name in value}
+    times = {name: value[name] for name in ("t_start", "t_end") if name in value}
+    if shape == "step":
+        for name in ("values", "milestones"):
+            if not isinstance(value[name], list) or not value[name]:
+                fail(f"{key}.{name}", f"must be a non-empty list, got {value[name]!r}")
+        if len(value["values"]) != len(value["milestones"]) + 1:
+            fail(
+                f"{key}.values",
+                f"needs one entry more than milestones ({len(value['milestones'])}), "
+                f"got {len(value['values'])}",
+            )
+        ratios |= {f"values.{i}": ratio for i, ratio in enumerate(value["values"])}
+        times |= {f"milestones.{i}": time for i, time in enumerate(value["milestones"])}
+    for name, ratio in ratios.items():
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio < 1.0:
+            fail(f"{key}.{name}", f"must be a ratio between 0 and 1, got {ratio!r}")
+    for name, time in times.items():
+        match = _TIME_RE.match(str(time))
+        if match is None or match.group(4) == "ep":
+            fail(f"{key}.{name}", f"must be a time in ba, sp, tok or dur, like 900ba or 0.9dur, got {time!r}")
 
 
 def _check_locations(c: TrainConfig, fail) -> None:

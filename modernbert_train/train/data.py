@@ -1,6 +1,7 @@
 """The recipe's `data` section -> train and eval loaders over MDS shards, and their tokenizer."""
 
 import json
+import math
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -10,8 +11,16 @@ from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 
 from modernbert_train import storage
-from modernbert_train.data import TokenizerInfo, build_dataloader, build_eval_dataset, build_train_dataset
-from modernbert_train.train.config import ConfigError, time_value
+from modernbert_train.data import (
+    BatchSizeSchedule,
+    MaskingSchedule,
+    TokenizerInfo,
+    batch_size_schedule,
+    build_dataloader,
+    build_eval_dataset,
+    build_train_dataset,
+)
+from modernbert_train.train.config import ConfigError, time_unit, time_value
 from modernbert_train.train.data_checks import check_sources
 from modernbert_train.train.schema import DataSourceConfig, TrainConfig
 
@@ -151,13 +160,19 @@ def build_data(config: TrainConfig) -> TrainData:
             "start": data.batch_size_warmup.start,
             "tokens": int(time_value(data.batch_size_warmup.tokens)),
         }
+    rows = batch_size_schedule(
+        global_batch_size=config.global_train_batch_size,
+        max_seq_len=data.max_seq_len,
+        micro_batch_size=device_microbatch_size(config),
+        batch_size_warmup=warmup,
+    )
     train = build_train_dataset(
         sources(data.train),
         tokenizer=info,
         max_seq_len=data.max_seq_len,
         global_batch_size=config.global_train_batch_size,
         micro_batch_size=device_microbatch_size(config),
-        mlm_probability=data.mlm_probability,
+        mlm_probability=masking_schedule(config, rows),
         seed=config.seed,
         lookahead=data.lookahead,
         batch_size_warmup=warmup,
@@ -181,6 +196,48 @@ def build_data(config: TrainConfig) -> TrainData:
     return TrainData(
         build_dataloader(train, num_workers=data.num_workers), eval_loader, path, info, per_device
     )
+
+
+def masking_schedule(config: TrainConfig, rows: BatchSizeSchedule) -> MaskingSchedule:
+    """data.mlm_probability (checked in shape by train/config.py) as a schedule over global batch indices.
+    Times in sp and tok count rows and row slots (as batch_size_warmup does), so every time is a batch index
+    known before the run starts: a resumed run masks each batch as the straight run did."""
+    spec = config.data.mlm_probability
+    if not isinstance(spec, dict):
+        return MaskingSchedule((float(spec),))
+    key = "data.mlm_probability"
+
+    def batch_index(name: str, text: str) -> int:
+        amount, unit = time_value(text), time_unit(text)
+        if unit == "ba":
+            return round(amount)
+        if unit in ("sp", "tok"):
+            return rows.batches_until(math.ceil(amount / (data_len if unit == "tok" else 1)))
+        if unit == "dur":
+            if time_unit(config.max_duration) == "ep":
+                raise ConfigError(
+                    f"{key}.{name}: a 'dur' time needs max_duration in ba, sp or tok, "
+                    f"got {config.max_duration}"
+                )
+            return round(amount * batch_index("max_duration", config.max_duration))
+        raise ConfigError(f"{key}.{name}: must be a time in ba, sp, tok or dur, got '{text}'")
+
+    data_len = config.data.max_seq_len
+    shape = spec["schedule"]
+    if shape == "constant":
+        return MaskingSchedule((float(spec["value"]),))
+    if shape == "linear":
+        first = batch_index("t_start", spec.get("t_start", "0ba"))
+        last = batch_index("t_end", spec.get("t_end", "1dur"))
+        if first > last:
+            raise ConfigError(f"{key}.t_start: comes after t_end (batch {first} > batch {last})")
+        return MaskingSchedule((float(spec["start"]), float(spec["end"])), (first, last), "linear")
+    milestones = [batch_index(f"milestones.{i}", text) for i, text in enumerate(spec["milestones"])]
+    for i in range(1, len(milestones)):
+        if milestones[i] < milestones[i - 1]:
+            raise ConfigError(f"{key}.milestones.{i}: comes before the milestone ahead of it (batch "
+                              f"{milestones[i]} < {milestones[i - 1]})")  # fmt: skip
+    return MaskingSchedule(tuple(float(v) for v in spec["values"]), tuple(milestones), "step")
 
 
 def device_microbatch_size(config: TrainConfig) -> int:

@@ -46,10 +46,14 @@ class DataConfig:
     eval: list[DataSourceConfig] = field(default_factory=list)
     tokenizer: str | None = None  # tokenizer.json or its folder; default: the first train source's
     max_seq_len: int = 1024
-    mlm_probability: float = 0.3
+    # The training masking ratio: a number, or a schedule over the run applied per batch (Composer time
+    # strings; tok counts row slots, as batch_size_warmup does), e.g. through a decay phase:
+    #   {schedule: linear, start: 0.3, end: 0.15, t_start: 0ba, t_end: 1dur}
+    #   {schedule: step, values: [0.3, 0.15], milestones: [0.9dur]}
+    mlm_probability: Any = 0.3
     eval_mlm_probability: float = 0.15
     num_workers: int = 0
-    lookahead: int = 64  # documents the best-fit packer looks ahead over
+    lookahead: int = 1024  # chunks the best-fit packer buffers; each row starts with a random one
     shuffle: bool = True
     eval_batch_size: int | None = None  # per device; default: device_train_microbatch_size or 8
     batch_size_warmup: BatchSizeWarmupConfig = field(default_factory=BatchSizeWarmupConfig)
