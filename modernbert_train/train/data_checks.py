@@ -1,13 +1,15 @@
 """The recipe's data checked before training starts, where a fault would otherwise strike hours in: every
-local stream's index.json read and every shard it lists present, and every stream tokenized with the run's
-tokenizer (its tokenizer.json, which `modernbert-data shard` copies into the folder, has the same vocabulary,
-merges and added tokens: same-sized vocabularies with the same special ids can still map text differently).
+stream's index.json read and every shard it lists present (a local folder or a bucket: one listing per
+stream), and every stream tokenized with the run's tokenizer (its tokenizer.json, which `modernbert-data
+shard` copies into the folder, has the same vocabulary, merges and added tokens: same-sized vocabularies with
+the same special ids can still map text differently).
 """
 
 import hashlib
 import json
 from pathlib import Path
 
+from modernbert_train import storage
 from modernbert_train.train.config import ConfigError
 from modernbert_train.train.schema import TrainConfig
 
@@ -25,33 +27,35 @@ def check_sources(config: TrainConfig, tokenizer_file: Path) -> None:
     ours = tokenizer_identity(Path(tokenizer_file).read_text())
     for split in ("train", "eval"):
         for i, source in enumerate(getattr(config.data, split)):
-            if source.remote or not source.local:
-                continue  # fetched as needed; the remote folder is checked where it is read
-            key = f"data.{split}.{i}.local"
-            folder = Path(source.local, source.split or "")
-            _check_shards(key, folder)
-            theirs = folder / "tokenizer.json"
-            if theirs.is_file() and tokenizer_identity(theirs.read_text()) != ours:
-                raise ConfigError(
-                    f"{key}: {folder} was tokenized with another tokenizer (its tokenizer.json differs from "
-                    f"the run's {tokenizer_file} in vocabulary, merges or added tokens)"
-                )
+            where = "remote" if source.remote else "local"
+            key = f"data.{split}.{i}.{where}"
+            base = source.remote or source.local
+            folder = storage.join(base, source.split) if source.split else str(base)
+            files = set(storage.list_files(folder))
+            _check_shards(key, folder, files)
+            if "tokenizer.json" in files:
+                theirs = storage.read_text(storage.join(folder, "tokenizer.json"))
+                if tokenizer_identity(theirs) != ours:
+                    raise ConfigError(
+                        f"{key}: {folder} was tokenized with another tokenizer (its tokenizer.json differs "
+                        f"from the run's {tokenizer_file} in vocabulary, merges or added tokens)"
+                    )
 
 
-def _check_shards(key: str, folder: Path) -> None:
-    index = folder / "index.json"
-    if not index.is_file():
+def _check_shards(key: str, folder: str, files: set[str]) -> None:
+    index = storage.join(folder, "index.json")
+    if "index.json" not in files:
         raise ConfigError(f"{key}: {folder} has no index.json (not an MDS dataset folder)")
     try:
-        shards = json.loads(index.read_text())["shards"]
+        shards = json.loads(storage.read_text(index))["shards"]
         names = [
             [entry["basename"] for entry in (shard.get("raw_data"), shard.get("zip_data")) if entry]
             for shard in shards
         ]
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
         raise ConfigError(f"{key}: {index} is not a readable MDS index ({type(e).__name__}: {e})") from None
     for shard in names:
-        if not any((folder / name).is_file() for name in shard):
+        if not any(name in files for name in shard):
             raise ConfigError(
                 f"{key}: shard {shard[-1]} listed in {index} is missing ({len(names)} shards listed)"
             )
