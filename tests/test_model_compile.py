@@ -17,16 +17,18 @@ VOCAB, SEQ_LEN = 90, 32
 def packed_inputs(seed: int) -> dict:
     """Four rows of SEQ_LEN slots, packed with documents of random lengths (a different layout per seed)."""
     rng = np.random.default_rng(seed)
-    rows = []
+    rows, labels = [], {}
     for r in range(4):
         row, left = [], int(rng.integers(SEQ_LEN - 6, SEQ_LEN + 1))
         while left > 0:
             n = min(left, int(rng.integers(1, SEQ_LEN)))
             ids = rng.integers(4, VOCAB, n)
-            row.append(Chunk((r, len(row)), ids, np.where(rng.random(n) < 0.4, ids, -100)))
+            row.append(Chunk((r, len(row)), ids))
+            labels[row[-1].key] = np.where(rng.random(n) < 0.4, ids, -100)
             left -= n
         rows.append(row)
-    (micro,) = split_batch(rows_to_batch(rows, SEQ_LEN, 0), microbatch_size=4)
+    batch = rows_to_batch(rows, SEQ_LEN, 0, mask=lambda chunk: (chunk.input_ids, labels[chunk.key]))
+    (micro,) = split_batch(batch, microbatch_size=4)
     return micro["packed"]
 
 

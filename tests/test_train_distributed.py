@@ -55,6 +55,32 @@ def test_ddp_two_processes(write_recipe, tmp_path):
     assert (tmp_path / "run" / "ep0-ba6-rank0.pt").exists()
 
 
+def test_fsdp2_gradients_match_ddp(write_recipe, tmp_path):
+    """The same global batch gives DDP and FSDP2 the same gradient norm and loss: FSDP2 averages over the
+    ranks (gloo in torch 2.7 runs its reduce-scatter AVG as a SUM: twice DDP's norm, see train/fsdp_grads.py),
+    and the batch's loss is the mean over its labelled tokens whatever the micro-batches (FSDP2 splits
+    each rank's 4 rows into 2 + 2, DDP does not split)."""
+
+    def start(name: str, log, **sections) -> subprocess.Popen:
+        recipe = write_recipe(
+            tmp_path / f"{name}.yaml", max_duration="2ba", save_folder=str(tmp_path / name),
+            save_interval="100ba", data={"eval": []}, **sections,
+        )  # fmt: skip
+        return launch([*LAUNCHER, "-n", "2", "--master_port", str(free_port()), *train_args(recipe)], log)
+
+    with (tmp_path / "ddp.log").open("w+b") as ddp_log, (tmp_path / "fsdp.log").open("w+b") as fsdp_log:
+        processes = [
+            start("ddp", ddp_log, device_train_microbatch_size=4),
+            start("fsdp", fsdp_log, device_train_microbatch_size=2, parallelism={"fsdp": {}}),
+        ]
+        for process, output in zip(processes, finish(processes, [ddp_log, fsdp_log])):
+            assert process.returncode == 0, output[-4000:]
+    ddp, fsdp = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("ddp", "fsdp"))
+    assert [row["batch"] for row in ddp] == [row["batch"] for row in fsdp] == [1, 2]
+    for name in ("train/grad_norm", "loss/train/total", "tokens"):
+        assert [row[name] for row in fsdp] == pytest.approx([row[name] for row in ddp], rel=1e-5), name
+
+
 def unshare_works() -> bool:
     probe = ["unshare", "--mount", "sh", "-c", "mount -t tmpfs tmpfs /dev/shm"]
     return shutil.which("unshare") is not None and subprocess.run(probe, capture_output=True).returncode == 0

@@ -34,15 +34,15 @@ class RecordOps(TorchDispatchMode):
 
 def packed_batch(row_lengths: list[list[int]], seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
-    rows = []
+    rows, labels = [], {}
     for r, lengths in enumerate(row_lengths):
         row = []
         for d, n in enumerate(lengths):
             ids = rng.integers(4, VOCAB, n)
-            labels = np.where(rng.random(n) < 0.4, ids, -100)
-            row.append(Chunk((r, d), ids, labels))
+            labels[(r, d)] = np.where(rng.random(n) < 0.4, ids, -100)
+            row.append(Chunk((r, d), ids))
         rows.append(row)
-    return rows_to_batch(rows, SEQ_LEN, PAD)
+    return rows_to_batch(rows, SEQ_LEN, PAD, mask=lambda chunk: (chunk.input_ids, labels[chunk.key]))
 
 
 def composer_model() -> ModernBertMLM:

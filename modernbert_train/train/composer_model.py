@@ -37,15 +37,32 @@ def packed_inputs(batch: dict[str, torch.Tensor]) -> dict:
     }
 
 
+def token_counts(batch: dict) -> dict[str, int]:
+    """Composer's token counts: `total`, the real tokens (the clock, throughput), and `loss_generating`, the
+    labelled ones. With `accumulate_train_batch_on_tokens` each micro-batch's mean loss is weighted by its
+    labelled tokens over the ranks' average, so the gradient is the mean over every labelled token of the
+    global batch, whatever the micro-batch size and world size (weighted by rows, it would not be).
+    A split micro-batch carries its counts, taken on the host (on the device each would be a sync)."""
+    if "token_counts" in batch:
+        return batch["token_counts"]
+    return {
+        "total": int(batch["attention_mask"].sum()),
+        "loss_generating": int((batch["labels"] != IGNORE_INDEX).sum()),
+    }
+
+
 def split_batch(batch: dict[str, torch.Tensor], microbatch_size: int) -> list[dict]:
-    """Composer's split into micro-batches of rows, each carrying its `packed_inputs` (made here, on the
-    host: Composer moves each micro-batch to the device after splitting)."""
+    """Composer's split into micro-batches of rows, each carrying its `packed_inputs` and `token_counts`
+    (made here, on the host: Composer moves each micro-batch to the device after splitting)."""
     rows = batch["input_ids"].shape[0]
     micro_batches = [
         {key: value[start : start + microbatch_size] for key, value in batch.items()}
         for start in range(0, rows, microbatch_size)
     ]
-    return [{**micro, "packed": packed_inputs(micro)} for micro in micro_batches]
+    return [
+        {**micro, "packed": packed_inputs(micro), "token_counts": token_counts(micro)}
+        for micro in micro_batches
+    ]
 
 
 class MLMLoss(MeanMetric):
@@ -103,5 +120,5 @@ def data_spec(dataloader) -> DataSpec:
         dataloader,
         split_batch=split_batch,
         get_num_samples_in_batch=lambda batch: batch["input_ids"].shape[0],
-        get_num_tokens_in_batch=lambda batch: int(batch["attention_mask"].sum()),
+        get_num_tokens_in_batch=token_counts,
     )

@@ -28,6 +28,7 @@ from modernbert_train.train.data import TrainData, build_data, device_microbatch
 from modernbert_train.train.data_state import ObserveDataState
 from modernbert_train.train.data_wait import DataWaitMonitor
 from modernbert_train.train.export import export_trainer_model
+from modernbert_train.train.fsdp_grads import average_fsdp_gradients
 from modernbert_train.train.jsonl_logger import JSONLLogger
 from modernbert_train.train.nonfinite_guard import NonFiniteGuard
 from modernbert_train.train.periodic_export import periodic_export
@@ -242,6 +243,7 @@ def build_run(config: TrainConfig, start: RunStart | None = None) -> Run:
         console_log_interval=config.log_interval,
         precision=precision(config),
         device_train_microbatch_size=device_microbatch_size(config),
+        accumulate_train_batch_on_tokens=True,  # a mean over labelled tokens (composer_model.token_counts)
         seed=config.seed,
         save_folder=config.save_folder,
         save_interval=sigterm.save_interval,
@@ -269,4 +271,5 @@ def build_run(config: TrainConfig, start: RunStart | None = None) -> Run:
         if problem is None:
             raise
         raise CheckpointError(problem) from e
+    average_fsdp_gradients(trainer.state.model)  # the Trainer sharded it
     return Run(trainer, model, config, data, reset_time=start.reset_time, preemption=sigterm)
