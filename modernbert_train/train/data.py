@@ -206,6 +206,7 @@ def masking_schedule(config: TrainConfig, rows: BatchSizeSchedule) -> MaskingSch
     if not isinstance(spec, dict):
         return MaskingSchedule((float(spec),))
     key = "data.mlm_probability"
+    data_len = config.data.max_seq_len
 
     def batch_index(name: str, text: str) -> int:
         amount, unit = time_value(text), time_unit(text)
@@ -222,7 +223,6 @@ def masking_schedule(config: TrainConfig, rows: BatchSizeSchedule) -> MaskingSch
             return round(amount * batch_index("max_duration", config.max_duration))
         raise ConfigError(f"{key}.{name}: must be a time in ba, sp, tok or dur, got '{text}'")
 
-    data_len = config.data.max_seq_len
     shape = spec["schedule"]
     if shape == "constant":
         return MaskingSchedule((float(spec["value"]),))
