@@ -1,18 +1,27 @@
 """Streaming's shared-memory segments left by runs killed as a whole process tree are removed when the data
-layer next starts; the segments of a run still going are kept."""
+layer next starts; the segments of a run still going are kept. Jobs that start together on one host register
+their datasets one after another, so every rank of a job agrees on its prefix."""
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 
 import pytest
 
 from modernbert_train.data.mixture import build_sample_space
-from modernbert_train.data.shared_memory import SHM_FOLDER, mapped_segments
-
-pytestmark = pytest.mark.slow  # two processes started, and segments left to age
+from modernbert_train.data.shared_memory import (
+    SHM_FOLDER,
+    _lock_path,
+    mapped_segments,
+    registration_lock,
+    remove_stale_streaming_filelocks,
+)
 
 HOLD = """
 import sys, time
@@ -45,6 +54,7 @@ def inode(path) -> int | None:
     return path.stat().st_ino if path.exists() else None
 
 
+@pytest.mark.slow  # two processes started, and segments left to age
 def test_killed_runs_segments_are_removed_and_live_ones_kept(tiny_data):
     train = str(tiny_data / "train")
     killed = start_holder(train)
@@ -73,3 +83,129 @@ def test_killed_runs_segments_are_removed_and_live_ones_kept(tiny_data):
             if process is not None and process.poll() is None:
                 os.killpg(process.pid, signal.SIGTERM)
                 process.wait()
+
+
+JOB = """
+import json, os, sys
+from datetime import timedelta
+import torch.distributed as dist
+from modernbert_train.data.mixture import build_sample_space
+dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+prefixes = []
+for _ in range(int(sys.argv[2])):
+    samples = build_sample_space([{"local": sys.argv[1]}], shuffle=True, seed=1)
+    both = [None, None]
+    dist.all_gather_object(both, samples._shm_prefix_int)
+    prefixes.append(both)
+    dist.barrier()  # the other rank has read our prefix before we drop it
+    del samples
+json.dump(prefixes, open(sys.argv[3], "w"))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow  # six processes building datasets over and over
+def test_jobs_starting_together_agree_on_their_prefix(tiny_data, tmp_path):
+    """Three 2-rank jobs build a dataset over one folder at the same moment, twelve times each. Without the
+    host lock, streaming's look-then-create lets two leaders pick one prefix; the loser's ranks then leave
+    the prefix protocol at different barriers (a hang), or its second rank joins the other job's prefix
+    (seen: the FSDP2-vs-DDP test hanging in CI; this test failed 2 of 2 runs without the lock)."""
+    script = tmp_path / "job.py"
+    script.write_text(JOB)
+    processes = []
+    for job in range(3):
+        port = free_port()
+        for rank in range(2):
+            env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            command = [
+                sys.executable,
+                str(script),
+                str(tiny_data / "train"),
+                "12",
+                str(tmp_path / f"{job}-{rank}"),
+            ]
+            processes.append(
+                subprocess.Popen(command, env=env, stderr=subprocess.PIPE, start_new_session=True)
+            )
+    errors = []
+    for process in processes:
+        try:
+            _, err = process.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            _, err = process.communicate()
+        if process.returncode != 0:
+            errors.append(err.decode()[-1500:])
+    assert not errors, errors[0]
+    for job in range(3):
+        prefixes = json.loads((tmp_path / f"{job}-0").read_text())
+        assert len(prefixes) == 12 and all(a == b for a, b in prefixes)
+
+
+def test_the_lock_waits_for_its_holder():
+    """Another process's hold on the host lock keeps us out until it lets go, and dies with its holder."""
+    path = _lock_path()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        entered = threading.Event()
+
+        def enter():
+            with registration_lock():
+                entered.set()
+
+        thread = threading.Thread(target=enter)
+        thread.start()
+        time.sleep(1.0)
+        assert not entered.is_set()
+        os.killpg(holder.pid, signal.SIGKILL)  # a holder killed mid-registration frees the lock
+        holder.wait()
+        thread.join(timeout=30)
+        assert entered.is_set()
+        assert f"pid={os.getpid()}" in path.read_text()  # the holder is named for whoever waits next
+    finally:
+        if holder.poll() is None:
+            os.killpg(holder.pid, signal.SIGKILL)
+            holder.wait()
+
+
+HOLD_LOCK = """
+import fcntl, sys, time
+handle = open(sys.argv[1], "a+")
+fcntl.flock(handle, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_stale_streaming_filelocks_are_removed(tmp_path, monkeypatch):
+    """A killed run's streaming file locks make streaming skip their prefix for good; those whose prefix has
+    no segment left go, those of a prefix still in /dev/shm stay, and so do ones younger than 5 s."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    live = SHM_FOLDER / "987654_locals"
+    live.write_bytes(b"x")
+    try:
+        old = time.time() - 60
+        names = ["987653_barrier_filelock", "987653_cache_filelock", "987654_barrier_filelock", "unrelated"]
+        for name in names:
+            (tmp_path / name).write_text("")
+            os.utime(tmp_path / name, (old, old))
+        (tmp_path / "987652_barrier_filelock").write_text("")  # just made
+        removed = remove_stale_streaming_filelocks()
+        assert sorted(removed) == ["987653_barrier_filelock", "987653_cache_filelock"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == [
+            "987652_barrier_filelock", "987654_barrier_filelock", "unrelated"
+        ]  # fmt: skip
+    finally:
+        live.unlink()

@@ -17,9 +17,14 @@ from typing import Any
 
 import numpy as np
 from streaming import Stream, StreamingDataset
+import torch.distributed as dist
 from streaming.base.world import World
 
-from modernbert_train.data.shared_memory import remove_stale_streaming_segments
+from modernbert_train.data.shared_memory import (
+    registration_lock,
+    remove_stale_streaming_filelocks,
+    remove_stale_streaming_segments,
+)
 
 log = logging.getLogger(__name__)
 
@@ -95,22 +100,25 @@ def build_sample_space(
         cache_limit=cache_limit,
         batch_size=1,  # streaming groups samples into device batches; we pack, so one sample each
     )
-    # Streaming picks a free shared-memory prefix by looking, then creating: two jobs starting on one host
-    # at the same moment can pick the same one, and the later creation fails. Nothing was registered then,
-    # so looking again (after a random pause, to break the tie) is safe, with fresh Streams: streaming
-    # writes its resolved proportions into the ones it was given.
-    rng = np.random.default_rng()
-    # Killed runs' segments would otherwise stay; a later job on the host can fail on them.
-    remove_stale_streaming_segments()
     sources = [_readable_in_place(source) for source in sources]
-    for attempt in range(PREFIX_ATTEMPTS):
-        try:
-            streams = [Stream(**{k: v for k, v in source.items() if k != "name"}) for source in sources]
-            return StreamingDataset(streams=streams, **kwargs)
-        except FileExistsError:
-            if attempt == PREFIX_ATTEMPTS - 1:
-                raise
-            time.sleep(rng.uniform(0.05, 0.5))
+    single = not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1
+    rng = np.random.default_rng()
+    with registration_lock():  # other jobs on this host register their prefixes before or after us
+        # Killed runs' segments and locks would otherwise stay; a later job on the host can fail on them.
+        remove_stale_streaming_segments()
+        remove_stale_streaming_filelocks()
+        for attempt in range(PREFIX_ATTEMPTS):
+            try:
+                # fresh Streams each time: streaming writes its resolved proportions into those it is given
+                streams = [Stream(**{k: v for k, v in source.items() if k != "name"}) for source in sources]
+                return StreamingDataset(streams=streams, **kwargs)
+            except FileExistsError:
+                # A streaming job outside this lock took the prefix between our look and our creation.
+                # One process may look again (nothing was registered); ranks would leave the protocol at
+                # different barriers.
+                if not single or attempt == PREFIX_ATTEMPTS - 1:
+                    raise
+                time.sleep(rng.uniform(0.05, 0.5))
 
 
 def _readable_in_place(source: dict[str, Any]) -> dict[str, Any]:
