@@ -240,6 +240,22 @@ def upload_file(local: str | os.PathLike, path: str | os.PathLike) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def move(path: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Rename a file: locally in one step; in an s3 bucket as a server-side copy, then a delete."""
+    if not is_uri(path) and not is_uri(target):
+        os.replace(path, target)
+        return
+    uri, destination = parse(str(path)), parse(str(target))
+    if uri.scheme != "s3" or destination.scheme != "s3":
+        raise StorageError(f"{uri}: cannot move it to {destination}: only local and s3:// files can be moved")
+    source = {"Bucket": uri.bucket, "Key": uri.key}
+    client = _s3()
+    _s3_call(
+        uri, "copy", client.copy_object, CopySource=source, Bucket=destination.bucket, Key=destination.key
+    )
+    _s3_call(uri, "delete", client.delete_object, **source)
+
+
 def read_bytes(path: str | os.PathLike) -> bytes:
     if not is_uri(path):
         return Path(path).read_bytes()

@@ -16,6 +16,7 @@ from modernbert_train.train.checkpoint_files import (
     newest_good_checkpoint,
     partial_file,
     write_checkpoint_atomically,
+    write_folder_checksums,
 )
 
 
@@ -116,3 +117,51 @@ def test_read_only_folder_is_one_line(small_tmpfs):
     subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
     with pytest.raises(CheckpointSaveError, match="Read-only file system; it needs about"):
         save(small_tmpfs, 2)
+
+
+def sharded(folder: Path, batch: int, complete: bool = True) -> Path:
+    """A torch.distributed.checkpoint folder as two ranks leave it: a shard each, `.metadata` written last."""
+    path = folder / f"ep0-ba{batch}"
+    path.mkdir()
+    for rank in range(2):
+        torch.save({"w": torch.randn(256)}, path / f"__{rank}_0.distcp")
+    if complete:
+        (path / ".metadata").write_bytes(os.urandom(64))
+    return path
+
+
+def test_sharded_folders_checksums_catch_a_damaged_or_missing_shard(tmp_path):
+    """Each file's SHA-256 in FOLDER.sha256 (sha256sum format); a damaged shard, a missing shard or no
+    .metadata skips the folder (and its checksums) aside; one from before checksums is taken as is."""
+    legacy, good, missing, damaged, unfinished = (sharded(tmp_path, b) for b in (2, 4, 6, 8, 10))
+    for folder in (good, missing, damaged, unfinished):
+        if folder is not unfinished:
+            write_folder_checksums(folder)
+    (unfinished / ".metadata").unlink()  # killed after the shards, before the coordinator's metadata
+    recorded = checksum_file(good).read_text().splitlines()
+    assert [line.split("  ")[1] for line in recorded] == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    # sha256sum reads the names relative to where it runs: inside the folder
+    check = subprocess.run(
+        ["sha256sum", "-c", f"../{checksum_file(good).name}"], cwd=good, capture_output=True
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    (missing / "__1_0.distcp").unlink()
+    data = bytearray((damaged / "__0_0.distcp").read_bytes())
+    data[100:110] = os.urandom(10)
+    (damaged / "__0_0.distcp").write_bytes(bytes(data))
+
+    chosen, skipped = newest_good_checkpoint(tmp_path)
+
+    assert chosen == good
+    reasons = {s.name: s.reason for s in skipped}
+    assert list(reasons) == ["ep0-ba10", "ep0-ba8", "ep0-ba6"]
+    assert "no .metadata" in reasons["ep0-ba10"]
+    assert (
+        "__0_0.distcp do not match" in reasons["ep0-ba8"] and "__1_0.distcp is missing" in reasons["ep0-ba6"]
+    )
+    assert (tmp_path / "ep0-ba8.bad").is_dir() and (tmp_path / "ep0-ba8.bad.sha256").is_file()
+    assert not checksum_file(damaged).exists()
+    legacy_only = tmp_path / "legacy"
+    legacy_only.mkdir()
+    legacy.rename(legacy_only / legacy.name)
+    assert newest_good_checkpoint(legacy_only) == (legacy_only / legacy.name, [])

@@ -15,6 +15,7 @@ from conftest import REPO, run_env, run_train, train_command
 from transformers import AutoModelForMaskedLM
 
 from modernbert_train import storage
+from modernbert_train.train.checkpoint_files import sha256
 
 pytestmark = pytest.mark.slow
 CHECKPOINT = re.compile(r"ep\d+-ba(\d+)-rank0\.pt")
@@ -95,3 +96,44 @@ def test_shard_train_kill_resume_and_export_in_a_bucket(s3_bucket, tiny_data, wr
 
 def read_json_lines(uri: str) -> list[dict]:
     return [json.loads(line) for line in storage.read_text(uri).splitlines()]
+
+
+def test_a_damaged_checkpoint_in_a_bucket_is_skipped_and_moved_aside(s3_bucket, write_recipe, tmp_path):
+    """Each checkpoint goes up with its checksum; on resume a bit-flipped newest one is named, moved aside to
+    NAME.bad (the resumed run saves under its name again) and the one before it is loaded."""
+    run = storage.join(s3_bucket, "damaged")
+    recipe = write_recipe(
+        max_duration="8ba", autoresume=True, save_interval="4ba", save_folder=run, data={"eval": []}
+    )
+    run_train(recipe, timeout=600)
+    names = set(storage.list_files(run))
+    for batch in (4, 8):
+        name = f"ep0-ba{batch}-rank0.pt"
+        with storage.local_file(storage.join(run, name)) as local:
+            digest = sha256(local)
+        assert storage.read_text(storage.join(run, f"{name}.sha256")) == f"{digest}  {name}\n"
+    assert {"ep0-ba4-rank0.pt.sha256", "ep0-ba8-rank0.pt.sha256"} <= names
+    newest = storage.join(run, "ep0-ba8-rank0.pt")
+    data = bytearray(storage.read_bytes(newest))
+    data[len(data) // 2 : len(data) // 2 + 4096] = os.urandom(4096)
+    storage.write_bytes(newest, bytes(data))
+
+    longer = write_recipe(
+        tmp_path / "longer.yaml", max_duration="12ba", autoresume=True, save_interval="4ba", save_folder=run,
+        data={"eval": []},
+    )  # fmt: skip
+    resumed = run_train(longer, timeout=600)
+    assert (
+        f"skipped {newest}: its bytes do not match the checksum in ep0-ba8-rank0.pt.sha256" in resumed.stderr
+    )
+    assert re.findall(r"Loading checkpoint from (\S+)", resumed.stderr) == [
+        storage.join(run, "ep0-ba4-rank0.pt")
+    ]
+    names = set(storage.list_files(run))
+    assert {
+        "ep0-ba8-rank0.pt.bad",
+        "ep0-ba8-rank0.pt.bad.sha256",
+        "ep0-ba8-rank0.pt",
+        "ep0-ba12-rank0.pt",
+    } <= names
+    assert storage.read_bytes(storage.join(run, "ep0-ba8-rank0.pt.bad")) == bytes(data)

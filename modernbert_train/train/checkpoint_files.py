@@ -1,9 +1,12 @@
 """Checkpoint files that are either complete or absent, and the choice of the newest good one on resume.
 
-A checkpoint is written under a hidden temporary name, its SHA-256 recorded beside it (`NAME.sha256`, in
-`sha256sum` format so `sha256sum -c` checks it by hand), and only then renamed to its final name: a kill or
-a full disk mid-save leaves no file under a checkpoint's name. On resume the newest checkpoint whose bytes
-match its checksum is taken; the others newer than it are moved aside (`NAME.bad`), which also keeps them
+A whole (unsharded) checkpoint is written under a hidden temporary name, its SHA-256 recorded beside it
+(`NAME.sha256`, in `sha256sum` format so `sha256sum -c` checks it by hand), and only then renamed to its final
+name: a kill or a full disk mid-save leaves no file under a checkpoint's name. In a bucket the checkpoint and
+its checksum are uploaded as two objects (an object appears whole or not at all). A sharded checkpoint is a
+torch.distributed.checkpoint folder, complete once its `.metadata` exists (written last); its checksums, one
+line per file, go to `FOLDER.sha256` once the save is done. On resume the newest checkpoint whose bytes
+match its checksums is taken; the others newer than it are moved aside (`NAME.bad`), which also keeps them
 out of the way of Composer's check for files a resumed run would overwrite.
 """
 
@@ -68,6 +71,27 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def write_folder_checksums(folder: Path) -> None:
+    """Record the SHA-256 of every file below a (sharded) checkpoint folder in FOLDER.sha256, atomically."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    text = "".join(f"{sha256(p)}  {p.relative_to(folder).as_posix()}\n" for p in files)
+    target = checksum_file(folder)
+    _write_durably(partial_file(target), lambda f: f.write(text.encode()))
+    os.replace(partial_file(target), target)
+    _fsync_folder(folder.parent)
+
+
+def _folder_damage(folder: Path, recorded: Path) -> str | None:
+    for line in recorded.read_text().splitlines():
+        expected, _, name = line.partition("  ")
+        member = folder / name
+        if not member.is_file():
+            return f"{name} is missing (listed in {recorded.name})"
+        if sha256(member) != expected:
+            return f"the bytes of {name} do not match the checksum in {recorded.name} (damaged)"
+    return None
+
+
 def write_checkpoint_atomically(path: Path, state_dict: dict[str, Any]) -> None:
     """torch.save `state_dict` to `path` through a temporary name, with its checksum recorded."""
     staged = partial_file(path)
@@ -120,12 +144,9 @@ def _tensor_bytes(value: Any) -> int:
 
 
 class AtomicCheckpointSaver(CheckpointSaver):
-    """Composer's CheckpointSaver, but a whole (unsharded) checkpoint is written atomically with its checksum.
-
-    Sharded checkpoints are torch.distributed.checkpoint folders, which are complete once their `.metadata`
-    file exists (written last, through a rename), and remote folders are uploaded whole by Composer's
-    uploader: both are saved as Composer saves them.
-    """
+    """Composer's CheckpointSaver, but a whole (unsharded) checkpoint is written atomically with its checksum,
+    locally or (staged locally, then uploaded with its checksum) to a bucket. Sharded checkpoints are saved as
+    Composer saves them, then their files' checksums are recorded."""
 
     def __init__(self, folder: str, save_interval, overwrite: bool, num_checkpoints_to_keep: int):
         # The names the Trainer would give its own saver for `save_folder`.
@@ -143,9 +164,10 @@ class AtomicCheckpointSaver(CheckpointSaver):
         )
 
     def _save_checkpoint(self, state: State, logger: Logger) -> None:
-        remote = self.remote_uploader is not None
-        if remote or state.fsdp_sharded_state_dict_enabled or self.weights_only or self.ignore_keys:
+        if state.fsdp_sharded_state_dict_enabled or self.weights_only or self.ignore_keys:
             super()._save_checkpoint(state, logger)
+            if state.fsdp_sharded_state_dict_enabled:
+                self._record_sharded_checksums()
             return
         self.last_checkpoint_batch = state.timestamp.batch
         path = checkpoint.get_save_filename(state, self.filename.format(state, keep_placeholders=True))
@@ -166,18 +188,32 @@ class AtomicCheckpointSaver(CheckpointSaver):
         if self.latest_filename is not None and self.num_checkpoints_to_keep != 0:
             point_latest_at(Path(self.latest_filename.format(state)), Path(path))
         self.saved_checkpoints.append(path)
-        if self.remote_file_name is not None:
-            self._upload_checkpoint(
-                remote_file_name=self.remote_file_name.format(state).lstrip("/"),
-                local_file_name=path,
-                local_remote_file_names=[],
-                logger=logger,
-            )
+        if self.remote_file_name is not None:  # to a bucket (or a logger that keeps files, as Composer does)
+            remote_name = self.remote_file_name.format(state).lstrip("/")
+            uploads = [(remote_name, path)]
+            if self.remote_uploader is not None:  # it copies each file before it returns
+                uploads.append((remote_name + ".sha256", str(checksum_file(Path(path)))))
+            for remote, local in uploads:
+                self._upload_checkpoint(
+                    remote_file_name=remote, local_file_name=local, local_remote_file_names=[], logger=logger
+                )
         if self.num_checkpoints_to_keep >= 0:
             while len(self.saved_checkpoints) > self.num_checkpoints_to_keep:
                 oldest = Path(self.saved_checkpoints.pop(0))
                 oldest.unlink(missing_ok=True)
                 checksum_file(oldest).unlink(missing_ok=True)
+
+    def _record_sharded_checksums(self) -> None:
+        """On rank 0, after Composer's sharded save (every rank's files are written when the coordinator's
+        save returns): the newest folder's checksums; the checksums of folders rotated away go too."""
+        if dist.get_global_rank() != 0 or not self.saved_checkpoints or self.remote_uploader is not None:
+            return
+        folder = Path(self.saved_checkpoints[-1]).parent
+        if (folder / ".metadata").is_file():
+            write_folder_checksums(folder)
+        for recorded in folder.parent.glob("*.sha256"):
+            if checkpoint_order(recorded.with_suffix("")) and not recorded.with_suffix("").exists():
+                recorded.unlink(missing_ok=True)
 
 
 def point_latest_at(link: Path, target: Path) -> None:
@@ -202,9 +238,11 @@ def checkpoint_order(path: Path) -> tuple[int, int] | None:
 
 def why_unusable(path: Path) -> str | None:
     """Why the checkpoint at `path` is incomplete or damaged, or None when it is whole."""
-    if path.is_dir():
-        return None if (path / ".metadata").is_file() else "incomplete sharded checkpoint (no .metadata)"
     recorded = checksum_file(path)
+    if path.is_dir():
+        if not (path / ".metadata").is_file():
+            return "incomplete sharded checkpoint (no .metadata)"
+        return _folder_damage(path, recorded) if recorded.is_file() else None
     if not recorded.is_file():
         # Written before checksums were recorded: it must at least open as a checkpoint.
         from modernbert_train.train.checkpoint import CheckpointError, checkpoint_clock
@@ -240,5 +278,9 @@ def newest_good_checkpoint(folder: Path) -> tuple[Path | None, list[Skipped]]:
                 point_latest_at(link, candidate)
             return candidate, skipped
         candidate.rename(candidate.with_name(candidate.name + ".bad"))
+        if checksum_file(candidate).is_file():
+            checksum_file(candidate).rename(
+                checksum_file(candidate).with_name(candidate.name + ".bad.sha256")
+            )
         skipped.append(Skipped(candidate.name, f"{reason}; moved aside to {candidate.name}.bad"))
     return None, skipped

@@ -20,7 +20,7 @@ from composer.utils import dist, get_device
 
 from modernbert_train import storage
 from modernbert_train.train.checkpoint import CLOCK_COUNTERS, CheckpointError, checkpoint_clock
-from modernbert_train.train.checkpoint_files import checkpoint_order, newest_good_checkpoint
+from modernbert_train.train.checkpoint_files import checkpoint_order, newest_good_checkpoint, sha256
 from modernbert_train.train.schema import TrainConfig
 
 
@@ -71,11 +71,11 @@ def _decide(config: TrainConfig) -> RunStart:
     if not config.autoresume:
         checkpoint = None
     elif storage.is_uri(config.save_folder):
-        checkpoint = _latest_remote_checkpoint(config.save_folder)
+        checkpoint, clock = _latest_remote_checkpoint(config.save_folder)
     else:
-        checkpoint = _newest_good_checkpoint(config.save_folder)
+        checkpoint, clock = _newest_good_checkpoint(config.save_folder), None
     if checkpoint is not None:
-        elapsed = _elapsed(checkpoint, config.max_duration)
+        elapsed = _elapsed(checkpoint, config.max_duration, clock)
         kind = StartKind.COMPLETE if _reached(elapsed, config.max_duration) else StartKind.RESUME
         return RunStart(kind, str(checkpoint), elapsed)
     if not config.load_path:
@@ -110,20 +110,61 @@ def _newest_good_checkpoint(save_folder: str) -> Path | None:
     return checkpoint
 
 
-def _latest_remote_checkpoint(save_folder: str) -> str | None:
-    """The newest checkpoint in a bucket's save folder. An object appears whole or not at all, so every
-    listed one is complete; Composer's `latest` link there is uploaded up to half a minute after it."""
-    names = [name for name in storage.list_files(save_folder) if checkpoint_order(Path(name))]
-    newest = max(names, key=lambda name: checkpoint_order(Path(name)), default=None)
-    return storage.join(save_folder, newest) if newest else None
+def _latest_remote_checkpoint(save_folder: str) -> tuple[str | None, dict[str, int] | None]:
+    """The newest whole checkpoint in a bucket's save folder. An object appears whole or not at all, so every
+    listed one is complete; each is fetched (as reading its clock would) and checked against its uploaded
+    checksum, newest first. A damaged one is reported and skipped (objects are not moved); one uploaded
+    before its checksum, or before checksums were recorded, must at least read as a checkpoint. Returns the
+    checkpoint and its clock (so it is not fetched again to read it)."""
+    names = set(storage.list_files(save_folder))
+    candidates = sorted(
+        (name for name in names if checkpoint_order(Path(name))), key=lambda n: checkpoint_order(Path(n))
+    )
+    damaged = []
+    for name in reversed(candidates):
+        uri = storage.join(save_folder, name)
+        recorded = f"{name}.sha256"
+        expected = (
+            storage.read_text(storage.join(save_folder, recorded)).split()[:1] if recorded in names else []
+        )
+        with storage.local_file(uri) as local:
+            if expected and expected[0] != sha256(local):
+                reason = f"its bytes do not match the checksum in {recorded} (damaged)"
+            else:
+                try:
+                    clock, reason = checkpoint_clock(local), None
+                except CheckpointError:
+                    reason = "cannot be read (truncated or not a checkpoint)"
+        if reason is None:
+            return uri, clock
+        # Moved aside, as locally: the resumed run saves under this name again.
+        for moved in (name, recorded) if recorded in names else (name,):
+            target = storage.join(save_folder, moved.replace(name, f"{name}.bad", 1))
+            try:
+                storage.move(storage.join(save_folder, moved), target)
+            except storage.StorageError:
+                raise CheckpointError(
+                    f"checkpoint {uri} {reason}; move it out of save_folder (the resumed run would save "
+                    "under its name) and rerun"
+                ) from None
+        print(f"modernbert-train: skipped {uri}: {reason}; moved aside to {name}.bad", file=sys.stderr)
+        damaged.append(uri)
+    if damaged:
+        raise CheckpointError(
+            f"save_folder {save_folder} has checkpoints but none is whole (see above); delete or move "
+            "them to start over"
+        )
+    return None, None
 
 
-def _elapsed(checkpoint: str | Path, max_duration: str) -> Time | None:
+def _elapsed(checkpoint: str | Path, max_duration: str, clock: dict[str, int] | None = None) -> Time | None:
     """The checkpoint's training time in max_duration's unit; None for a unit the clock does not count."""
     unit = Time.from_timestring(max_duration).unit
     counter = unit.name.lower()
     if counter not in CLOCK_COUNTERS:
         return None
+    if clock is not None:
+        return Time(clock[counter], unit)
     try:
         with storage.local_file(checkpoint) as local:  # a bucket's checkpoint is fetched whole to read it
             return Time(checkpoint_clock(local)[counter], unit)
