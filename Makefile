@@ -56,7 +56,7 @@ train: $(STAMP) data/default/tokenizer/tokenizer.json
 	$(BIN)/modernbert-train yamls/default.yaml
 	$(BIN)/modernbert-report runs/default --output runs/default/report.png
 
-# After `make train`: the embedded downstream task (modernbert_train/finetune/stdlib_task.py) fine-tuned from
+# After `make train`: the embedded downstream task (modernbert_train/finetune/keyword_task.py) fine-tuned from
 # runs/default/hf and from the same architecture's random init, 3 seeds each; scores in runs/default/eval.json.
 eval: $(STAMP)
 	$(BIN)/python -m modernbert_train.finetune.embedded_eval runs/default/hf --output runs/default/eval.json

@@ -2,6 +2,7 @@
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -183,3 +184,51 @@ def test_embedded_task_is_fixed_balanced_and_splits_by_file(tmp_path):
         labels = [row["label"] for row in rows[split]]
         assert {label: labels.count(label) for label in PACKAGES} == dict.fromkeys(PACKAGES, PER_CLASS[split])
     assert not {row["text"] for row in rows["train"]} & {row["text"] for row in rows["eval"]}
+
+
+def test_keyword_task_is_fixed_balanced_and_blanks_only_code(tmp_path):
+    """The default embedded task: 14 balanced classes; every example blanks exactly one code keyword (never a
+    word in a string or comment) with the mask token; the eval split's files are not the train split's."""
+    from modernbert_train.finetune import keyword_task
+
+    paths = keyword_task.build_task(tmp_path / "a", mask_token="<blank>")
+    rows = {}
+    for split in ("train", "eval"):
+        rows[split] = [json.loads(line) for line in paths[split].read_text().splitlines()]
+        labels = [row["label"] for row in rows[split]]
+        assert {label: labels.count(label) for label in keyword_task.KEYWORDS} == dict.fromkeys(
+            keyword_task.KEYWORDS, keyword_task.PER_CLASS[split]
+        )
+        assert all(row["text"].count("<blank>") == 1 for row in rows[split])
+        assert all(len(row["text"].splitlines()) == 5 for row in rows[split])
+    assert not {row["text"] for row in rows["train"]} & {row["text"] for row in rows["eval"]}
+    # The same files again (a small sample rebuilt: the whole build reads the stdlib once).
+    stdlib = Path(keyword_task.sysconfig.get_paths()["stdlib"])
+    files = keyword_task.stdlib_files(stdlib)[:40]
+    first = [keyword_task.examples(f, np.random.default_rng(0), "<blank>") for f in files]
+    again = [keyword_task.examples(f, np.random.default_rng(0), "<blank>") for f in files]
+    assert first == again
+
+    source = "x = 'if in a string'  # and in a comment\nif x is None:\n    y = [v for v in x]\n"
+    found = keyword_task.keyword_positions(source)
+    keywords = {line: [k for *_, k in hits] for line, hits in found.items()}
+    assert keywords == {1: ["if", "is", "None"], 2: ["for", "in"]}
+
+
+@pytest.mark.slow  # builds the keyword task from the whole stdlib (about 20 s), then fine-tunes twice
+def test_make_eval_writes_both_scores_with_the_models_own_mask_token(model_dir, tmp_path, capsys):
+    from modernbert_train.finetune import embedded_eval
+
+    output = tmp_path / "eval.json"
+    embedded_eval.evaluate(model_dir, output, "keyword", settings={"seeds": [0], "epochs": 1})
+    summary = json.loads(output.read_text())
+    assert summary["task"] == "keyword" and summary["settings"]["seeds"] == [0]
+    assert 0 <= summary["pretrained"] <= 1 and 0 <= summary["random_init"] <= 1
+    assert set(summary["scores"]) == {"pretrained", "random_init"}
+    first = json.loads((tmp_path / "eval" / "task-keyword" / "train.jsonl").read_text().splitlines()[0])
+    assert first["text"].count("[MASK]") == 1  # the fixture tokenizer's mask token (id 3)
+
+    with pytest.raises(SystemExit):
+        embedded_eval.main([str(tmp_path / "nowhere"), "--output", str(output)])
+    error = capsys.readouterr().err.strip()
+    assert "nowhere" in error and len(error.splitlines()) == 1, error

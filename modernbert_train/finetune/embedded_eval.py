@@ -1,7 +1,11 @@
-"""`make eval`: the embedded task (stdlib_task) fine-tuned from a pretrained encoder and from the same
-architecture's random initialisation, over three seeds; both scores go to one eval.json.
+"""`make eval`: an embedded task fine-tuned from a pretrained encoder and from the same architecture's random
+initialisation, over three seeds; both scores go to one eval.json.
 
-    python -m modernbert_train.finetune.embedded_eval MODEL_DIR --output runs/default/eval.json
+    python -m modernbert_train.finetune.embedded_eval MODEL_DIR [--task keyword|package] --output eval.json
+
+`keyword` (the default, keyword_task): which of 14 keywords was masked out of a line of code, given its
+context. `package` (stdlib_task): which of 8 standard-library packages a snippet comes from; a fresh model
+learns it from the snippets' names as well as a pretrained one does, so it measures little of pretraining.
 """
 
 import argparse
@@ -10,11 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-from modernbert_train.hf import HFCheckpointError
+from modernbert_train.hf import HFCheckpointError, read_hf_config
 
+from . import keyword_task, stdlib_task
 from .data import FinetuneError
-from .stdlib_task import PACKAGES, build_task
-from .train import FinetuneSettings, finetune
+from .train import FinetuneSettings, finetune, load_tokenizer
 
 METRIC = "accuracy"
 # One setting for both starts, so that only the initial weights differ. 128 tokens: the default run's
@@ -22,23 +26,48 @@ METRIC = "accuracy"
 SETTINGS = dict(seeds=[0, 1, 2], lr=1e-3, epochs=5, batch_size=32, max_length=128)
 
 
-def evaluate(model_dir: Path, output: Path) -> dict:
+TASKS = {
+    "keyword": (
+        f"which of {len(keyword_task.KEYWORDS)} Python keywords was masked out of a line of code, given the "
+        f"{keyword_task.CONTEXT_BEFORE} lines before it and the one after"
+    ),
+    "package": f"which of {len(stdlib_task.PACKAGES)} standard-library packages a 12-line snippet comes from",
+}
+
+
+def build_task(name: str, model_dir: Path, folder: Path) -> dict[str, Path]:
+    if name == "package":
+        return stdlib_task.build_task(folder)
+    config = read_hf_config(model_dir)
+    mask_token = load_tokenizer(model_dir).id_to_token(config.mask_token_id)
+    if mask_token is None:
+        raise FinetuneError(
+            f"{model_dir}: the tokenizer has no token for mask_token_id {config.mask_token_id}"
+        )
+    return keyword_task.build_task(folder, mask_token=mask_token)
+
+
+def evaluate(model_dir: Path, output: Path, task_name: str = "keyword", settings: dict | None = None) -> dict:
+    settings = {**SETTINGS, **(settings or {})}
     work = output.with_suffix("")  # runs/default/eval.json -> runs/default/eval/ for the task and runs
-    task = build_task(work / "task")
+    task = build_task(task_name, model_dir, work / f"task-{task_name}")
     start = time.perf_counter()
     scores = {}
     for name, random_init in (("pretrained", False), ("random_init", True)):
-        settings = FinetuneSettings(**SETTINGS, random_init=random_init)
-        results = finetune(model_dir, task["train"], task["eval"], work / name, settings)
+        start_settings = FinetuneSettings(**settings, random_init=random_init)
+        results = finetune(
+            model_dir, task["train"], task["eval"], work / f"{task_name}-{name}", start_settings
+        )
         scores[name] = results["final"]
     summary = {
-        "task": f"which of {len(PACKAGES)} standard-library packages a 12-line snippet of Python comes from",
+        "task": task_name,
+        "description": TASKS[task_name],
         "metric": METRIC,
         "pretrained": scores["pretrained"][METRIC]["mean"],
         "random_init": scores["random_init"][METRIC]["mean"],
         "std": {name: scores[name][METRIC]["std"] for name in scores},
         "scores": scores,
-        "settings": SETTINGS,
+        "settings": settings,
         "model": str(model_dir),
         "seconds": time.perf_counter() - start,
     }
@@ -50,10 +79,11 @@ def evaluate(model_dir: Path, output: Path) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m modernbert_train.finetune.embedded_eval")
     parser.add_argument("model_dir", type=Path, help="a transformers ModernBERT folder (runs/default/hf)")
+    parser.add_argument("--task", choices=sorted(TASKS), default="keyword", help="the embedded task")
     parser.add_argument("--output", type=Path, default=Path("runs/default/eval.json"))
     args = parser.parse_args(argv)
     try:
-        summary = evaluate(args.model_dir, args.output)
+        summary = evaluate(args.model_dir, args.output, args.task)
     except (FinetuneError, HFCheckpointError) as error:
         print(f"embedded_eval: error: {error}", file=sys.stderr)
         sys.exit(2)
