@@ -12,6 +12,8 @@ import pytest
 import torch
 from conftest import REPO, losses_by_batch, read_metrics, run_env
 
+from modernbert_train.train.checkpoint_files import sha256
+
 pytestmark = pytest.mark.slow
 
 LAUNCHER = [sys.executable, "-m", "composer.cli.launcher"]
@@ -203,6 +205,11 @@ def test_fsdp2_resume_is_exact_with_full_and_sharded_state_dicts(write_recipe, t
     sharded_norms = {row["batch"]: row["train/grad_norm"] for row in read_metrics(sharded / "metrics.jsonl")}
     assert all(0 < norm < float("inf") for norm in grad_norms.values())
     assert sharded_norms == pytest.approx(grad_norms, rel=1e-4)
+    # the resumed sharded run's checkpoint has every file's checksum recorded beside it
+    recorded = dict(line.split("  ")[::-1] for line in (sharded / "ep0-ba8.sha256").read_text().splitlines())
+    files = sorted(p.relative_to(sharded / "ep0-ba8").as_posix() for p in (sharded / "ep0-ba8").rglob("*"))
+    assert sorted(recorded) == files and ".metadata" in files and len(files) >= 3
+    assert all(recorded[name] == sha256(sharded / "ep0-ba8" / name) for name in files)
 
 
 @pytest.mark.timeout(1800)
