@@ -256,6 +256,19 @@ def move(path: str | os.PathLike, target: str | os.PathLike) -> None:
     _s3_call(uri, "delete", client.delete_object, **source)
 
 
+def remove(path: str | os.PathLike) -> None:
+    """Delete a file, link or folder (locally), or an object (in an s3 bucket); nothing there is no error."""
+    if not is_uri(path):
+        local = Path(path)
+        if local.exists() or local.is_symlink():
+            _remove_path(local)
+        return
+    uri = parse(str(path))
+    if uri.scheme != "s3":
+        raise StorageError(f"{uri}: cannot delete it: only local and s3:// files can be deleted")
+    _s3_call(uri, "delete", _s3().delete_object, Bucket=uri.bucket, Key=uri.key)
+
+
 def read_bytes(path: str | os.PathLike) -> bytes:
     if not is_uri(path):
         return Path(path).read_bytes()

@@ -2,6 +2,7 @@
 max_duration resumes it, a loaded checkpoint with nothing left to train is refused; under FSDP2 with sharded
 checkpoints, on two ranks, the finished rerun and a phase change that continues the optimizer."""
 
+import json
 import shutil
 import socket
 import subprocess
@@ -92,6 +93,41 @@ def test_a_loaded_checkpoint_with_nothing_left_to_train_is_refused(finished, tmp
         f"modernbert-train: error: load_path: checkpoint {checkpoint} is already at 4ba and max_duration is "
         "4ba, so nothing would train; a new phase needs reset_time=true"
     ]
+
+
+def test_a_fresh_run_over_a_finished_one_is_refused_then_replaces_it_under_save_overwrite(
+    finished, tmp_path, capsys
+):
+    folder = tmp_path / "run"
+    shutil.copytree(finished.parent / "run", folder, symlinks=True)
+    before = snapshot(folder)
+    args = [f"save_folder={folder}", f"export.hf_dir={tmp_path / 'hf'}", "max_duration=2ba"]
+    args.append("save_interval=2ba")
+    with pytest.raises(SystemExit) as exited:
+        main([str(finished), *args, "autoresume=false"])
+    assert exited.value.code == 2
+    assert "holds an earlier run (ep0-ba4-rank0.pt," in capsys.readouterr().err
+    assert snapshot(folder) == before and not (tmp_path / "hf").exists()
+    run_train(finished, *args, "autoresume=false", "save_overwrite=true")
+    # Only this run's rows and checkpoint: the earlier ba4 one would have been "newer" to a later autoresume.
+    assert [row["batch"] for row in read_metrics(folder / "metrics.jsonl")] == [1, 2]
+    assert sorted(p.name for p in folder.glob("ep*")) == ["ep0-ba2-rank0.pt", "ep0-ba2-rank0.pt.sha256"]
+    done = run_train(finished, *args)  # autoresume: this run is complete at its own 2ba
+    assert f"its latest checkpoint {folder / 'ep0-ba2-rank0.pt'} is at 2ba" in done.stdout
+
+
+def test_an_autoresumed_run_killed_before_its_first_checkpoint_restarts_with_one_row_per_batch(
+    finished, tmp_path
+):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    # What a kill before the first save leaves: rows of batches 1-3 and no checkpoint.
+    rows = [{"batch": b, "loss/train/total": 9.0} for b in (1, 2, 3)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    run_train(finished, f"save_folder={folder}", f"export.hf_dir={tmp_path / 'hf'}")
+    rows = read_metrics(folder / "metrics.jsonl")
+    assert [row["batch"] for row in rows] == [1, 2, 3, 4]
+    assert all(row["loss/train/total"] != 9.0 for row in rows)
 
 
 def free_port() -> int:

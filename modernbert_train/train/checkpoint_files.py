@@ -31,6 +31,7 @@ from composer.utils import checkpoint, dist, parse_uri, reproducibility
 log = logging.getLogger(__name__)
 
 LATEST = "latest-rank0.pt"
+METRICS = "metrics.jsonl"  # written by train/jsonl_logger.py
 # Composer's default checkpoint names: `ep{epoch}-ba{batch}-rank0.pt` files, or folders `ep{epoch}-ba{batch}`
 # of a sharded (FSDP) checkpoint.
 _CHECKPOINT_NAME = re.compile(r"^ep(\d+)-ba(\d+)(-rank0\.pt)?$")
@@ -234,6 +235,17 @@ class Skipped:
 def checkpoint_order(path: Path) -> tuple[int, int] | None:
     match = _CHECKPOINT_NAME.match(path.name)
     return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def is_run_entry(name: str) -> bool:
+    """Whether a save folder's top-level entry is one a training run leaves: a checkpoint (file or sharded
+    folder), its checksum, a moved-aside `.bad` one, an interrupted save's partial file, `latest-rank0.pt`, or
+    `metrics.jsonl`. (config.yaml, tracebacks, the lock and exports are not: they are rewritten or kept.)"""
+    if name == METRICS:
+        return True
+    base = name.removeprefix(".").removesuffix(_PARTIAL_SUFFIX)
+    base = base.removesuffix(".sha256").removesuffix(".bad")
+    return base == LATEST or _CHECKPOINT_NAME.match(base) is not None
 
 
 def why_unusable(path: Path) -> str | None:

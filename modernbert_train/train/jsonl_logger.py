@@ -32,7 +32,9 @@ class JSONLLogger(LoggerDestination):
     at the batch's checkpoint event, before a checkpoint of that batch is saved: a run killed after a save
     has every row up to the checkpoint it resumes from. Until SpeedMonitor's window fills, throughput is the
     average since the run started. Rank 0 writes; rows are appended across restarts, and a resumed run first
-    drops the rows a killed run wrote past the checkpoint it resumes from, so each batch has one row.
+    drops the rows a killed run wrote past the checkpoint it resumes from (a run starting at batch 0 drops
+    them all), so each batch has one row. An unrelated earlier run's file never reaches here: train/start.py
+    refuses it, or deletes it under save_overwrite.
     JSON has no NaN or infinity: such a value is written as the string "nan", "inf" or "-inf" (which
     `float()` reads back) and its key listed in the row's `non_finite`.
 
@@ -63,7 +65,8 @@ class JSONLLogger(LoggerDestination):
         if self.remote and dist.get_global_rank() == 0 and storage.exists(self.remote):
             storage.download_file(self.remote, self.path)
         resumed_at = state.timestamp.batch.value
-        if dist.get_global_rank() == 0 and resumed_at > 0 and self.path.is_file():
+        # Rows past the start are a killed attempt's (at 0: one killed before its first checkpoint).
+        if dist.get_global_rank() == 0 and self.path.is_file():
             self._drop_rows_after(resumed_at)
 
     def batch_start(self, state: State, logger: Logger) -> None:

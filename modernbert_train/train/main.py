@@ -32,6 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    lock = None
     try:
         config = load_config(args.config, args.overrides)
         from composer.utils import dist
@@ -41,7 +42,6 @@ def main(argv: list[str] | None = None) -> None:
         from modernbert_train.train.run_lock import hold_run_lock
         from modernbert_train.train.start import StartKind, decide_start
 
-        lock = None
         if config.save_folder and not storage.is_uri(config.save_folder) and dist.get_global_rank() == 0:
             lock = hold_run_lock(config.save_folder)  # before anything in the folder is read or changed
         if config.export.hf_dir:
@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> None:
             # A requeued job or a rerun pipeline repeats the command of a finished run: not an error.
             if dist.get_global_rank() == 0:
                 print(start.completion_message(config))
+            if lock is not None:
+                lock.drop()
             return
         if lock is not None:
             lock.claim()
@@ -59,6 +61,8 @@ def main(argv: list[str] | None = None) -> None:
         run = build_run(config, start)
     except (ConfigError, ValueError) as e:
         # ValueError: the model, optimizer, scheduler, data and checkpoint builders' one-line errors.
+        if lock is not None:
+            lock.drop()
         print(f"modernbert-train: error: {e}", file=sys.stderr)
         sys.exit(2)
     from modernbert_train.train.checkpoint_files import CheckpointSaveError

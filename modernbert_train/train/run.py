@@ -21,7 +21,7 @@ from modernbert_train.hf import from_hf, read_hf_config
 from modernbert_train.model import ModernBertConfig, pad_vocab_size
 from modernbert_train.optim import build_optimizer
 from modernbert_train.train.checkpoint import CheckpointError, PhaseChange, explain_mismatch
-from modernbert_train.train.checkpoint_files import AtomicCheckpointSaver
+from modernbert_train.train.checkpoint_files import METRICS, AtomicCheckpointSaver
 from modernbert_train.train.composer_model import ModernBertMLM, data_spec
 from modernbert_train.train.config import ConfigError, to_dict, to_yaml
 from modernbert_train.train.data import TrainData, build_data, device_microbatch_size
@@ -144,7 +144,7 @@ def loggers(config: TrainConfig) -> list:
     if config.save_folder:
         every = Time.from_timestring(config.log_interval)
         every_n = int(every.value) if every.unit == TimeUnit.BATCH else 1
-        metrics = storage.join(config.save_folder, "metrics.jsonl")
+        metrics = storage.join(config.save_folder, METRICS)
         destinations.append(JSONLLogger(metrics, every_n, config.save_interval))
     wandb = config.loggers.wandb
     if wandb is not None:

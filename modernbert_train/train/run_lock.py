@@ -26,13 +26,23 @@ class RunLockError(ValueError):
 class RunLock:
     def __init__(self, fd: int):
         self.fd = fd
+        self.claimed = False
 
     def claim(self) -> None:
         """Name this process as the holder, until it ends."""
+        self.claimed = True
         _write(
             self.fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()})
         )
         atexit.register(_release, self.fd)
+
+    def drop(self) -> None:
+        """Let go of the lock now (a run refused or with nothing to do, in a process that goes on)."""
+        if self.claimed:
+            atexit.unregister(_release)  # its fd number may be another file's once closed
+            _release(self.fd)
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
 
 
 def hold_run_lock(folder: str | Path) -> RunLock:

@@ -154,6 +154,9 @@ class TrainConfig:
     save_interval: str = "1000ba"
     save_num_checkpoints_to_keep: int = -1
     autoresume: bool = False
+    # Without autoresume, a save_folder holding an earlier run's checkpoints or metrics.jsonl is refused;
+    # save_overwrite=true deletes them first. (With autoresume the run continues them; this is not read.)
+    save_overwrite: bool = False
     load_path: str | None = None
     load_weights_only: bool = False
     reset_time: bool = False  # start the clock (and schedule) at zero after load_path: phase changes

@@ -20,7 +20,12 @@ from composer.utils import dist, get_device
 
 from modernbert_train import storage
 from modernbert_train.train.checkpoint import CLOCK_COUNTERS, CheckpointError, checkpoint_clock
-from modernbert_train.train.checkpoint_files import checkpoint_order, newest_good_checkpoint, sha256
+from modernbert_train.train.checkpoint_files import (
+    checkpoint_order,
+    is_run_entry,
+    newest_good_checkpoint,
+    sha256,
+)
 from modernbert_train.train.schema import TrainConfig
 
 
@@ -68,6 +73,51 @@ def decide_start(config: TrainConfig) -> RunStart:
 
 
 def _decide(config: TrainConfig) -> RunStart:
+    start = _choose(config)
+    if start.kind in (StartKind.FRESH, StartKind.LOAD, StartKind.PHASE_CHANGE) and not config.autoresume:
+        _replace_earlier_run(config)
+    return start
+
+
+def _replace_earlier_run(config: TrainConfig) -> None:
+    """A run that does not resume would mix its checkpoints and metrics.jsonl rows with those an earlier
+    run left in save_folder (a later autoresume could even continue the earlier run's newer checkpoint):
+    refused, unless save_overwrite deletes them first."""
+    if not config.save_folder:
+        return
+    folder = config.save_folder
+    if storage.is_uri(folder):
+        files = storage.list_files(folder)
+        entries = sorted({name.split("/")[0] for name in files if is_run_entry(name.split("/")[0])})
+    else:
+        local = Path(folder)
+        entries = sorted(p.name for p in local.iterdir() if is_run_entry(p.name)) if local.is_dir() else []
+    if not entries:
+        return
+    if not config.save_overwrite:
+        shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+        raise CheckpointError(
+            f"save_folder {storage.display(folder)} holds an earlier run ({shown}); autoresume=true "
+            "continues it, save_overwrite=true deletes it first, or choose another save_folder"
+        )
+    try:
+        if storage.is_uri(folder):
+            for name in files:
+                if name.split("/")[0] in entries:
+                    storage.remove(storage.join(folder, name))
+        else:
+            for name in entries:
+                storage.remove(Path(folder, name))
+    except (OSError, storage.StorageError) as e:
+        raise CheckpointError(f"save_overwrite: cannot delete the earlier run in {folder}: {e}") from None
+    print(
+        f"modernbert-train: save_overwrite: deleted the earlier run's {len(entries)} checkpoint and metrics "
+        f"entries in {storage.display(folder)}",
+        file=sys.stderr,
+    )
+
+
+def _choose(config: TrainConfig) -> RunStart:
     if not config.autoresume:
         checkpoint = None
     elif storage.is_uri(config.save_folder):
