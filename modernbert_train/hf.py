@@ -261,6 +261,19 @@ def to_hf(model: ModernBertForMaskedLM, out_dir: str | Path, tokenizer=None) -> 
     return out
 
 
+def _unk_token(tokenizer) -> str | None:
+    """The token the tokenizer's model maps unknown input to (WordPiece's and BPE's `unk_token`, Unigram's
+    `unk_id`), else a BERT or RoBERTa spelling in its vocabulary; None when it has none (byte-level BPE)."""
+    model = json.loads(tokenizer.to_str()).get("model", {})
+    named = model.get("unk_token")
+    if model.get("type") == "Unigram" and isinstance(model.get("unk_id"), int):
+        named = tokenizer.id_to_token(model["unk_id"])
+    for token in (named, "[UNK]", "<unk>"):
+        if isinstance(token, str) and tokenizer.token_to_id(token) is not None:
+            return token
+    return None
+
+
 def save_tokenizer(tokenizer, out_dir: Path, config: ModernBertConfig) -> None:
     """Save a tokenizer that AutoTokenizer.from_pretrained(out_dir) loads with ModernBERT's special tokens."""
     from tokenizers import Tokenizer, processors
@@ -284,8 +297,9 @@ def save_tokenizer(tokenizer, out_dir: Path, config: ModernBertConfig) -> None:
         if token is None:
             raise HFCheckpointError(f"tokenizer: no token has the config's {role}_token_id={token_id}")
         special[f"{role}_token"] = token
-    if tokenizer.token_to_id("[UNK]") is not None:
-        special["unk_token"] = "[UNK]"
+    unk = _unk_token(tokenizer)
+    if unk is not None:
+        special["unk_token"] = unk
     if tokenizer.post_processor is None:
         # Like ModernBERT's own tokenizer: [CLS] text [SEP] for single inputs and pairs.
         cls, sep = special["cls_token"], special["sep_token"]

@@ -277,6 +277,34 @@ def test_to_hf_tokenizer_loads_with_auto_tokenizer(form, tmp_path, capfd):
     assert from_hf(tmp_path / "out").config.mask_token_id == 3
 
 
+@pytest.mark.parametrize(
+    "model, unk",
+    [
+        ("wordpiece-named", "<oov>"),  # the model's own unk_token, whatever its spelling
+        ("unigram", "<u>"),  # Unigram names it by id
+        ("bpe-roberta", "<unk>"),  # a BPE without unk_token: RoBERTa's spelling in the vocabulary
+        ("bpe-none", None),  # byte-level BPE: nothing is unknown
+    ],
+)
+def test_the_exported_tokenizer_keeps_the_unknown_token(model, unk, tmp_path):
+    words = ["[PAD]", "[CLS]", "[SEP]", "[MASK]", "hello", "world"]
+    extra = {"wordpiece-named": ["<oov>"], "unigram": ["<u>"], "bpe-roberta": ["<unk>"], "bpe-none": []}
+    vocab = {token: i for i, token in enumerate(words + extra[model])}
+    if model == "wordpiece-named":
+        tokenizer = Tokenizer(models.WordPiece(vocab, unk_token="<oov>"))
+    elif model == "unigram":
+        tokenizer = Tokenizer(models.Unigram([(token, -1.0) for token in vocab], unk_id=len(vocab) - 1))
+    else:
+        tokenizer = Tokenizer(models.BPE(vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    config = ModernBertConfig.from_preset("tiny", vocab_size=64, **TOKEN_IDS)
+    to_hf(ModernBertForMaskedLM(config), tmp_path / "out", tokenizer=tokenizer)
+    loaded = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert loaded.unk_token == unk
+    if unk is not None:
+        assert loaded.unk_token_id == vocab[unk]
+
+
 def test_to_hf_rejects_tokenizer_without_the_config_token(tmp_path):
     config = ModernBertConfig.from_preset("tiny", vocab_size=64, **{**TOKEN_IDS, "mask_token_id": 40})
     with pytest.raises(HFCheckpointError, match="mask_token_id=40"):

@@ -116,4 +116,5 @@ def test_a_roberta_tokenizer_goes_from_shard_through_training_to_export(tmp_path
     exported = AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert exported.mask_token == "<mask>" and exported.mask_token_id == ids["mask_token_id"]
     assert (exported.pad_token, exported.cls_token, exported.sep_token) == ("<pad>", "<s>", "</s>")
+    assert (exported.unk_token, exported.unk_token_id) == ("<unk>", 3)
     assert exported("the cat")["input_ids"][0] == 0  # wrapped as <s> ... </s>
