@@ -14,7 +14,7 @@ VENV_COMPAT := .venv-compat
 BIN_COMPAT := $(VENV_COMPAT)/bin
 STAMP_COMPAT := $(VENV_COMPAT)/.installed
 
-.PHONY: install test test-fast test-compat data train eval bench lint format clean wheelhouse device-check
+.PHONY: install test test-fast test-compat data train eval bench lint format clean wheelhouse device-check device-rehearsal
 
 install: $(STAMP)
 
@@ -81,6 +81,15 @@ DEVICE_CHECK_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 device-check:
 	OUT="$(or $(OUT),runs/device-check)" DEVICE_CHECK_PYTHON="$(DEVICE_CHECK_PYTHON)" \
 		bash benchmarks/device_check.sh
+
+# The GPU node rehearsed on this CPU before device time is spent: its image's packages (benchmarks/gpu-image.txt)
+# in .venv-image/ (Python 3.12, ~5.5 GB, needs the network), the wheelhouse installed as on the node, then the
+# dry run. Results in OUT (default runs/device-rehearsal). Not part of CI.
+device-rehearsal: wheelhouse
+	test -x .venv-image/bin/python || $(PYTHON_COMPAT) -m venv .venv-image
+	.venv-image/bin/pip install --quiet -r benchmarks/gpu-image.txt
+	$(MAKE) --no-print-directory device-check DEVICE_CHECK_PYTHON=$(CURDIR)/.venv-image/bin/python \
+		OUT="$(or $(OUT),runs/device-rehearsal)"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
