@@ -202,6 +202,23 @@ def train_summary(work: Path, stage: dict | None, env: dict) -> dict:
     return summary
 
 
+def versus_hf(work: Path, stage: dict | None) -> dict:
+    """The vs-hf stage: our step against transformers' at its best, per shape (benchmarks.bench_hf_gpu)."""
+    if stage is None:
+        return {"status": "not run"}
+    path = work / "vs-hf.json"
+    found = json.loads(path.read_text()) if path.is_file() else {}
+    summary = {"status": stage["status"], "seconds": stage["seconds"]}
+    if not found:
+        summary["error"] = log_tail(work, "vs-hf")
+        return summary
+    summary.update(
+        {key: found[key] for key in ("model", "rows", "seq_len", "theirs", "call") if key in found}
+    )
+    summary["shapes"] = found.get("shapes", {})
+    return summary
+
+
 def report(work: Path, out: Path, budget: int, elapsed: int) -> dict:
     env = json.loads((work / "env.json").read_text()) if (work / "env.json").is_file() else {}
     stages = {row["stage"]: row for row in read_jsonl(work / "stages.jsonl")}
@@ -222,6 +239,7 @@ def report(work: Path, out: Path, budget: int, elapsed: int) -> dict:
         "tests": test_summary(work, stages.get("tests")),
         "runs": runs,
         "train": train_summary(work, stages.get("train"), env),
+        "versus_transformers": versus_hf(work, stages.get("vs-hf")),
     }
     # Until `env` has named the device there is nothing to file the result under.
     if "result_name" in env:
@@ -248,6 +266,17 @@ def print_summary(result: dict) -> None:
     train = result["train"]
     loss = f"loss {train['loss_first']:.3f} -> {train['loss_last']:.3f}" if "loss_last" in train else ""
     print(f"  train: {train['status']}  {train.get('batches', 0)} batches  {figures(train)}  {loss}")
+    versus = result.get("versus_transformers", {})
+    for shape, entry in versus.get("shapes", {}).items():
+        speedups = "  ".join(
+            f"{key.removeprefix('speedup_').removesuffix('_vs_theirs_best')} {value:.2f}x"
+            for key, value in entry.items()
+            if key.startswith("speedup_")
+        )
+        best = entry.get("theirs_best", "none timed")
+        print(f"  vs transformers ({shape}): {speedups or 'no ratio'}  (theirs best: {best})")
+    if versus.get("status") not in (None, "ok", "not run") or "error" in versus:
+        print(f"  vs transformers: {versus.get('status')}")
     tests = result["tests"]
     counts = (
         tests.get("passed", 0),

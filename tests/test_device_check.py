@@ -45,6 +45,10 @@ def test_cpu_dry_run_writes_the_result(tmp_path):
     assert (train["status"], train["batches"], train["model"], train["seq_len"]) == ("ok", 4, "tiny", 128)
     assert train["tokens_per_second_per_gpu"] > 0
     assert result["tests"]["status"] == "ok" and result["tests"]["tests"] > 0
+    versus = result["versus_transformers"]
+    assert versus["status"] == "ok" and set(versus["shapes"]) == {"fixed", "variable"}
+    for entry in versus["shapes"].values():
+        assert entry["theirs_best"] == "theirs_sdpa_eager" and entry["speedup_ours_eager_vs_theirs_best"] > 0
     # The dry run leaves the committed results alone (cpu-<date>.json there is `make bench`'s).
     assert sorted((REPO / "benchmarks" / "results").iterdir()) == results_before
 
@@ -83,6 +87,43 @@ def test_report_of_a_check_cut_short(tmp_path):
     failed = next(run for run in result["runs"] if run["status"] == "failed")
     assert failed["compile"] is True and failed["error"].endswith("bench_gpu: error: compiled again")
     assert result["train"]["status"] == "timeout" and result["tests"]["status"] == "not run"
+    assert result["versus_transformers"] == {"status": "not run"}
+
+
+def test_versus_transformers_same_loss_and_a_ratio(tmp_path):
+    """benchmarks.bench_hf_gpu's dry run: the same weights give transformers' loss (fp32 on a CPU, to 1e-4),
+    every configuration is timed and the ratio is against transformers' fastest."""
+    from benchmarks import bench_hf_gpu
+
+    out = tmp_path / "vs-hf.json"
+    argv = ["--device", "cpu", "--preset", "tiny", "--seq-len", "64", "--rows", "2", "--rounds", "2",
+            "--warmup", "1", "--eager-only", "--output", str(out)]  # fmt: skip
+    assert bench_hf_gpu.main(argv) == 0
+    result = json.loads(out.read_text())
+    for shape, entry in result["shapes"].items():
+        configs = entry["configs"]
+        assert set(configs) == {"ours_eager", "theirs_sdpa_eager"}, shape
+        for record in configs.values():
+            assert record["status"] == "ok" and record["loss_gap_vs_ours_eager"] < 1e-4
+            assert len(record["step_times_s"]) == 2 and record["tokens_per_s"] > 0
+        ratio = configs["theirs_sdpa_eager"]["median_step_s"] / configs["ours_eager"]["median_step_s"]
+        assert entry["speedup_ours_eager_vs_theirs_best"] == round(ratio, 3)
+    assert result["shapes"]["variable"]["real_tokens"] < result["shapes"]["fixed"]["real_tokens"] == 128
+
+
+def test_profile_counts_each_kernel_once():
+    """The profile's total is the sum of what it ranks, grouped by family; on a CPU, operators."""
+    import torch
+
+    from benchmarks.bench_gpu import kernel_kind, profile_steps
+
+    a = torch.randn(64, 64)
+    profile = profile_steps(lambda: (a @ a).relu_().sum(), steps=2, cuda=False, top=5)
+    by_kind = sum(kind["ms_per_step"] for kind in profile["by_kind"].values())
+    assert abs(by_kind - profile["total_ms_per_step"]) < 1e-6 and profile["device_idle_share"] is None
+    assert kernel_kind("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT") == "matmul"
+    assert kernel_kind("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<...>") == "attention"
+    assert kernel_kind("triton_poi_fused_cat_gelu_gelu_backward_mul_split_2") == "fused (triton)"
 
 
 def test_wheel_names_map_to_distributions():
