@@ -101,13 +101,36 @@ def sharded_grad_norm(rank: int, port: int, out) -> None:
     parameters = list(model.parameters())
     assert all(isinstance(p.grad, DTensor) for p in parameters)
     whole = torch.cat([p.grad.full_tensor().flatten() for p in parameters]).norm().item()
-    (out / f"rank{rank}").write_text(f"{grad_norm(parameters).item()} {whole}")
+    # Both ways to sum the squares: the loop (CPU's default) and the multi-tensor kernels (a GPU's).
+    both = [grad_norm(parameters, foreach=foreach).item() for foreach in (False, True)]
+    (out / f"rank{rank}").write_text(f"{both[0]} {both[1]} {whole}")
     torch_dist.destroy_process_group()
 
 
 def test_grad_norm_over_fsdp2_shards_is_the_whole_models(tmp_path):
     mp.spawn(sharded_grad_norm, args=(free_port(), tmp_path), nprocs=2)
-    (guard0, whole0), (guard1, whole1) = [
+    (guard0, foreach0, whole0), (guard1, foreach1, whole1) = [
         map(float, (tmp_path / f"rank{rank}").read_text().split()) for rank in (0, 1)
     ]
     assert guard0 == guard1 == pytest.approx(whole0, rel=1e-6) and whole0 == whole1 > 0
+    assert foreach0 == foreach1 == pytest.approx(whole0, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs CUDA")])]
+)  # fmt: skip
+def test_grad_norm_of_whole_gradients_both_ways(device):
+    """Mixed shapes and dtypes, some parameters without a gradient: the multi-tensor path (a GPU's default)
+    and the loop agree with a float64 sum; on CUDA at base's largest tensor too."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(7, 5), (64,), (3, 4, 5), (1,)] + ([(50368, 768)] if device == "cuda" else [])
+    dtypes = [torch.bfloat16 if i == 1 else torch.float32 for i in range(len(shapes))]
+    parameters = [torch.nn.Parameter(torch.zeros(s, device=device, dtype=d)) for s, d in zip(shapes, dtypes)]
+    for param in parameters:
+        param.grad = torch.randn(param.shape, generator=generator).to(device, param.dtype)
+    parameters.append(torch.nn.Parameter(torch.zeros(3, device=device)))  # no gradient
+    exact = sum(p.grad.double().pow(2).sum() for p in parameters if p.grad is not None).sqrt().item()
+    for foreach in (False, True):
+        assert grad_norm(parameters, foreach=foreach).item() == pytest.approx(exact, rel=1e-6)
+    assert grad_norm(parameters).item() == pytest.approx(exact, rel=1e-6)

@@ -17,23 +17,33 @@ class NonFiniteStop(Exception):
     """Too many non-finite batches in a row; the message is one line."""
 
 
-def grad_norm(parameters: list[torch.nn.Parameter]) -> torch.Tensor:
+def grad_norm(parameters: list[torch.nn.Parameter], foreach: bool | None = None) -> torch.Tensor:
     """The L2 norm of all gradients, the same value on every rank. A sharded gradient (DTensor) adds its
     local shard's squares, summed over the ranks; a whole gradient (one process, DDP) is the same on every
-    rank and is counted once. Every rank must call this (it all-reduces)."""
+    rank and is counted once. Every rank must call this (it all-reduces).
+
+    On a GPU (`foreach` None) the per-tensor norms come from multi-tensor kernels (fp32 accumulation whatever
+    the gradient's dtype): a loop launches ~3 small kernels per tensor, ~400 per step for base, on the host's
+    critical path just before the optimizer step. A CPU has no launches to save, and its norm kernel sums
+    less exactly (base's 38M-element embedding gradient: 0.27% low, where pow(2).sum() is exact to 1e-7),
+    so there the loop stays."""
     device = parameters[0].device
-    sharded = torch.zeros((), dtype=torch.float32, device=device)
-    whole = torch.zeros((), dtype=torch.float32, device=device)
-    for param in parameters:
-        if param.grad is None:
-            continue
-        if isinstance(param.grad, DTensor):
-            sharded += param.grad.to_local().float().pow(2).sum()
-        else:
-            whole += param.grad.float().pow(2).sum()
+    foreach = device.type == "cuda" if foreach is None else foreach
+    grads = [p.grad for p in parameters if p.grad is not None]
+    sharded = _sum_of_squares([g.to_local() for g in grads if isinstance(g, DTensor)], device, foreach)
     if dist.get_world_size() > 1:
         dist.all_reduce(sharded)  # SUM
+    whole = _sum_of_squares([g for g in grads if not isinstance(g, DTensor)], device, foreach)
     return (sharded + whole).sqrt()
+
+
+def _sum_of_squares(tensors: list[torch.Tensor], device: torch.device, foreach: bool) -> torch.Tensor:
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    if tensors and foreach:
+        return total + torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)).square().sum()
+    for tensor in tensors:
+        total += tensor.float().pow(2).sum()
+    return total
 
 
 class NonFiniteGuard(Callback):
