@@ -16,6 +16,7 @@ import torch.distributed.checkpoint as dcp
 import yaml
 from conftest import REPO, read_metrics, run_env, run_train
 
+from modernbert_train.train.checkpoint import checkpoint_summary
 from modernbert_train.train.main import main
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("start")]
@@ -75,10 +76,24 @@ def test_rerunning_a_finished_run_says_so_and_changes_nothing(finished):
     assert snapshot(root) == before  # no metrics row, no export, no config or checkpoint written
 
 
-def test_a_longer_max_duration_resumes_the_finished_run(finished, tmp_path):
+def test_a_longer_max_duration_resumes_the_finished_run_unless_a_key_the_checkpoint_fixes_changed(
+    finished, tmp_path, capsys
+):
     shutil.copytree(finished.parent / "run", tmp_path / "run", symlinks=True)
     overrides = [f"save_folder={tmp_path / 'run'}", f"export.hf_dir={tmp_path / 'hf'}", "max_duration=6ba"]
-    run_train(finished, *overrides)
+    before = snapshot(tmp_path / "run")
+    with pytest.raises(SystemExit) as exited:  # the checkpoint's moments and lr would be kept: refused
+        main([str(finished), *overrides, "optimizer.lr=0.01"])
+    assert exited.value.code == 2
+    checkpoint = tmp_path / "run" / "ep0-ba4-rank0.pt"
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"modernbert-train: error: recipe changed since checkpoint {checkpoint}: optimizer.lr=0.003 there, "
+        "0.01 here; a resumed run continues its optimizer, data stream and RNG, so these keys cannot change: "
+        f"put them back, or start a new phase with load_path={checkpoint} reset_time=true (in another "
+        "save_folder when autoresuming)"
+    ]
+    assert snapshot(tmp_path / "run") == before and not (tmp_path / "hf").exists()
+    run_train(finished, *overrides, "scheduler.t_decay=2ba")  # the lock was released; a new schedule is free
     assert [row["batch"] for row in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
     assert (tmp_path / "hf" / "config.json").exists()
 
@@ -136,17 +151,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(recipe: Path, log: Path, timeout: float = 420) -> str:
-    """`composer -n 2 -m modernbert_train.train RECIPE`; its console output (rank 0's)."""
+def launch(recipe: Path, log: Path, timeout: float = 420, *overrides: str, fails: bool = False) -> str:
+    """`composer -n 2 -m modernbert_train.train RECIPE [OVERRIDES]`; its console output (every rank's)."""
     port = str(free_port())
     command = [*LAUNCHER, "-n", "2", "--master_port", port, "-m", "modernbert_train.train", str(recipe)]
+    command += overrides
     with log.open("w+b") as out:
         process = subprocess.run(
             command, cwd=REPO, env=run_env(), stdout=out, stderr=subprocess.STDOUT, timeout=timeout
         )
         out.seek(0)
         output = out.read().decode(errors="replace")
-    assert process.returncode == 0, output[-4000:]
+    assert (process.returncode != 0) if fails else (process.returncode == 0), output[-4000:]
     return output
 
 
@@ -171,6 +187,14 @@ def test_sharded_fsdp_finished_rerun_and_phase_change_on_two_ranks(tmp_path, tin
     output = launch(recipe, tmp_path / "rerun.log")  # the same command again: every rank exits 0
     checkpoint = tmp_path / "pretrain" / "ep0-ba4"
     assert output.count(f"run 'finished' is complete: its latest checkpoint {checkpoint} is at 4ba") == 1
+    assert snapshot(tmp_path / "pretrain") == before
+    assert checkpoint_summary(checkpoint).recipe["optimizer"]["lr"] == 3e-3  # read from the sharded folder
+
+    # A longer run with another lr would keep the checkpoint's: every rank refuses it, nothing is written.
+    output = launch(
+        recipe, tmp_path / "refused.log", 420, "max_duration=6ba", "optimizer.lr=0.01", fails=True
+    )
+    assert "optimizer.lr=0.003 there, 0.01 here" in output and "Traceback" not in output
     assert snapshot(tmp_path / "pretrain") == before
 
     extension = write_recipe(

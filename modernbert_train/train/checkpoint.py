@@ -5,7 +5,9 @@ Composer checkpoints are pickles (`torch.load(weights_only=False)`): load only y
 elsewhere come in through `modernbert_train.hf.from_hf` (safetensors).
 """
 
+import hashlib
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +15,10 @@ import torch
 import torch.distributed.checkpoint as dcp
 from composer.core import Callback, State
 from composer.loggers import Logger
+from torch.distributed.checkpoint.api import CheckpointException
 
 from modernbert_train.model import ModernBertConfig
-from modernbert_train.train.run_metadata import metadata_from_checkpoint
+from modernbert_train.train.run_metadata import RunMetadata, decode, metadata_from_checkpoint
 
 # Config fields that change no weight shape: a checkpoint loads fine across them (phase changes).
 SHAPE_FREE_FIELDS = {
@@ -60,27 +63,61 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 CLOCK_COUNTERS = ("epoch", "batch", "sample", "token")
 
 
+@dataclass(frozen=True)
+class CheckpointSummary:
+    """What deciding how a run starts needs of a checkpoint, read without loading its tensors."""
+
+    clock: dict[str, int]  # the training time it was saved at: {"batch": 10, "token": 4934, ...}
+    # The recipe of the run that saved it (None: saved before checkpoints kept their recipe).
+    recipe: dict[str, Any] | None
+    tokenizer_sha256: str | None = None  # of the tokenizer.json it was trained with (as read as text)
+
+
 def checkpoint_clock(path: str | Path) -> dict[str, int]:
-    """The training time a checkpoint was saved at (`{"batch": 10, "token": 4934, ...}`), read without
-    loading its tensors: a .pt file is memory-mapped, of a sharded one (a folder) only these keys are read."""
+    """The training time a checkpoint was saved at (`{"batch": 10, "token": 4934, ...}`)."""
+    return checkpoint_summary(path).clock
+
+
+def checkpoint_summary(path: str | Path) -> CheckpointSummary:
+    """A checkpoint's clock and recipe: a .pt file is memory-mapped, of a sharded one (a folder) only these
+    keys are read. One that cannot be read is a one-line CheckpointError."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         if path.is_dir():
             saved = {"state": {"timestamp": {"Timestamp": dict.fromkeys(CLOCK_COUNTERS, 0)}}}
-            with warnings.catch_warnings():  # one process reads on purpose; torch warns that it does
-                warnings.simplefilter("ignore")
-                dcp.load(saved, storage_reader=dcp.FileSystemReader(str(path)), no_dist=True)
+            _load_sharded(saved, path)
+            metadata = {"json": ""}
+            try:  # a checkpoint saved before the run metadata was one JSON string has none to read here
+                _load_sharded({"state": {"callbacks": {RunMetadata.__qualname__: metadata}}}, path)
+            except (Exception, CheckpointException):
+                metadata = None
+            metadata = decode(metadata) if metadata and metadata["json"] else None
         else:
             saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            metadata = metadata_from_checkpoint(saved)
         clock = saved["state"]["timestamp"]["Timestamp"]
-        return {counter: int(clock[counter]) for counter in CLOCK_COUNTERS}
-    except Exception as e:
+        clock = {counter: int(clock[counter]) for counter in CLOCK_COUNTERS}
+    except (Exception, CheckpointException) as e:  # torch's CheckpointException is a BaseException
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
             f"checkpoint {path} cannot be read (truncated or not a checkpoint): {reason}"
         ) from None
+    metadata = metadata or {}
+    tokenizer = metadata.get("tokenizer_json")
+    return CheckpointSummary(clock, metadata.get("recipe"), text_sha256(tokenizer) if tokenizer else None)
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _load_sharded(state: dict[str, Any], folder: Path) -> None:
+    """Fill `state`'s keys from a sharded checkpoint, on this one process."""
+    with warnings.catch_warnings():  # one process reads on purpose; torch warns that it does
+        warnings.simplefilter("ignore")
+        dcp.load(state, storage_reader=dcp.FileSystemReader(str(folder)), no_dist=True)
 
 
 def model_weights(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ from modernbert_train import storage
 from modernbert_train.hf import from_hf, read_hf_config
 from modernbert_train.model import ModernBertConfig, pad_vocab_size
 from modernbert_train.optim import build_optimizer
-from modernbert_train.train.checkpoint import CheckpointError, PhaseChange, explain_mismatch
+from modernbert_train.train.checkpoint import CheckpointError, PhaseChange, explain_mismatch, text_sha256
 from modernbert_train.train.checkpoint_files import METRICS, AtomicCheckpointSaver
 from modernbert_train.train.composer_model import ModernBertMLM, data_spec
 from modernbert_train.train.config import ConfigError, to_dict, to_yaml
@@ -165,12 +165,27 @@ def loggers(config: TrainConfig) -> list:
     return destinations
 
 
+def _check_tokenizer(start: RunStart, tokenizer_file: Path) -> None:
+    """A resume or load trains on with the checkpoint's embeddings: the tokenizer must be the one it was
+    trained with (its path may have moved; its content may not change)."""
+    if start.tokenizer_sha256 is None or start.kind not in (StartKind.RESUME, StartKind.LOAD):
+        return
+    if text_sha256(Path(tokenizer_file).read_text()) != start.tokenizer_sha256:
+        raise CheckpointError(
+            f"tokenizer {tokenizer_file} is not the one checkpoint {start.checkpoint} was trained with (its "
+            "tokenizer.json differs); use that tokenizer and data sharded with it, or start a new run"
+        )
+
+
 def build_run(config: TrainConfig, start: RunStart | None = None) -> Run:
     """The Trainer for `config`, starting as `start` says (decided here when not given)."""
     start = start or decide_start(config)
+    # The data is checked first (every stream's index and shards, the tokenizer): a bad dataset is one line,
+    # with no log lines before it. build_data draws nothing from the global RNGs.
+    data = build_data(config)
+    _check_tokenizer(start, data.tokenizer_file)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     reproducibility.seed_all(config.seed)  # before the model exists: its initial weights follow the seed
-    data = build_data(config)
     init_from = config.model.init_from_hf
     model = ModernBertMLM(model_config(config, data, read_hf_config(init_from) if init_from else None))
     # The released weights only start a run: a resumed or loaded checkpoint replaces them.

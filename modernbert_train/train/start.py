@@ -7,6 +7,9 @@
 - load: load_path without reset_time: the checkpoint's clock goes on;
 - fresh: none of these.
 
+A resume or a load continues the checkpoint's optimizer, data stream and RNG: a recipe that changed one of
+the keys those fix is refused here (train/recipe_changes.py rules which).
+
 Rank 0 reads the files and broadcasts its answer, so all ranks start the same way, or all exit.
 """
 
@@ -19,13 +22,20 @@ from composer.core import Time
 from composer.utils import dist, get_device
 
 from modernbert_train import storage
-from modernbert_train.train.checkpoint import CLOCK_COUNTERS, CheckpointError, checkpoint_clock
+from modernbert_train.train.checkpoint import (
+    CLOCK_COUNTERS,
+    CheckpointError,
+    CheckpointSummary,
+    checkpoint_summary,
+)
 from modernbert_train.train.checkpoint_files import (
     checkpoint_order,
     is_run_entry,
     newest_good_checkpoint,
     sha256,
 )
+from modernbert_train.train.config import to_dict
+from modernbert_train.train.recipe_changes import recipe_changes, refusal
 from modernbert_train.train.schema import TrainConfig
 
 
@@ -42,6 +52,8 @@ class RunStart:
     kind: StartKind
     checkpoint: str | None = None  # the checkpoint Composer loads (or, when complete, the finished one)
     elapsed: Time | None = None  # its training time in max_duration's unit, where it was read
+    # A resume's or load's checkpoint: the sha256 of the tokenizer it was trained with, where it records it
+    tokenizer_sha256: str | None = None
 
     @property
     def reset_time(self) -> bool:
@@ -121,26 +133,45 @@ def _choose(config: TrainConfig) -> RunStart:
     if not config.autoresume:
         checkpoint = None
     elif storage.is_uri(config.save_folder):
-        checkpoint, clock = _latest_remote_checkpoint(config.save_folder)
+        checkpoint, summary = _latest_remote_checkpoint(config.save_folder)
     else:
-        checkpoint, clock = _newest_good_checkpoint(config.save_folder), None
+        checkpoint = _newest_good_checkpoint(config.save_folder)
+        summary = _summary(checkpoint) if checkpoint is not None else None
     if checkpoint is not None:
-        elapsed = _elapsed(checkpoint, config.max_duration, clock)
-        kind = StartKind.COMPLETE if _reached(elapsed, config.max_duration) else StartKind.RESUME
-        return RunStart(kind, str(checkpoint), elapsed)
+        elapsed = _elapsed(summary, config.max_duration)
+        if _reached(elapsed, config.max_duration):  # nothing trains: the recipe's other keys do not matter
+            return RunStart(StartKind.COMPLETE, str(checkpoint), elapsed)
+        _check_recipe(summary, config, str(checkpoint), load=False)
+        return RunStart(StartKind.RESUME, str(checkpoint), elapsed, summary.tokenizer_sha256)
     if not config.load_path:
         return RunStart(StartKind.FRESH)
     if config.reset_time:
         return RunStart(StartKind.PHASE_CHANGE, config.load_path)
     if config.load_weights_only:  # the checkpoint's clock is not loaded
         return RunStart(StartKind.LOAD, config.load_path)
-    elapsed = _elapsed(config.load_path, config.max_duration)
+    summary = _summary(config.load_path)
+    elapsed = _elapsed(summary, config.max_duration)
     if _reached(elapsed, config.max_duration):
         raise CheckpointError(
             f"load_path: checkpoint {config.load_path} is already at {elapsed} and max_duration is "
             f"{config.max_duration}, so nothing would train; a new phase needs reset_time=true"
         )
-    return RunStart(StartKind.LOAD, config.load_path, elapsed)
+    _check_recipe(summary, config, config.load_path, load=True)
+    return RunStart(StartKind.LOAD, config.load_path, elapsed, summary.tokenizer_sha256)
+
+
+def _check_recipe(summary: CheckpointSummary, config: TrainConfig, checkpoint: str, load: bool) -> None:
+    """Refuse a recipe that changed a key the checkpoint fixes; report the data paths that moved."""
+    if summary.recipe is None:  # saved before checkpoints kept their recipe: nothing to compare
+        return
+    refused, moved = recipe_changes(summary.recipe, to_dict(config))
+    if refused:
+        raise CheckpointError(refusal(refused, checkpoint, load))
+    for change in moved:
+        print(
+            f"modernbert-train: {change}: continuing checkpoint {checkpoint} as the same data, moved",
+            file=sys.stderr,
+        )
 
 
 def _newest_good_checkpoint(save_folder: str) -> Path | None:
@@ -160,12 +191,12 @@ def _newest_good_checkpoint(save_folder: str) -> Path | None:
     return checkpoint
 
 
-def _latest_remote_checkpoint(save_folder: str) -> tuple[str | None, dict[str, int] | None]:
+def _latest_remote_checkpoint(save_folder: str) -> tuple[str | None, CheckpointSummary | None]:
     """The newest whole checkpoint in a bucket's save folder. An object appears whole or not at all, so every
     listed one is complete; each is fetched (as reading its clock would) and checked against its uploaded
     checksum, newest first. A damaged one is reported and skipped (objects are not moved); one uploaded
     before its checksum, or before checksums were recorded, must at least read as a checkpoint. Returns the
-    checkpoint and its clock (so it is not fetched again to read it)."""
+    checkpoint and its summary (so it is not fetched again to read it)."""
     names = set(storage.list_files(save_folder))
     candidates = sorted(
         (name for name in names if checkpoint_order(Path(name))), key=lambda n: checkpoint_order(Path(n))
@@ -182,11 +213,11 @@ def _latest_remote_checkpoint(save_folder: str) -> tuple[str | None, dict[str, i
                 reason = f"its bytes do not match the checksum in {recorded} (damaged)"
             else:
                 try:
-                    clock, reason = checkpoint_clock(local), None
+                    summary, reason = checkpoint_summary(local), None
                 except CheckpointError:
                     reason = "cannot be read (truncated or not a checkpoint)"
         if reason is None:
-            return uri, clock
+            return uri, summary
         # Moved aside, as locally: the resumed run saves under this name again.
         for moved in (name, recorded) if recorded in names else (name,):
             target = storage.join(save_folder, moved.replace(name, f"{name}.bad", 1))
@@ -207,19 +238,19 @@ def _latest_remote_checkpoint(save_folder: str) -> tuple[str | None, dict[str, i
     return None, None
 
 
-def _elapsed(checkpoint: str | Path, max_duration: str, clock: dict[str, int] | None = None) -> Time | None:
+def _summary(checkpoint: str | Path) -> CheckpointSummary:
+    try:
+        with storage.local_file(checkpoint) as local:  # a bucket's checkpoint is fetched whole to read it
+            return checkpoint_summary(local)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {checkpoint}") from None
+
+
+def _elapsed(summary: CheckpointSummary, max_duration: str) -> Time | None:
     """The checkpoint's training time in max_duration's unit; None for a unit the clock does not count."""
     unit = Time.from_timestring(max_duration).unit
     counter = unit.name.lower()
-    if counter not in CLOCK_COUNTERS:
-        return None
-    if clock is not None:
-        return Time(clock[counter], unit)
-    try:
-        with storage.local_file(checkpoint) as local:  # a bucket's checkpoint is fetched whole to read it
-            return Time(checkpoint_clock(local)[counter], unit)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint not found: {checkpoint}") from None
+    return Time(summary.clock[counter], unit) if counter in CLOCK_COUNTERS else None
 
 
 def _reached(elapsed: Time | None, max_duration: str) -> bool:

@@ -1,0 +1,130 @@
+"""Which recipe keys a run that continues a checkpoint's clock (autoresume, or load_path without reset_time)
+may change, and the one-line refusal when it changes one it may not.
+
+Such a run loads the checkpoint's optimizer (its hyperparameters with its moments), its data stream state and
+its RNG, so a changed key there was either ignored (optimizer.lr, data.batch_size_warmup), applied in part
+(seed: the masks follow the recipe, the stream order the checkpoint) or failed mid-start (data.max_seq_len).
+Those keys are FIXED: the run is refused before anything starts. A new phase (load_path with reset_time)
+takes them all from its recipe (train/checkpoint.py's PhaseChange). FREE keys are applied as written from the
+resumed batch on (the schedule, the batch size, the masking ratio, max_duration, evaluation, logging, ...);
+a model change that alters a weight's shape fails the load itself (checkpoint.explain_mismatch). PATH keys
+name where data lives: datasets move between clusters, so a change is reported and allowed (the tokenizer's
+content is compared separately, in run.py).
+
+A key is ruled by its longest listed dotted prefix (a data.train source's fields as `data.train.local`). A key
+no rule covers counts as fixed; tests/test_recipe_changes.py checks that every schema key is covered.
+"""
+
+import json
+from typing import Any
+
+FIXED, FREE, PATH = "fixed", "free", "path"
+
+RULES = {
+    "seed": FIXED,
+    "optimizer": FIXED,
+    "data.train": FIXED,  # the mixture's sources: their number, names, splits and shares
+    "data.train.local": PATH,
+    "data.train.remote": PATH,
+    "data.tokenizer": PATH,
+    "data.max_seq_len": FIXED,
+    "data.lookahead": FIXED,
+    "data.shuffle": FIXED,
+    "data.batch_size_warmup": FIXED,
+    "data.eval": FREE,
+    "data.mlm_probability": FREE,
+    "data.eval_mlm_probability": FREE,
+    "data.num_workers": FREE,  # the data state continues on another number of workers
+    "data.eval_batch_size": FREE,
+    "data.cache_limit": FREE,
+    "data.predownload": FREE,
+    "model": FREE,
+    "scheduler": FREE,
+    "run_name": FREE,
+    "max_duration": FREE,
+    "global_train_batch_size": FREE,
+    "device_train_microbatch_size": FREE,
+    "precision": FREE,
+    "grad_clip_norm": FREE,
+    "max_nonfinite_batches": FREE,
+    "eval_interval": FREE,
+    "eval_subset_num_batches": FREE,
+    "log_interval": FREE,
+    "progress_bar": FREE,
+    "speed_window": FREE,
+    "save_folder": FREE,
+    "save_interval": FREE,
+    "save_num_checkpoints_to_keep": FREE,
+    "autoresume": FREE,
+    "save_overwrite": FREE,
+    "load_path": FREE,
+    "load_weights_only": FREE,
+    "reset_time": FREE,
+    "loggers": FREE,
+    "parallelism": FREE,  # another world size or FSDP setting: the data state and Composer's load handle it
+    "dist_timeout": FREE,
+    "export": FREE,
+}
+
+_SHOWN = 4  # changes named in one line
+
+
+def rule(key: str) -> str:
+    """The rule of a dotted key (list positions left out: `data.train.local`); unlisted keys are fixed."""
+    parts = key.split(".")
+    for end in range(len(parts), 0, -1):
+        found = RULES.get(".".join(parts[:end]))
+        if found is not None:
+            return found
+    return FIXED
+
+
+def recipe_changes(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The fixed keys that differ between the checkpoint's recipe and this one, and the paths that moved,
+    each as `key=value there, value here`. Keys only one side has (a recipe written by another version of
+    the schema) are not compared."""
+    refused: list[str] = []
+    moved: list[str] = []
+    for key, there, here in _differences(saved, current, ""):
+        kind = rule(_without_positions(key))
+        change = f"{key}={_show(there)} there, {_show(here)} here"
+        if kind == FIXED:
+            refused.append(change)
+        elif kind == PATH:
+            moved.append(change)
+    return refused, moved
+
+
+def refusal(refused: list[str], checkpoint: str, load: bool) -> str:
+    """One line naming the fixed keys that changed and the two ways on."""
+    shown = "; ".join(refused[:_SHOWN]) + (
+        f"; and {len(refused) - _SHOWN} more" if len(refused) > _SHOWN else ""
+    )
+    how = "a load without reset_time continues" if load else "a resumed run continues"
+    return (
+        f"recipe changed since checkpoint {checkpoint}: {shown}; {how} its optimizer, data stream and RNG, "
+        f"so these keys cannot change: put them back, or start a new phase with load_path={checkpoint} "
+        "reset_time=true (in another save_folder when autoresuming)"
+    )
+
+
+def _differences(saved: Any, current: Any, key: str):
+    if isinstance(saved, dict) and isinstance(current, dict):
+        for name in (name for name in saved if name in current):  # in the schema's order
+            yield from _differences(saved[name], current[name], f"{key}.{name}" if key else name)
+    elif key == "data.train" and isinstance(saved, list) and isinstance(current, list):
+        if len(saved) != len(current):
+            yield key, f"{len(saved)} sources", f"{len(current)} sources"
+            return
+        for position, (there, here) in enumerate(zip(saved, current)):
+            yield from _differences(there, here, f"{key}.{position}")
+    elif saved != current:
+        yield key, saved, current
+
+
+def _without_positions(key: str) -> str:
+    return ".".join(part for part in key.split(".") if not part.isdigit())
+
+
+def _show(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
