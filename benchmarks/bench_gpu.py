@@ -11,6 +11,12 @@ Results go to `benchmarks/results/<device>-<date>.json` (or `--output FILE`) wit
 first step (compile included), peak memory and the versions. A compiled step that compiles again after
 the first fails the benchmark (exit 3) with dynamo's reason. `--device cpu --preset tiny` runs the same
 code on a CPU (fp32) as a check; its result is printed, and written only with `--output`.
+
+`--compare-optimizers R` then times the StableAdamW implementations (`optimizer.impl`: optimi's Triton
+kernels, our multi-tensor step) on the same model and batch, in R alternating rounds, each both as this
+benchmark steps and as a Composer batch does: with the loss read back to the host between backward and the
+optimizer step (Composer's closure and the non-finite guard both read it), so the optimizer's launches can no
+longer hide behind the backward's kernels. `optimizers` in the result has each median and the ratios.
 """
 
 import argparse
@@ -75,11 +81,16 @@ def parse_args(argv):
         "and kept in the result (where a GPU step's time goes)",
     )  # fmt: skip
     parser.add_argument(
+        "--compare-optimizers", type=int, default=0, metavar="R",
+        help="after timing, R alternating rounds of each optimizer implementation (optimi, foreach), with "
+        "and without a host read before the optimizer step",
+    )  # fmt: skip
+    parser.add_argument(
         "--output", type=Path, help="result file (default on a GPU: results/<device>-<date>.json; CPU: none)"
     )
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.warmup < 1 or args.profile < 0:
-        parser.error("--steps and --warmup must be at least 1, --profile at least 0")
+    if args.steps < 1 or args.warmup < 1 or args.profile < 0 or args.compare_optimizers < 0:
+        parser.error("--steps and --warmup must be at least 1, --profile and --compare-optimizers at least 0")
     return args
 
 
@@ -101,18 +112,20 @@ def run(args) -> dict:
     inputs = dict(input_ids=input_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, labels=labels)
     labelled = labelled_index.numel()
 
-    def step():
+    def step(optimizer=optimizer, read_loss: bool = False):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             loss = model(**inputs, labelled_index=labelled_index, return_logits=False).loss
         loss.backward()
+        if read_loss:
+            loss.item()  # as a Composer batch does before its optimizer step
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def timed_step() -> float:
+    def timed_step(**kwargs) -> float:
         if cuda:
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        step()
+        step(**kwargs)
         if cuda:
             torch.cuda.synchronize(device)
         return time.perf_counter() - start
@@ -129,6 +142,10 @@ def run(args) -> dict:
 
     step_time = statistics.median(times)
     profile = profile_steps(step, args.profile, cuda) if args.profile else None
+    peak_memory = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None  # before more optimizers
+    optimizers = None
+    if args.compare_optimizers:
+        optimizers = compare_optimizers(model, timed_step, args.compare_optimizers, max(3, args.steps // 4))
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
     peak = peak_flops(name) if cuda else None
     flops = training_flops(config, args.seq_len, tokens, labelled)
@@ -157,9 +174,35 @@ def run(args) -> dict:
         "model_tflops": flops / step_time / 1e12,
         "peak_flops": peak,
         "mfu": flops / step_time / peak if peak else None,
-        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+        "peak_memory_gib": peak_memory,
         "profile": profile,
+        "optimizers": optimizers,
     }
+
+
+def compare_optimizers(model, timed_step, rounds: int, steps: int) -> dict:
+    """Median step time per optimizer implementation, with and without the host read before the optimizer
+    step, from `rounds` alternating rounds of `steps` steps (each optimizer warmed up first: its state made,
+    its kernels compiled). Times in seconds; `ratio_*` is foreach's time over optimi's."""
+    impls = ("optimi", "foreach")
+    optimizers = {impl: build_optimizer(model, lr=8e-4, impl=impl) for impl in impls}
+    variants = [(impl, read) for impl in impls for read in (False, True)]
+    for impl, read in variants:
+        for _ in range(2):
+            timed_step(optimizer=optimizers[impl], read_loss=read)
+    times = {variant: [] for variant in variants}
+    for _ in range(rounds):
+        for variant in variants:
+            times[variant] += [
+                timed_step(optimizer=optimizers[variant[0]], read_loss=variant[1]) for _ in range(steps)
+            ]
+    medians = {variant: statistics.median(values) for variant, values in times.items()}
+    result = {"rounds": rounds, "steps_per_round": steps}
+    for impl, read in variants:
+        result[f"{impl}{'_read_loss' if read else ''}_s"] = medians[impl, read]
+    result["ratio"] = medians["foreach", False] / medians["optimi", False]
+    result["ratio_read_loss"] = medians["foreach", True] / medians["optimi", True]
+    return result
 
 
 def kernel_kind(name: str) -> str:

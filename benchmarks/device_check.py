@@ -263,6 +263,12 @@ def print_summary(result: dict) -> None:
     for run in result["runs"]:
         mode = "compiled" if run["compile"] else "eager"
         print(f"  bench {run['attention_backend']} {mode}: {run['status']}  {figures(run)}")
+        optimizers = run.get("optimizers")
+        if optimizers:
+            print(
+                f"    optimizer foreach/optimi step time: {optimizers['ratio']:.3f}, "
+                f"with the loss read before the step (as Composer does) {optimizers['ratio_read_loss']:.3f}"
+            )
     train = result["train"]
     loss = f"loss {train['loss_first']:.3f} -> {train['loss_last']:.3f}" if "loss_last" in train else ""
     print(f"  train: {train['status']}  {train.get('batches', 0)} batches  {figures(train)}  {loss}")

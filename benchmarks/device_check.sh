@@ -10,7 +10,8 @@
 #   tests   the `gpu`-marked tests
 #   bench   benchmarks.bench_gpu for every attention backend that can train here, compiled and eager:
 #           the training configuration (auto backend, compiled) first, and profiled (its top operators
-#           by device time in the log and the result), the others after the Composer run
+#           by device time in the log and the result) and its optimizer implementations timed against
+#           each other, the others after the Composer run
 #   train   yamls/modernbert-base/pretrain.yaml for 50 batches of 32 x 1024 tokens, bf16, compiled when
 #           the compiled benchmark ran (a step that compiles again fails it fast; eager training instead)
 #   vs-hf   benchmarks.bench_hf_gpu: our step against transformers' ModernBERT at its best (sparse
@@ -104,6 +105,7 @@ if [[ $DEVICE_KIND == cuda ]]; then
     VERSUS=(--preset base --seq-len 1024 --rows 32 --rounds 10 --warmup 3)
     COMPILED_BENCH=true
     CAP_DATA=180 CAP_TESTS=90 CAP_EAGER=60 CAP_COMPILED=150 CAP_TRAIN=180 CAP_VERSUS=200
+    OPTIMIZER_ROUNDS=4  # 4 variants x (2 warmup + 4 rounds x 3 steps) at ~0.1 s: about 6 s
 else
     BENCH=(--device cpu --preset tiny --seq-len 128 --rows 4 --warmup 1 --steps 3)
     CORPUS=(--max-bytes 500000 --vocab-size 1024)
@@ -113,6 +115,7 @@ else
     VERSUS=(--device cpu --preset tiny --seq-len 128 --rows 4 --rounds 2 --warmup 1 --eager-only)
     COMPILED_BENCH=false
     CAP_DATA=120 CAP_TESTS=120 CAP_EAGER=90 CAP_TRAIN=180 CAP_VERSUS=120
+    OPTIMIZER_ROUNDS=1
 fi
 
 bench() {  # bench BACKEND eager|compiled
@@ -120,7 +123,9 @@ bench() {  # bench BACKEND eager|compiled
     # A compiled benchmark needs 50-70 s for base on an H200: with less left it is skipped, not cut short.
     [[ $2 == compiled ]] && flags=(--compile) cap=$CAP_COMPILED MIN_STAGE_S=80
     # The training configuration is profiled too: where its step's time goes, operator by operator.
-    [[ $1 == "$AUTO_BACKEND" && ($2 == compiled || $COMPILED_BENCH == false) ]] && flags+=(--profile 3)
+    # and its optimizer implementations compared (optimizer.impl: optimi's Triton kernels against ours).
+    [[ $1 == "$AUTO_BACKEND" && ($2 == compiled || $COMPILED_BENCH == false) ]] &&
+        flags+=(--profile 3 --compare-optimizers "$OPTIMIZER_ROUNDS")
     stage "bench-$1-$2" "$cap" "$PY" -m benchmarks.bench_gpu "${BENCH[@]}" --backend "$1" "${flags[@]}" \
         --output "$WORK/bench/$1-$2.json"
 }

@@ -41,6 +41,10 @@ def test_cpu_dry_run_writes_the_result(tmp_path):
     assert result["check"]["problems"] == []
     assert {run["attention_backend"] for run in result["runs"]} == set(result["environment"]["backends"])
     assert all(run["status"] == "ok" and run["labelled_tokens_per_step"] > 0 for run in result["runs"])
+    # The training configuration's run also times the optimizer implementations against each other.
+    [compared] = [run["optimizers"] for run in result["runs"] if run.get("optimizers")]
+    assert compared["ratio"] > 0 and compared["ratio_read_loss"] > 0 and compared["foreach_read_loss_s"] > 0
+    assert "optimizer foreach/optimi step time" in done.stdout
     train = result["train"]
     assert (train["status"], train["batches"], train["model"], train["seq_len"]) == ("ok", 4, "tiny", 128)
     assert train["tokens_per_second_per_gpu"] > 0

@@ -89,6 +89,11 @@ def test_missing_required_value(tmp_path):
         ("seed=abc", "override 'seed=abc': bad value for 'seed'"),
         ("max_duration=10", "'max_duration' must be a Composer time string"),
         ("precision=bf16", "'precision' must be one of auto, fp32, amp_bf16, amp_fp16"),
+        ("optimizer.impl=triton", "'optimizer.impl' must be one of auto, optimi, foreach, got 'triton'"),
+        (
+            "parallelism.fsdp={} optimizer.impl=optimi",
+            "'optimizer.impl' optimi cannot step FSDP-sharded weights",
+        ),
         ("model.overrides.hiden_size=8", "did you mean 'model.overrides.hidden_size'?"),
         ("model.preset=huge", "'model.preset' 'huge' with model.overrides is not a valid model"),
         ("data.mlm_probability=1.5", "'data.mlm_probability' must be between 0 and 1"),
@@ -96,7 +101,7 @@ def test_missing_required_value(tmp_path):
     ],
 )
 def test_bad_overrides(tmp_path, override, expected):
-    assert expected in error_of(write(tmp_path, GOOD), override)
+    assert expected in error_of(write(tmp_path, GOOD), *override.split(" "))
 
 
 def test_missing_and_malformed_files(tmp_path):

@@ -11,9 +11,10 @@ We use torch-optimi's implementation. Its semantics, read from optimi 0.3.3:
   `max_lr` defaults to the `lr` the optimizer is built with, which the Composer schedulers multiply.
 - `kahan_sum=None` turns Kahan-compensated updates on for bf16/fp16 parameters (pure low-precision
   training); fp32 master weights under autocast need none.
-- Its update runs in Triton kernels (CUDA) or a per-tensor loop; the `foreach` path is deprecated and
-  setting `foreach` at all would turn the Triton choice off, so it stays unset.
-- Sharded parameters (FSDP2's DTensors) take our own per-tensor loop, the same math, see `_sharded_step`.
+- Its update runs in Triton kernels (CUDA) or a per-tensor loop; its `foreach` path is deprecated (and reads
+  every tensor's RMS back to the host), and setting `foreach` at all would turn the Triton choice off, so
+  it stays unset. Our own multi-tensor step (`impl="foreach"`, see `StableAdamW._multi_tensor_step`) does
+  the same math; sharded parameters (FSDP2's DTensors) always take it.
 """
 
 from collections.abc import Iterable
@@ -22,20 +23,40 @@ import optimi
 import torch
 from optimi.utils import HAS_TRITON, debias_beta
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Partial
 
 from modernbert_train.optim.param_groups import NO_DECAY_CATEGORIES, param_groups
 
+IMPLS = ("auto", "optimi", "foreach")
+
 
 class StableAdamW(optimi.StableAdamW):
-    """optimi's StableAdamW, choosing its Triton kernels only for parameter groups that live on a GPU, and
-    stepping FSDP2-sharded parameters with the RMS of the whole tensor.
+    """optimi's StableAdamW, with the update run by one of two implementations (`impl`):
 
-    optimi 0.3.3 makes the Triton choice (`triton=None`) from a still empty list, so it picks Triton for CPU
-    tensors too whenever Triton imports, and the step fails. We choose at the first step instead, after
-    the Trainer has moved the model to its device. Its kernels read raw pointers, which a DTensor has not.
-    A step with no gradients at all is skipped whole: moments and step count stay as they were.
+    - `optimi`: optimi's own step: its Triton kernels on a GPU (two launches per tensor from Python, about
+      29 us each: base's 137 tensors take an 8 ms host span for 2.2 ms of kernels, measured on an H200),
+      its per-tensor loop on a CPU. optimi 0.3.3 makes the Triton choice (`triton=None`) from a still empty
+      list, so it picks Triton for CPU tensors too whenever Triton imports, and the step fails: the choice
+      is made here at each step, from where the parameters are.
+    - `foreach`: ours, `_multi_tensor_step`: the same math in multi-tensor (`torch._foreach_*`) ops, about
+      twenty launches per group whatever its number of tensors, with no value read back to the host. It
+      steps FSDP2-sharded parameters (DTensors) with the RMS of the whole tensor, for every tensor of a
+      group in one all-reduce. Kernels read raw pointers, which a DTensor has not, so sharded parameters
+      always take it.
+    - `auto`: `foreach` for sharded parameters, else `optimi`.
+
+    The state is optimi's in both (exp_avg, exp_avg_sq, eps_sq, kahan_comp per tensor; step per group), so a
+    checkpoint resumes under either. A step with no gradients at all is skipped whole: moments and step count
+    stay as they were. Under `foreach` the gradients are used as scratch (as optimi's own foreach path does):
+    read them before the step.
     """
+
+    def __init__(self, params, *args, impl: str = "auto", triton: bool | None = None, **kwargs):
+        if impl not in IMPLS:
+            raise ValueError(f"optimizer impl={impl!r}: choose from {', '.join(IMPLS)}")
+        super().__init__(params, *args, triton=triton, **kwargs)
+        self.impl = impl
+        self.triton = triton  # under optimi: None chooses by device at each step
 
     def step(self, closure=None, param=None):
         if param is not None:
@@ -49,50 +70,127 @@ class StableAdamW(optimi.StableAdamW):
             # count one, which shifts the bias correction of every later step.
             return loss
         sharded = any(isinstance(p, DTensor) for group in self.param_groups for p in group["params"])
-        for group in self.param_groups:
-            if group["triton"] is None:
-                on_gpu = all(p.is_cuda for p in group["params"]) and torch.cuda.is_bf16_supported()
-                group["triton"] = HAS_TRITON and on_gpu and not sharded
-        if not sharded:
-            super().step()
+        if sharded and self.impl == "optimi":
+            raise ValueError("optimizer impl='optimi' cannot step FSDP-sharded parameters; use auto")
+        if self.impl == "foreach" or sharded:
+            for group in self.param_groups:
+                self._multi_tensor_step(group)
             return loss
         for group in self.param_groups:
-            self._sharded_step(group)
+            on_gpu = all(p.is_cuda for p in group["params"]) and torch.cuda.is_bf16_supported()
+            # Decided at every step, not only when unset: a checkpoint saved on a CPU (or under foreach)
+            # carries triton=False in its param groups, and optimi's loop reads a value back per tensor.
+            group["triton"] = HAS_TRITON and on_gpu if self.triton is None else self.triton
+            if group["triton"]:
+                self._triton_scratch(group)
+        super().step()
         return loss
 
+    def _triton_scratch(self, group: dict) -> None:
+        """What optimi's Triton kernels read beside the moments, for a state created by another path."""
+        for p in group["params"]:
+            state = self.state.get(p)
+            if not state or "kahan_comp" not in state:
+                continue  # created by optimi at this step
+            if "mean_square" not in state:
+                state["mean_square"] = torch.zeros(1, dtype=torch.float32, device=p.device)
+            if state["kahan_comp"] is None:
+                state["kahan_comp"] = torch.zeros(1, dtype=torch.uint8, device=p.device)
+
     @torch.no_grad()
-    def _sharded_step(self, group: dict) -> None:
-        """optimi 0.3.3's per-tensor update (`_single_param_stableadamw`), but with the mean of g^2 / v_hat
-        taken as a sum over the shards divided by the whole tensor's size: optimi's `.mean()` of a DTensor
-        all-reduces with AVG, which gloo lacks (and which averages unequal shards' means as if equal)."""
+    def _multi_tensor_step(self, group: dict) -> None:
+        """optimi 0.3.3's update (`_single_param_stableadamw`) over a whole group in multi-tensor ops. The
+        clipped learning rate stays a device tensor per parameter (optimi reads each RMS back to the host: a
+        sync per tensor on a GPU). The mean of g^2 / v_hat is each tensor's sum over its shards (one
+        all-reduce for the group) divided by the whole tensor's size: a DTensor's `.mean()` all-reduces with
+        AVG, which gloo lacks, and averages unequal shards' means as if equal."""
+        group["triton"] = False  # our state needs no Triton scratch (optimi's path adds it when it runs)
         params, grads, exp_avgs, exp_avg_sqs, eps_sqs, kahan_comps = [], [], [], [], [], []
         self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, eps_sqs, kahan_comps, mean_squares=[])
-        group["step"].add_(1)
-        step = group["step"].item()
+        if not params:
+            return
+        group["step"].add_(1)  # a host tensor: no sync
+        step = int(group["step"])
         beta1_comp = 1 - debias_beta(group["beta1"], step)
         beta2_hat = debias_beta(group["beta2"], step)
-        for param, grad, exp_avg, exp_avg_sq, eps_sq, kahan_comp in zip(
-            params, grads, exp_avgs, exp_avg_sqs, eps_sqs, kahan_comps
-        ):
-            exp_avg.lerp_(grad, weight=beta1_comp)
-            exp_avg_sq.mul_(beta2_hat).addcmul_(grad, grad, value=1 - beta2_hat)
-            square_sum = grad.pow(2).div_(exp_avg_sq.maximum(eps_sq)).sum()
-            if isinstance(square_sum, DTensor):
-                square_sum = square_sum.full_tensor()  # a SUM all-reduce over the shards
-            # The clipped lr stays a device tensor: reading the RMS on the host would sync once per tensor.
-            lr = group["lr"] / (square_sum / grad.numel()).sqrt().clamp(min=1.0)
-            if group["weight_decay"] != 0:
-                scale = lr / group["max_lr"] if group["decouple_lr"] else lr
-                param.mul_(1 - scale * group["weight_decay"])
-            update = exp_avg / exp_avg_sq.sqrt().add_(group["eps"]) * -lr
-            if group["kahan_sum"] and param.dtype in (torch.float16, torch.bfloat16):
-                # Add the step to the carried rounding error, then keep what bf16 could not hold.
-                kahan_comp.add_(update)
-                before = param.detach().clone()
-                param.add_(kahan_comp)
-                kahan_comp.add_(before.sub_(param))
-            else:
-                param.add_(update)
+        local = [_local(p) for p in params]
+        grads = [_local(g) for g in grads]
+        exp_avgs = [_local(m) for m in exp_avgs]
+        exp_avg_sqs = [_local(v) for v in exp_avg_sqs]
+
+        torch._foreach_lerp_(exp_avgs, grads, beta1_comp)
+        torch._foreach_mul_(exp_avg_sqs, beta2_hat)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2_hat)
+        # Each tensor's RMS of g / sqrt(max(v_hat, eps^2)), the gradients as scratch.
+        torch._foreach_mul_(grads, grads)
+        torch._foreach_div_(grads, torch._foreach_clamp_min(exp_avg_sqs, group["eps"] ** 2))
+        sums = _sums(grads)
+        sums = _sum_over_shards(sums, params)
+        mean_squares = torch._foreach_div(list(sums.unbind(0)), [p.numel() for p in params])
+        lrs = group["lr"] / torch.stack(mean_squares).sqrt().clamp(min=1.0)
+
+        if group["weight_decay"] != 0:
+            scale = group["weight_decay"] / group["max_lr"] if group["decouple_lr"] else group["weight_decay"]
+            torch._foreach_mul_(local, list((1 - lrs * scale).unbind(0)))
+        # The step m / (sqrt(v) + eps) * lr as m / ((sqrt(v) + eps) / lr), in the gradients' memory.
+        torch._foreach_copy_(grads, exp_avg_sqs)
+        torch._foreach_sqrt_(grads)
+        torch._foreach_add_(grads, group["eps"])
+        torch._foreach_div_(grads, list(lrs.unbind(0)))
+        # Kahan-compensated: low-precision tensors with a compensation buffer (a Triton state's 1-element
+        # placeholder is none).
+        compensated = [
+            group["kahan_sum"] and p.dtype in (torch.float16, torch.bfloat16) and k is not None
+            and k.numel() == p.numel()
+            for p, k in zip(params, kahan_comps)
+        ]  # fmt: skip
+        kahan = [i for i, yes in enumerate(compensated) if yes]
+        plain = [i for i, yes in enumerate(compensated) if not yes]
+        if plain:
+            pick = lambda items: [items[i] for i in plain]  # noqa: E731
+            torch._foreach_addcdiv_(pick(local), pick(exp_avgs), pick(grads), value=-1.0)
+        if kahan:
+            # Add the step to the carried rounding error, then keep what bf16 could not hold.
+            pick = lambda items: [items[i] for i in kahan]  # noqa: E731
+            compensations = [_local(k) for k in pick(kahan_comps)]
+            torch._foreach_addcdiv_(compensations, pick(exp_avgs), pick(grads), value=-1.0)
+            before = torch._foreach_add(pick(local), 0.0)  # a copy
+            torch._foreach_add_(pick(local), compensations)
+            torch._foreach_sub_(before, pick(local))
+            torch._foreach_add_(compensations, before)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _sums(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Each (non-negative) tensor's sum in fp32, stacked. On a GPU one multi-tensor reduction (the L1 norm);
+    a CPU's norm kernel sums less exactly (0.27% low over 38M elements), so there each is summed."""
+    if tensors[0].is_cuda:
+        return torch.stack(torch._foreach_norm(tensors, 1, dtype=torch.float32))
+    return torch.stack([t.sum(dtype=torch.float32) for t in tensors])
+
+
+def _sum_over_shards(sums: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    """The whole tensors' sums from this rank's shards' sums: one all-reduce per (mesh, placements) layout
+    among the group's DTensors (FSDP2 gives them one), over the mesh dimensions they are sharded on."""
+    layouts: dict[tuple, list[int]] = {}
+    for i, p in enumerate(params):
+        if isinstance(p, DTensor):
+            layouts.setdefault((p.device_mesh, tuple(p.placements)), []).append(i)
+    if not layouts:
+        return sums
+    whole = list(sums.unbind(0))
+    for (mesh, placements), indices in layouts.items():
+        partial = [Partial() if placement.is_shard() else placement for placement in placements]
+        # Picked out by views and one stack: an index tensor made on the host would be a copy to the device
+        # that waits for the stream.
+        mine = sums if len(indices) == len(whole) else torch.stack([whole[i] for i in indices])
+        reduced = DTensor.from_local(mine, mesh, partial, run_check=False).full_tensor()
+        for position, i in enumerate(indices):
+            whole[i] = reduced[position]
+    return torch.stack(whole)
 
 
 def build_optimizer(
@@ -106,6 +204,7 @@ def build_optimizer(
     no_decay: str | Iterable[str] = NO_DECAY_CATEGORIES,
     kahan_sum: bool | None = None,
     triton: bool | None = None,
+    impl: str = "auto",
 ) -> StableAdamW:
     """StableAdamW over `model`'s trainable parameters, without weight decay on the `no_decay` categories.
 
@@ -131,4 +230,5 @@ def build_optimizer(
         decouple_lr=decouple_lr,
         kahan_sum=kahan_sum,
         triton=triton,
+        impl=impl,
     )

@@ -16,6 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from modernbert_train.model.config import ATTN_BACKENDS
 from modernbert_train.optim.schedules import DECAY_SHAPES
+from modernbert_train.optim.stable_adamw import IMPLS
 from modernbert_train.storage import is_uri
 from modernbert_train.train.schema import TrainConfig
 
@@ -220,6 +221,8 @@ def _check_values(c: TrainConfig, path: Path) -> None:
         fail("precision", f"must be one of {', '.join(PRECISIONS)}, got '{c.precision}'")
     if c.model.attn_backend not in ATTN_BACKENDS:
         fail("model.attn_backend", f"must be one of {', '.join(ATTN_BACKENDS)}, got '{c.model.attn_backend}'")
+    if c.optimizer.impl not in IMPLS:
+        fail("optimizer.impl", f"must be one of {', '.join(IMPLS)}, got '{c.optimizer.impl}'")
     if c.scheduler.decay_shape not in (None, *DECAY_SHAPES):
         fail("scheduler.decay_shape", f"must be one of {', '.join(DECAY_SHAPES)}")
     if c.device_train_microbatch_size is not None and c.device_train_microbatch_size <= 0:
@@ -256,6 +259,11 @@ def _check_values(c: TrainConfig, path: Path) -> None:
             "parallelism.fsdp.state_dict_type",
             "sharded checkpoints in a bucket save_folder cannot be autoresumed yet; use full, or a "
             "save_folder on a shared filesystem",
+        )
+    if fsdp is not None and c.optimizer.impl == "optimi":
+        fail(
+            "optimizer.impl",
+            "optimi cannot step FSDP-sharded weights (its kernels read raw pointers); use auto",
         )
     if c.autoresume and not (c.run_name and c.save_folder):
         fail("autoresume", "needs run_name and save_folder")

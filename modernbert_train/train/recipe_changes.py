@@ -23,6 +23,7 @@ FIXED, FREE, PATH = "fixed", "free", "path"
 RULES = {
     "seed": FIXED,
     "optimizer": FIXED,
+    "optimizer.impl": FREE,  # the same state under either implementation
     "data.train": FIXED,  # the mixture's sources: their number, names, splits and shares
     "data.train.local": PATH,
     "data.train.remote": PATH,

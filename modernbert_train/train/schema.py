@@ -73,6 +73,9 @@ class OptimizerConfig:
     weight_decay: float = 1e-5
     decouple_lr: bool = True  # weight decay follows the schedule's multiplier, not the raw lr
     no_decay: str | None = None  # comma list of norms,biases,embeddings; default: all three
+    # auto | optimi (its Triton kernels on a GPU) | foreach (ours, multi-tensor, no host reads); auto takes
+    # foreach for FSDP-sharded weights, else optimi. The state is the same: a run may change it on resume.
+    impl: str = "auto"
 
 
 @dataclass
