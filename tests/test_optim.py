@@ -95,12 +95,12 @@ def test_stable_adamw_matches_reference(decouple_lr, impl):
         torch.testing.assert_close(got.detach().double(), want, rtol=0, atol=1e-6)
 
 
-def tiny_hf_modernbert():
+def tiny_hf_modernbert(layers: int = 2):
     config = transformers.ModernBertConfig(
         vocab_size=64,
         hidden_size=16,
         intermediate_size=32,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         global_attn_every_n_layers=2,
         max_position_embeddings=64,
@@ -343,7 +343,7 @@ def test_foreach_steps_a_whole_model_as_optimi_does_in_a_fixed_number_of_operati
 
     def train(impl: str, layers: int = 2):
         torch.manual_seed(0)
-        net = _deeper(layers)
+        net = tiny_hf_modernbert(layers)
         net.model.final_norm.weight.data = net.model.final_norm.weight.data.bfloat16()
         opt = build_optimizer(net, lr=1e-2, weight_decay=1e-2, no_decay="norms,biases", impl=impl)
         gen = torch.Generator().manual_seed(1)
@@ -370,12 +370,6 @@ def test_foreach_steps_a_whole_model_as_optimi_does_in_a_fixed_number_of_operati
     deeper, _, deeper_counts, _ = train("foreach", layers=4)
     assert len(list(deeper.parameters())) > len(list(ours.parameters())) + 10
     assert deeper_counts[1:] == counts[1:]  # after the first step, which creates the state
-
-
-def _deeper(layers: int):
-    config = tiny_hf_modernbert().config
-    config.num_hidden_layers = layers
-    return transformers.ModernBertForMaskedLM(config)
 
 
 @pytest.mark.parametrize("first, then", [("optimi", "foreach"), ("foreach", "optimi")])
