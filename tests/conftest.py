@@ -7,6 +7,7 @@ lock in the session's shared temp folder lets the first worker build it and the 
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,14 @@ import yaml
 from filelock import FileLock
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 # The S3 server fixtures (s3_server, s3_bucket) for every test module.
 pytest_plugins = ["s3_server"]

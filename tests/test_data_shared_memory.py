@@ -5,7 +5,6 @@ their datasets one after another, so every rank of a job agrees on its prefix.""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -13,6 +12,7 @@ import threading
 import time
 
 import pytest
+from conftest import free_port
 
 from modernbert_train.data.mixture import build_sample_space
 from modernbert_train.data.shared_memory import (
@@ -101,12 +101,6 @@ for _ in range(int(sys.argv[2])):
     del samples
 json.dump(prefixes, open(sys.argv[3], "w"))
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow  # six processes building datasets over and over

@@ -2,11 +2,11 @@
 
 import datetime
 import math
-import socket
 
 import pytest
 import torch
 import transformers
+from conftest import free_port
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
@@ -259,12 +259,6 @@ class FloatReads(TorchDispatchMode):
         if func.overloadpacket.__name__ == "_local_scalar_dense" and args[0].is_floating_point():
             self.count += 1
         return func(*args, **(kwargs or {}))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _sharded_steps(rank: int, world_size: int, port: int, out_file: str, start, steps, lrs) -> None:

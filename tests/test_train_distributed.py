@@ -3,26 +3,19 @@
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 import torch
-from conftest import REPO, losses_by_batch, read_metrics, run_env
+from conftest import REPO, free_port, losses_by_batch, read_metrics, run_env
 
 from modernbert_train.train.checkpoint_files import sha256
 
 pytestmark = pytest.mark.slow
 
 LAUNCHER = [sys.executable, "-m", "composer.cli.launcher"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_args(recipe, *overrides: str) -> list[str]:

@@ -2,7 +2,6 @@
 last good checkpoint as latest; the gradient norm it logs is the whole model's, also over FSDP2's shards."""
 
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -11,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
-from conftest import REPO, read_metrics, run_env
+from conftest import REPO, free_port, read_metrics, run_env
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -76,12 +75,6 @@ def test_bad_batches_are_skipped_and_too_many_in_a_row_stop_the_run(write_recipe
     for batch in (1, 2, 4, 5):
         assert 0 < rows[batch]["train/grad_norm"] < float("inf"), rows[batch]
     assert [rows[batch]["train/skipped_steps"] for batch in (2, 3, 4, 5, 6)] == [0, 1, 1, 1, 2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def sharded_grad_norm(rank: int, port: int, out) -> None:

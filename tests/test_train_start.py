@@ -4,7 +4,6 @@ checkpoints, on two ranks, the finished rerun and a phase change that continues 
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import warnings
@@ -14,7 +13,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 import yaml
-from conftest import REPO, read_metrics, run_env, run_train
+from conftest import REPO, free_port, read_metrics, run_env, run_train
 
 from modernbert_train.train.checkpoint import checkpoint_summary
 from modernbert_train.train.main import main
@@ -143,12 +142,6 @@ def test_an_autoresumed_run_killed_before_its_first_checkpoint_restarts_with_one
     rows = read_metrics(folder / "metrics.jsonl")
     assert [row["batch"] for row in rows] == [1, 2, 3, 4]
     assert all(row["loss/train/total"] != 9.0 for row in rows)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(recipe: Path, log: Path, timeout: float = 420, *overrides: str, fails: bool = False) -> str:
