@@ -21,20 +21,33 @@ def iter_samples(folder: Path):
 
 
 def _shard_samples(folder: Path, shard_info: dict):
-    """Every decoded sample of one shard (layout: count, count+1 uint32 offsets, config, samples)."""
+    """Every decoded sample of one shard (layout: count, count+1 uint32 offsets, config, samples). A shard
+    that is missing, truncated or damaged is a UsageError naming it and the reason, in one line."""
     from streaming.base.compression import decompress
     from streaming.base.format.mds.reader import MDSReader
 
-    reader = MDSReader.from_json(str(folder), None, shard_info)
-    if shard_info.get("zip_data"):
-        zipped = (folder / shard_info["zip_data"]["basename"]).read_bytes()
-        data = decompress(shard_info["compression"], zipped)
-    else:
-        data = (folder / shard_info["raw_data"]["basename"]).read_bytes()
-    count = int(np.frombuffer(data, np.uint32, 1)[0])
-    offsets = np.frombuffer(data, np.uint32, count + 1, offset=4).tolist()
-    for begin, end in zip(offsets, offsets[1:]):
-        yield reader.decode_sample(data[begin:end])
+    zipped = shard_info.get("zip_data")
+    name = (zipped or shard_info.get("raw_data") or {}).get("basename", "?")
+    try:
+        reader = MDSReader.from_json(str(folder), None, shard_info)
+        if zipped:
+            data = decompress(shard_info["compression"], (folder / name).read_bytes())
+        else:
+            data = (folder / name).read_bytes()
+        expected = (shard_info.get("raw_data") or {}).get("bytes")
+        if expected is not None and len(data) != expected:
+            raise ValueError(f"{len(data)} bytes where index.json lists {expected}")
+        count = int(np.frombuffer(data, np.uint32, 1)[0])
+        if count != shard_info.get("samples", count):
+            raise ValueError(f"{count} samples where index.json lists {shard_info['samples']}")
+        offsets = np.frombuffer(data, np.uint32, count + 1, offset=4).tolist()
+        samples = [reader.decode_sample(data[begin:end]) for begin, end in zip(offsets, offsets[1:])]
+    except FileNotFoundError:
+        raise UsageError(f"inspect {folder}: shard {name} is missing (listed in index.json)") from None
+    except Exception as e:  # zstd "Data corruption detected", a truncated buffer, an undecodable sample
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise UsageError(f"inspect {folder}: shard {name} cannot be read: {reason}") from None
+    yield from samples
 
 
 def _input_ids_dtype(shards: list[dict]) -> str | None:
@@ -50,7 +63,10 @@ def inspect_folder(folder: Path) -> dict:
         raise UsageError(f"inspect {folder}: no such folder")
     if not index_path.is_file():
         raise UsageError(f"inspect {folder}: no index.json (not an MDS folder)")
-    shards = json.loads(index_path.read_text())["shards"]
+    try:
+        shards = json.loads(index_path.read_text())["shards"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"inspect {index_path}: not an MDS index ({' '.join(str(e).split())})") from None
     for shard_info in shards:
         if "input_ids" not in shard_info.get("column_names", []):
             raise UsageError(f"inspect {folder}: the shards have no input_ids column")
