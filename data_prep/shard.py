@@ -29,6 +29,7 @@ from data_prep.output_dir import staged_output
 from data_prep.read_report import ReadReport
 from data_prep.readers import Document
 from data_prep.tokenizer_load import LoadedTokenizer, for_sharding
+from modernbert_train.data.tokens import tokenizer_identity
 
 METADATA_FILE = "modernbert_data.json"
 FORMAT_VERSION = 1
@@ -247,6 +248,8 @@ def shard(
                 "from": tokenizer.spec,
                 "vocab_size": tokenizer.vocab_size,
                 **tokenizer.special_token_ids,
+                # What decides the ids (vocabulary, merges, added tokens), compared by training.
+                "identity": tokenizer_identity(Path(tokenizer.json_path).read_text(encoding="utf-8")),
             },
             "columns": mds_columns(tokenizer.dtype),
             "dtype": tokenizer.dtype,

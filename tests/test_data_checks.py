@@ -1,12 +1,15 @@
 """The data checked before training starts: a shard listed but missing, and a stream tokenized with another
-tokenizer of the same size and special ids, are one-line errors naming the source, local or in a bucket."""
+tokenizer of the same size and special ids (by the identity `shard` records in modernbert_data.json, else its
+tokenizer.json copy), are one-line errors naming the source, local or in a bucket."""
 
 import json
+import logging
 import shutil
 
 import pytest
 
 from modernbert_train import storage
+from modernbert_train.data.tokens import tokenizer_identity
 from modernbert_train.train.config import ConfigError, load_config
 from modernbert_train.train.data_checks import check_sources
 
@@ -35,14 +38,52 @@ def test_a_missing_shard_names_source_and_shard(write_recipe, tiny_data, tmp_pat
 
 def test_another_tokenizer_of_the_same_size_and_special_ids_is_refused(write_recipe, tiny_data, tmp_path):
     copy = shutil.copytree(tiny_data / "train", tmp_path / "train")
-    tokenizer = json.loads((copy / "tokenizer.json").read_text())
-    vocab = tokenizer["model"]["vocab"]
-    first, second = sorted(vocab, key=vocab.get)[-2:]  # two ordinary tokens trade ids
-    vocab[first], vocab[second] = vocab[second], vocab[first]
-    (copy / "tokenizer.json").write_text(json.dumps(tokenizer))
+    # Shards from before the identity was recorded: their tokenizer.json copy is compared.
+    metadata = json.loads((copy / "modernbert_data.json").read_text())
+    del metadata["tokenizer"]["identity"]
+    (copy / "modernbert_data.json").write_text(json.dumps(metadata))
+    (copy / "tokenizer.json").write_text(swapped_ids((copy / "tokenizer.json").read_text()))
     config = config_over(write_recipe, tiny_data / "train", copy)
     with pytest.raises(ConfigError, match=r"^data\.train\.1\.local: .* was tokenized with another tokenizer"):
         check_sources(config, tiny_data / "tokenizer" / "tokenizer.json")
+
+
+def swapped_ids(tokenizer_text: str) -> str:
+    """The same tokenizer.json with two ordinary tokens' ids traded: same size, same special ids."""
+    tokenizer = json.loads(tokenizer_text)
+    vocab = tokenizer["model"]["vocab"]
+    first, second = sorted(vocab, key=vocab.get)[-2:]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    return json.dumps(tokenizer)
+
+
+def test_shard_records_the_identity_and_training_compares_it(write_recipe, tiny_data, tmp_path, caplog):
+    tokenizer = tiny_data / "tokenizer" / "tokenizer.json"
+    recorded = json.loads((tiny_data / "train" / "modernbert_data.json").read_text())["tokenizer"]
+    assert recorded["identity"] == tokenizer_identity(tokenizer.read_text())
+    # Formatting is not identity: the same tokenizer written another way has the same one.
+    assert tokenizer_identity(json.dumps(json.loads(tokenizer.read_text()), indent=4)) == recorded["identity"]
+
+    # The recorded identity decides, with no tokenizer.json beside the shards.
+    copy = shutil.copytree(tiny_data / "train", tmp_path / "train")
+    (copy / "tokenizer.json").unlink()
+    check_sources(config_over(write_recipe, copy), tokenizer)
+    metadata = json.loads((copy / "modernbert_data.json").read_text())
+    metadata["tokenizer"]["identity"] = tokenizer_identity(swapped_ids(tokenizer.read_text()))
+    (copy / "modernbert_data.json").write_text(json.dumps(metadata))
+    with pytest.raises(ConfigError) as error:
+        check_sources(config_over(write_recipe, tiny_data / "train", copy), tokenizer)
+    assert str(error.value) == (
+        f"data.train.1.local: {copy} was tokenized with another tokenizer (its tokenizer identity "
+        f"recorded in modernbert_data.json differs from the run's {tokenizer} in vocabulary, merges or "
+        "added tokens)"
+    )
+
+    # Nothing recorded at all (MDS written by another tool): said, not silent.
+    (copy / "modernbert_data.json").unlink()
+    with caplog.at_level(logging.WARNING, logger="modernbert_train.train.data_checks"):
+        check_sources(config_over(write_recipe, copy), tokenizer)
+    assert f"data.train.0.local: {copy} records no tokenizer" in caplog.text
 
 
 def test_a_stream_in_a_bucket_is_checked_too(write_recipe, tiny_data, tmp_path, s3_bucket):
@@ -53,11 +94,9 @@ def test_a_stream_in_a_bucket_is_checked_too(write_recipe, tiny_data, tmp_path, 
     recipe = write_recipe(data={"train": [source], "eval": []})
     check_sources(load_config(recipe), tokenizer)
 
-    other = json.loads(tokenizer.read_text())
-    vocab = other["model"]["vocab"]
-    first, second = sorted(vocab, key=vocab.get)[-2:]
-    vocab[first], vocab[second] = vocab[second], vocab[first]
-    storage.write_text(storage.join(remote, "tokenizer.json"), json.dumps(other))
+    metadata = storage.join(remote, "modernbert_data.json")
+    storage.write_text(metadata, storage.read_text(metadata).replace('"identity"', '"identity_unused"'))
+    storage.write_text(storage.join(remote, "tokenizer.json"), swapped_ids(tokenizer.read_text()))
     with pytest.raises(ConfigError, match=rf"^data\.train\.0\.remote: {remote} was tokenized with another"):
         check_sources(load_config(recipe), tokenizer)
 

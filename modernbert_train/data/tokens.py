@@ -1,6 +1,17 @@
 """The token ids the data pipeline needs, taken as arguments (data_prep reads them from tokenizer.json)."""
 
+import hashlib
+import json
 from dataclasses import dataclass
+
+
+def tokenizer_identity(text: str) -> str:
+    """A hash of what decides a tokenizer.json's ids (model: vocabulary and merges; added tokens), not of its
+    formatting. `modernbert-data shard` records it in modernbert_data.json; training compares it."""
+    tokenizer = json.loads(text)
+    added = sorted((token["id"], token["content"]) for token in tokenizer.get("added_tokens") or [])
+    essential = {"model": tokenizer.get("model"), "added_tokens": added}
+    return hashlib.sha256(json.dumps(essential, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass(frozen=True)

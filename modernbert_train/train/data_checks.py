@@ -5,21 +5,17 @@ shard` copies into the folder, has the same vocabulary, merges and added tokens:
 the same special ids can still map text differently).
 """
 
-import hashlib
 import json
+import logging
 from pathlib import Path
 
 from modernbert_train import storage
+from modernbert_train.data.tokens import tokenizer_identity
 from modernbert_train.train.config import ConfigError
 from modernbert_train.train.schema import TrainConfig
 
-
-def tokenizer_identity(text: str) -> str:
-    """A hash of what decides the ids (model: vocabulary and merges; added tokens), not of formatting."""
-    tokenizer = json.loads(text)
-    added = sorted((token["id"], token["content"]) for token in tokenizer.get("added_tokens") or [])
-    essential = {"model": tokenizer.get("model"), "added_tokens": added}
-    return hashlib.sha256(json.dumps(essential, sort_keys=True).encode()).hexdigest()
+log = logging.getLogger(__name__)
+METADATA_FILE = "modernbert_data.json"  # written by data_prep next to the shards
 
 
 def check_sources(config: TrainConfig, tokenizer_file: Path) -> None:
@@ -33,13 +29,33 @@ def check_sources(config: TrainConfig, tokenizer_file: Path) -> None:
             folder = storage.join(base, source.split) if source.split else str(base)
             files = set(storage.list_files(folder))
             _check_shards(key, folder, files)
-            if "tokenizer.json" in files:
-                theirs = storage.read_text(storage.join(folder, "tokenizer.json"))
-                if tokenizer_identity(theirs) != ours:
-                    raise ConfigError(
-                        f"{key}: {folder} was tokenized with another tokenizer (its tokenizer.json differs "
-                        f"from the run's {tokenizer_file} in vocabulary, merges or added tokens)"
-                    )
+            theirs, where = _recorded_identity(key, folder, files)
+            if theirs is None:
+                log.warning(
+                    "%s: %s records no tokenizer (no modernbert_data.json identity, no tokenizer.json): its "
+                    "ids are taken to be the run's tokenizer's (%s)", key, folder, tokenizer_file,
+                )  # fmt: skip
+            elif theirs != ours:
+                raise ConfigError(
+                    f"{key}: {folder} was tokenized with another tokenizer (its {where} differs from the "
+                    f"run's {tokenizer_file} in vocabulary, merges or added tokens)"
+                )
+
+
+def _recorded_identity(key: str, folder: str, files: set[str]) -> tuple[str | None, str]:
+    """The identity of the tokenizer a stream was sharded with: recorded in its modernbert_data.json at shard
+    time, else (shards from before it was recorded) computed from the tokenizer.json shard copies there."""
+    if METADATA_FILE in files:
+        path = storage.join(folder, METADATA_FILE)
+        try:
+            recorded = json.loads(storage.read_text(path)).get("tokenizer", {}).get("identity")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            raise ConfigError(f"{key}: {path} is not readable JSON ({type(e).__name__}: {e})") from None
+        if recorded is not None:
+            return recorded, f"tokenizer identity recorded in {METADATA_FILE}"
+    if "tokenizer.json" in files:
+        return tokenizer_identity(storage.read_text(storage.join(folder, "tokenizer.json"))), "tokenizer.json"
+    return None, ""
 
 
 def _check_shards(key: str, folder: str, files: set[str]) -> None:
