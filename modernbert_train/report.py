@@ -3,7 +3,8 @@
 Panels share one x axis, tokens seen, so runs with other batch sizes line up: train loss, eval loss and
 accuracy, learning rate, masking ratio, tokens/s, MFU and data-wait time, each drawn only when some run
 logged it. Several runs are overlaid in one colour each, named by their config.yaml's run_name. Noisy
-series (train loss, throughput) are drawn faint as logged with an exponential moving average on top.
+series (train loss, throughput) are drawn faint as logged with an exponential moving average on top. Run
+folders may be local or in a bucket (s3://...).
 """
 
 import argparse
@@ -11,8 +12,11 @@ import json
 import math
 import re
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from modernbert_train import storage
 
 METRICS_FILE = "metrics.jsonl"
 X_KEYS = ("tokens", "samples", "batch")  # the first one every row of a run has is its x axis
@@ -63,26 +67,36 @@ def _finite(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def metrics_path(run: str) -> Path:
-    """A run folder (its metrics.jsonl) or a metrics.jsonl file itself."""
-    if "://" in run:
-        raise ReportError(f"{run}: only local run folders are supported")
+def metrics_path(run: str) -> str:
+    """A run folder (its metrics.jsonl) or a metrics.jsonl file itself, local or a URI (s3://...)."""
+    if storage.is_uri(run):
+        path = run if run.rstrip("/").endswith(METRICS_FILE) else storage.join(run, METRICS_FILE)
+        if not storage.exists(path):
+            raise ReportError(f"{path}: no such file (expected a run folder holding {METRICS_FILE})")
+        return path
     path = Path(run)
     if path.is_dir():
         path = path / METRICS_FILE
     if not path.is_file():
         raise ReportError(f"{path}: no such file (expected a run folder holding {METRICS_FILE})")
-    return path
+    return str(path)
 
 
-def run_name(path: Path) -> str:
+def _parent(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[0] if storage.is_uri(path) else str(Path(path).parent)
+
+
+def run_name(path: str) -> str:
     """config.yaml's run_name next to the metrics file, else the folder's name."""
-    config = path.parent / "config.yaml"
-    if config.is_file():
-        match = re.search(r"^run_name:\s*['\"]?([^'\"\n#]+?)['\"]?\s*(?:#.*)?$", config.read_text(), re.M)
+    config = storage.join(_parent(path), "config.yaml")
+    if storage.exists(config):
+        text = storage.read_text(config)
+        match = re.search(r"^run_name:\s*['\"]?([^'\"\n#]+?)['\"]?\s*(?:#.*)?$", text, re.M)
         if match:
             return match.group(1)
-    return path.parent.resolve().name
+    if storage.is_uri(path):
+        return _parent(path).rsplit("/", 1)[-1]
+    return Path(path).parent.resolve().name
 
 
 def latest_run(rows: list[dict]) -> list[dict]:
@@ -98,7 +112,7 @@ def latest_run(rows: list[dict]) -> list[dict]:
 def read_run(run: str) -> Run:
     path = metrics_path(run)
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(storage.read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -115,14 +129,14 @@ def read_run(run: str) -> Run:
     if x_key is None:
         raise ReportError(f"{path}: rows lack a numeric 'tokens', 'samples' or 'batch' to plot against")
     rows.sort(key=lambda row: row[x_key])
-    return Run(run_name(path), str(path), x_key, rows)
+    return Run(run_name(path), path, x_key, rows)
 
 
 def unique_names(runs: list[Run]) -> None:
     """Runs that share a name (two folders of one recipe) are told apart by their folder."""
     for run in runs:
         if sum(other.name == run.name for other in runs) > 1:
-            run.name = f"{run.name} ({Path(run.source).parent})"
+            run.name = f"{run.name} ({_parent(run.source)})"
 
 
 def ema(values: list[float], weight: float) -> list[float]:
@@ -153,13 +167,49 @@ def panel_series(panel: Panel, run: Run) -> dict[str, tuple[list[float], list[fl
     return out
 
 
-def draw(runs: list[Run], output: Path, smoothing: float | None, log_x: bool) -> list[str]:
-    """Write the picture; returns the titles of the panels drawn."""
+def picture_format(output: str) -> str:
+    """The file format `output`'s suffix names, when matplotlib can write it."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    suffix = output.rstrip("/").rpartition("/")[2].rpartition(".")[2].lower() if "." in output else ""
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if suffix not in formats:
+        raise ReportError(
+            f"--output {output}: name a picture file ending in one of .{', .'.join(sorted(formats))}"
+        )
+    return suffix
+
+
+def draw(runs: list[Run], output: str, smoothing: float | None, log_x: bool) -> list[str]:
+    """Write the picture (a local path or a URI); returns the titles of the panels drawn."""
+    import matplotlib.pyplot as plt
+
+    suffix = picture_format(output)
+    figure, titles = build_figure(runs, smoothing, log_x)
+    try:
+        if storage.is_uri(output):
+            with tempfile.TemporaryDirectory(prefix="modernbert-report-") as staging:
+                local = Path(staging, f"report.{suffix}")
+                figure.savefig(local, dpi=110)
+                storage.upload_file(local, output)
+        else:
+            path = Path(output)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            figure.savefig(path, dpi=110)
+    except OSError as error:
+        raise ReportError(f"--output {output}: cannot write it: {error.strerror or error}") from None
+    finally:
+        plt.close(figure)
+    return titles
+
+
+def build_figure(runs: list[Run], smoothing: float | None, log_x: bool):
+    """The figure (one panel per metric some run logged) and the titles of its panels."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display is needed or wanted
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import EngFormatter, PercentFormatter, ScalarFormatter
+    from matplotlib.ticker import EngFormatter, FuncFormatter, PercentFormatter, ScalarFormatter
 
     drawn = [(panel, [panel_series(panel, run) for run in runs]) for panel in PANELS]
     drawn = [(panel, per_run) for panel, per_run in drawn if any(per_run)]
@@ -193,6 +243,8 @@ def draw(runs: list[Run], output: Path, smoothing: float | None, log_x: bool) ->
         if panel.log_y and min(values) > 0 and max(values) / min(values) > 4:
             ax.set_yscale("log")
             ax.yaxis.set_major_formatter(ScalarFormatter())
+            # Under a decade matplotlib labels the minor ticks too, as 6x10^0: plain numbers instead.
+            ax.yaxis.set_minor_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
         if panel.percent:
             ax.yaxis.set_major_formatter(PercentFormatter(1.0))
         ax.legend(fontsize=8)
@@ -203,16 +255,20 @@ def draw(runs: list[Run], output: Path, smoothing: float | None, log_x: bool) ->
     for ax in list(axes.flat)[len(drawn) :]:
         ax.set_visible(False)
     figure.tight_layout()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(output, dpi=110)
-    plt.close(figure)
-    return [panel.title for panel, _ in drawn]
+    return figure, [panel.title for panel, _ in drawn]
 
 
 def cli(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="modernbert-report", description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (or their metrics.jsonl)")
-    parser.add_argument("--output", "-o", required=True, help="the picture to write (.png, .pdf, .svg)")
+    parser.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="run folders (or their metrics.jsonl), local or URIs (s3://bucket/run)",
+    )
+    parser.add_argument(
+        "--output", "-o", required=True, help="the picture to write (.png, .pdf, .svg), local or a URI"
+    )
     parser.add_argument(
         "--smoothing",
         type=float,
@@ -225,8 +281,8 @@ def cli(argv: list[str] | None = None) -> None:
     try:
         runs = [read_run(run) for run in args.runs]
         unique_names(runs)
-        panels = draw(runs, Path(args.output), args.smoothing, args.log_x)
-    except ReportError as error:
+        panels = draw(runs, args.output, args.smoothing, args.log_x)
+    except (ReportError, storage.StorageError) as error:
         print(f"modernbert-report: error: {error}", file=sys.stderr)
         sys.exit(2)
     print(f"wrote {args.output} ({len(runs)} run(s): {', '.join(panels)})")

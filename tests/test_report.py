@@ -6,7 +6,8 @@ import math
 import matplotlib.image
 import pytest
 
-from modernbert_train.report import auto_smoothing, cli, ema, read_run
+from modernbert_train import storage
+from modernbert_train.report import auto_smoothing, build_figure, cli, ema, read_run
 
 
 def write_run(folder, name, rows_count=60, tokens_per_batch=4096, extra=None):
@@ -48,6 +49,45 @@ def test_report_overlays_runs_with_every_logged_panel(tmp_path, capsys):
     image = matplotlib.image.imread(out)
     assert image.shape[0] > 500 and image.shape[1] > 1000
     assert image.std() > 0.05  # something was drawn, not a blank canvas
+
+
+def test_every_panel_has_a_named_line_for_each_run(tmp_path):
+    runs = [read_run(str(write_run(tmp_path / name, name))) for name in ("first", "second")]
+    figure, titles = build_figure(runs, smoothing=None, log_x=False)
+    panels = [ax for ax in figure.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == titles and len(titles) == 7  # no masking ratio logged
+    for ax in panels:
+        labels = [text.get_text() for text in ax.get_legend().get_texts()]
+        assert [label.split()[0] for label in labels] == ["first", "second"], (ax.get_title(), labels)
+        # each run's line covers its rows: 60 logged points, or 3 for the eval panels
+        named = [line for line in ax.get_lines() if not line.get_label().startswith("_")]
+        assert [len(line.get_xdata()) for line in named] == [3, 3] if "eval" in ax.get_title() else [60, 60]
+
+
+def test_runs_in_a_bucket_are_read_and_named(tmp_path, s3_bucket, capsys):
+    local = write_run(tmp_path / "local", "on-disk")
+    remote = storage.join(s3_bucket, "runs", "cloud")
+    storage.upload_folder(write_run(tmp_path / "up", "in-bucket"), remote)
+    run = read_run(remote)
+    assert run.name == "in-bucket" and run.source == f"{remote}/metrics.jsonl" and len(run.rows) == 60
+    assert read_run(f"{remote}/metrics.jsonl").rows == run.rows
+    out = tmp_path / "both.png"
+    cli([str(local), remote, "--output", str(out)])
+    assert "2 run(s)" in capsys.readouterr().out and out.is_file()
+    cli([str(local), remote, "--output", storage.join(remote, "report.png")])  # the picture into the bucket
+    assert storage.read_bytes(storage.join(remote, "report.png"))[:8] == b"\x89PNG\r\n\x1a\n"
+
+    storage.remove(storage.join(remote, "config.yaml"))
+    assert read_run(remote).name == "cloud"  # the folder's name, as for a local run
+    with pytest.raises(SystemExit) as exit_:
+        cli([storage.join(s3_bucket, "runs", "nowhere"), "--output", str(out)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    missing = f"{s3_bucket}/runs/nowhere/metrics.jsonl"
+    assert (
+        err
+        == f"modernbert-report: error: {missing}: no such file (expected a run folder holding metrics.jsonl)"
+    )
 
 
 def test_read_run_names_the_run_and_skips_blank_lines(tmp_path):
@@ -95,6 +135,25 @@ def test_missing_run_and_bad_smoothing_are_one_line_errors(tmp_path, capsys):
         cli([str(tmp_path / "ok"), "--output", str(tmp_path / "r.png"), "--smoothing", "1.5"])
     assert exit.value.code == 2
     assert "--smoothing must be in [0, 1)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "output, expected",
+    [
+        ("r.txt", "name a picture file ending in one of"),
+        ("r", "name a picture file"),
+        ("blocker/r.png", "cannot write it"),
+    ],
+)
+def test_bad_output_is_a_one_line_error(tmp_path, capsys, output, expected):
+    write_run(tmp_path / "ok", "ok", rows_count=3)
+    (tmp_path / "blocker").write_text("a file where a folder would go")
+    with pytest.raises(SystemExit) as exit:
+        cli([str(tmp_path / "ok"), "--output", str(tmp_path / output)])
+    assert exit.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"modernbert-report: error: --output {tmp_path / output}: {expected}"), error
+    assert len(error.splitlines()) == 1
 
 
 def test_a_fresh_run_in_an_old_runs_folder_is_plotted_alone(tmp_path):
