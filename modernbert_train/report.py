@@ -111,8 +111,14 @@ def latest_run(rows: list[dict]) -> list[dict]:
 
 def read_run(run: str) -> Run:
     path = metrics_path(run)
+    data = storage.read_bytes(path)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ReportError(f"{path}:{line}: not UTF-8 text") from None
     rows = []
-    for number, line in enumerate(storage.read_text(path).splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -213,6 +219,9 @@ def build_figure(runs: list[Run], smoothing: float | None, log_x: bool):
 
     drawn = [(panel, [panel_series(panel, run) for run in runs]) for panel in PANELS]
     drawn = [(panel, per_run) for panel, per_run in drawn if any(per_run)]
+    if not drawn:
+        sources = ", ".join(run.source for run in runs)
+        raise ReportError(f"{sources}: no finite value of any plotted metric to draw")
     columns = 2
     rows = math.ceil(len(drawn) / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(6.5 * columns, 3.4 * rows), squeeze=False)

@@ -142,11 +142,20 @@ def _streaming_uploader(folder: Uri):
 
 
 def _streaming_list(uri: Uri) -> list[str]:
-    uploader, staging = _streaming_uploader(Uri(uri.scheme, uri.bucket, ""))
+    """The object names under `uri` through streaming's client for its scheme; the client's own errors
+    (no credentials, no network, its package missing) as one-line StorageErrors."""
+    staging = None
     try:
+        uploader, staging = _streaming_uploader(Uri(uri.scheme, uri.bucket, ""))
         return list(uploader.list_objects(uri.key))
+    except StorageError:
+        raise
+    except Exception as e:
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise StorageError(f"{uri}: cannot list it: {reason}") from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 # -- operations ----------------------------------------------------------------------------------------------

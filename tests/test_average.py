@@ -51,8 +51,13 @@ def test_average_of_checkpoints_is_exact(tmp_path, tokenizer_file, capsys):
 def test_average_refuses_mismatched_or_missing_checkpoints(tmp_path, tokenizer_file, capsys):
     write_checkpoint(tmp_path / "a.pt", tokenizer_file, seed=0)
     write_checkpoint(tmp_path / "wide.pt", tokenizer_file, seed=1, intermediate_size=64)
+    other = Tokenizer.from_file(str(tokenizer_file))
+    other.add_tokens(["extra"])
+    other.save(str(tmp_path / "other.json"))
+    write_checkpoint(tmp_path / "other-tokenizer.pt", tmp_path / "other.json", seed=2)
     cases = [
         (["a.pt", "wide.pt"], "wide.pt has model intermediate_size=64, but"),
+        (["a.pt", "other-tokenizer.pt"], "other-tokenizer.pt was trained with another tokenizer than"),
         (["a.pt", "missing.pt"], "checkpoint not found"),
         (["a.pt"], "needs at least two checkpoints and the output folder"),
     ]
@@ -63,3 +68,21 @@ def test_average_refuses_mismatched_or_missing_checkpoints(tmp_path, tokenizer_f
         error = capsys.readouterr().err.strip()
         assert expected in error and len(error.splitlines()) == 1, error
         assert not (tmp_path / "out").exists()
+
+
+def test_average_of_checkpoints_in_a_bucket_into_a_bucket(tmp_path, tokenizer_file, s3_bucket, capsys):
+    from modernbert_train import storage
+
+    states = [write_checkpoint(tmp_path / f"ba{i}.pt", tokenizer_file, seed=i) for i in range(2)]
+    remote = [storage.join(s3_bucket, "run", f"ep0-ba{i}-rank0.pt") for i in range(2)]
+    for i, uri in enumerate(remote):
+        storage.upload_file(tmp_path / f"ba{i}.pt", uri)
+    out = storage.join(s3_bucket, "run", "averaged")
+    cli(["--average", *remote, out])
+    assert "average of 2 checkpoints" in capsys.readouterr().out
+    for key, value in from_hf(out).state_dict().items():
+        assert torch.equal(value, ((states[0][key].double() + states[1][key].double()) / 2).float()), key
+    with pytest.raises(SystemExit) as exit:
+        cli(["--average", remote[0], storage.join(s3_bucket, "run", "gone.pt"), str(tmp_path / "o")])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.strip().endswith(f"checkpoint not found: {s3_bucket}/run/gone.pt")

@@ -144,10 +144,31 @@ GOOD = '{"text": "red cat", "label": "a"}\n{"text": "blue dog", "label": "b"}\n'
         ("t.csv", "text,label\nred cat,a\nblue dog,b,extra\n", [], "t.csv:3: more columns than the header"),
         ("t.txt", "red cat\n", [], "unknown format '.txt'"),
         ("t.jsonl", GOOD, ["--epochs", "0"], "--epochs must be at least 1"),
+        ("t.jsonl", GOOD.encode() + b'{"text": "caf\xe9", "label": "a"}\n', [], "t.jsonl:3: not UTF-8 text"),
+        ("t.csv", b"text,label\nred,a\nblue,b\n\xff\n", [], "t.csv:4: not UTF-8 text (byte 0xff)"),
+        (
+            "t.jsonl",
+            '{"text": "red", "label": 1.5}\n{"text": "blue", "label": "inf"}\n',
+            ["--task", "regression"],
+            "t.jsonl:2: label 'inf' is not a finite number",
+        ),
+        (
+            "t.tsv",
+            "text\tlabel\nred\t0.5\nblue\tNaN\n",
+            ["--task", "regression"],
+            "t.tsv:3: label 'NaN' is not",
+        ),
+        ("t.jsonl", GOOD, ["--dropout", "1.5"], "--dropout must be in [0, 1), got 1.5"),
+        ("t.jsonl", GOOD, ["--dropout", "1"], "--dropout must be in [0, 1), got 1.0"),
+        ("t.jsonl", GOOD, ["--warmup-ratio", "-2"], "--warmup-ratio must be in [0, 1], got -2.0"),
+        ("t.jsonl", GOOD, ["--weight-decay", "-1"], "--weight-decay must be in at least 0, got -1.0"),
+        ("t.jsonl", GOOD, ["--seeds", "0", "-1"], "--seeds must be non-negative integers, got [0, -1]"),
+        ("t.jsonl", GOOD, ["--device", "tpu"], "--device must be auto, cpu or cuda, got 'tpu'"),
     ],
 )
 def test_bad_input_is_a_one_line_error(model_dir, tmp_path, capsys, name, content, flags, expected):
-    (tmp_path / name).write_text(content)
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(SystemExit) as exit:
         cli([str(model_dir), "--train", str(tmp_path / name), "--eval", str(tmp_path / name), "--output",
              str(tmp_path / "out"), *flags])  # fmt: skip
@@ -232,3 +253,71 @@ def test_make_eval_writes_both_scores_with_the_models_own_mask_token(model_dir, 
         embedded_eval.main([str(tmp_path / "nowhere"), "--output", str(output)])
     error = capsys.readouterr().err.strip()
     assert "nowhere" in error and len(error.splitlines()) == 1, error
+
+
+def test_output_that_is_a_file_is_refused_before_training(model_dir, tmp_path, capsys):
+    train = tmp_path / "train.jsonl"
+    train.write_text(GOOD)
+    taken = tmp_path / "taken"
+    taken.write_text("someone's file")
+    with pytest.raises(SystemExit) as exit:
+        cli([str(model_dir), "--train", str(train), "--eval", str(train), "--output", str(taken)])
+    assert exit.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error == f"modernbert-finetune: error: --output {taken}: is a file; name a folder for results.json"
+    assert taken.read_text() == "someone's file"
+
+
+def test_tsv_is_unquoted_csv_is_quoted_and_a_byte_order_mark_is_dropped(tmp_path):
+    from modernbert_train.finetune.data import read_examples
+
+    # GLUE's TSVs are unquoted: a sentence may open with a quotation mark, or hold one that never closes.
+    tsv = tmp_path / "glue.tsv"
+    tsv.write_text('sentence\tlabel\n"Hello," he said.\t1\nan "open quote\t0\nlast one\t1\n')
+    examples = read_examples(tsv, "sentence", "label")
+    assert examples.texts == ['"Hello," he said.', 'an "open quote', "last one"]
+    assert examples.labels == [1, 0, 1] and examples.label_names == ["0", "1"]
+    csv_file = tmp_path / "excel.csv"
+    csv_file.write_bytes('\ufefftext,label\n"red, or not",-1\nblue,10\ngreen,2\n'.encode())
+    examples = read_examples(csv_file, "text", "label")
+    assert examples.texts == ["red, or not", "blue", "green"]
+    assert examples.label_names == ["-1", "2", "10"]  # integers sort as numbers
+    csv_file.write_text("text,label\nred,--1\nblue,1\n")
+    assert read_examples(csv_file, "text", "label").label_names == ["--1", "1"]  # not integers: as text
+
+
+def test_model_data_and_results_in_a_bucket(model_dir, tmp_path, s3_bucket, capsys):
+    from modernbert_train import storage
+
+    remote_model = storage.join(s3_bucket, "models", "tiny")
+    storage.upload_folder(model_dir, remote_model)
+    train = storage.join(s3_bucket, "data", "train.jsonl")
+    storage.write_text(train, GOOD * 4)
+    out = storage.join(s3_bucket, "finetune", "tiny")
+    cli(
+        [
+            remote_model,
+            "--train",
+            train,
+            "--eval",
+            train,
+            "--output",
+            out,
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+        ]
+    )
+    assert f"wrote {out}/results.json" in capsys.readouterr().out
+    results = json.loads(storage.read_text(storage.join(out, "results.json")))
+    assert results["model"] == remote_model and results["examples"] == {"train": 8, "eval": 8}
+    assert results["device"] == "cpu" and len(results["runs"][0]["epochs"]) == 1
+    with pytest.raises(SystemExit):
+        cli([storage.join(s3_bucket, "models", "none"), "--train", train, "--eval", train, "--output", out])
+    error = capsys.readouterr().err.strip()
+    missing = f"{s3_bucket}/models/none"
+    assert (
+        error
+        == f"modernbert-finetune: error: {missing}: no config.json (expected an exported ModernBERT folder)"
+    )

@@ -125,6 +125,26 @@ def test_bad_metrics_file_is_a_one_line_error(tmp_path, capsys, content, expecte
     assert not (tmp_path / "r.png").exists()
 
 
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (b'{"batch": 1, "tokens": 5}\n{"batch": 2, "note": "\xff"}\n', "metrics.jsonl:2: not UTF-8 text"),
+        (  # the logger writes non-finite values as strings: a run with nothing finite has nothing to draw
+            b'{"batch": 1, "tokens": 5, "loss/train/total": "nan", "non_finite": ["loss/train/total"]}\n',
+            "no finite value of any plotted metric to draw",
+        ),
+    ],
+)
+def test_undrawable_metrics_are_a_one_line_error(tmp_path, capsys, content, expected):
+    (tmp_path / "metrics.jsonl").write_bytes(content)
+    with pytest.raises(SystemExit) as exit:
+        cli([str(tmp_path), "--output", str(tmp_path / "r.png")])
+    assert exit.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert expected in error and len(error.splitlines()) == 1, error
+    assert not (tmp_path / "r.png").exists()
+
+
 def test_missing_run_and_bad_smoothing_are_one_line_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:
         cli([str(tmp_path / "nowhere"), "--output", str(tmp_path / "r.png")])

@@ -4,6 +4,7 @@ labelled JSONL/CSV/TSV data over one or more seeds; scores per epoch go to DIR/r
 import argparse
 import sys
 
+from modernbert_train import storage
 from modernbert_train.hf import HFCheckpointError
 from modernbert_train.model import ModelConfigError
 
@@ -15,7 +16,9 @@ def parser() -> argparse.ArgumentParser:
     defaults = FinetuneSettings()
     p = argparse.ArgumentParser(prog="modernbert-finetune", description=__doc__.splitlines()[0])
     p.add_argument(
-        "model_dir", metavar="MODEL_DIR", help="a transformers ModernBERT folder with tokenizer.json"
+        "model_dir",
+        metavar="MODEL_DIR",
+        help="a transformers ModernBERT folder with tokenizer.json (local or a URI)",
     )
     p.add_argument("--train", required=True, metavar="FILE", help="training examples (.jsonl, .csv or .tsv)")
     p.add_argument("--eval", required=True, metavar="FILE", help="examples scored after every epoch")
@@ -32,6 +35,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     p.add_argument("--warmup-ratio", type=float, default=defaults.warmup_ratio)
     p.add_argument("--dropout", type=float, default=defaults.dropout, help="before the classifier")
+    p.add_argument("--device", default=defaults.device, help="auto (a GPU when there is one), cpu or cuda")
     p.add_argument(
         "--random-init", action="store_true", help="MODEL_DIR's architecture with fresh weights (a baseline)"
     )
@@ -45,11 +49,11 @@ def cli(argv: list[str] | None = None) -> None:
         results = finetune(
             paths["model_dir"], paths["train"], paths["eval"], paths["output"], FinetuneSettings(**args)
         )
-    except (FinetuneError, HFCheckpointError, ModelConfigError) as error:
+    except (FinetuneError, HFCheckpointError, ModelConfigError, storage.StorageError) as error:
         print(f"modernbert-finetune: error: {error}", file=sys.stderr)
         sys.exit(2)
     scores = ", ".join(f"{name} {s['mean']:.4f} ± {s['std']:.4f}" for name, s in results["final"].items())
-    print(f"wrote {paths['output']}/results.json: {scores} ({len(results['runs'])} seed(s))")
+    print(f"wrote {storage.join(paths['output'], 'results.json')}: {scores} ({len(results['runs'])} seed(s))")
 
 
 if __name__ == "__main__":

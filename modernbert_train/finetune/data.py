@@ -1,10 +1,15 @@
 """Labelled examples from JSONL, CSV or TSV files, as GLUE-style tasks ship them."""
 
 import csv
+import io
 import json
+import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from modernbert_train import storage
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
 
@@ -23,36 +28,53 @@ class Examples:
     label_names: list[str] | None
 
 
-def _records(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, record) for each example in the file."""
-    kind = FORMATS.get(path.suffix.lower())
-    if kind is None:
-        raise FinetuneError(f"{path}: unknown format {path.suffix!r}; expected .jsonl, .csv or .tsv")
-    if not path.is_file():
+def _read_text(path: str) -> str:
+    """The file's text (local or a URI): UTF-8, a leading byte-order mark dropped (spreadsheets write one)."""
+    if not storage.is_uri(path) and not Path(path).is_file():
         raise FinetuneError(f"{path}: no such file")
-    with path.open(newline="", encoding="utf-8") as file:
-        if kind == "jsonl":
-            for number, line in enumerate(file, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise FinetuneError(f"{path}:{number}: not JSON ({error.msg})") from None
-                if not isinstance(record, dict):
-                    raise FinetuneError(
-                        f"{path}:{number}: expected a JSON object, got {type(record).__name__}"
-                    )
-                yield number, record
-        else:
-            reader = csv.DictReader(file, delimiter="," if kind == "csv" else "\t")
+    try:
+        data = storage.read_bytes(path)
+    except FileNotFoundError:
+        raise FinetuneError(f"{path}: no such file") from None
+    except OSError as error:
+        raise FinetuneError(f"{path}: cannot read it: {error.strerror or error}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise FinetuneError(f"{path}:{line}: not UTF-8 text (byte {data[error.start]:#04x})") from None
+
+
+def _records(path: str) -> Iterator[tuple[int, dict]]:
+    """(line number, record) for each example in the file."""
+    suffix = Path(path.rstrip("/")).suffix
+    kind = FORMATS.get(suffix.lower())
+    if kind is None:
+        raise FinetuneError(f"{path}: unknown format {suffix!r}; expected .jsonl, .csv or .tsv")
+    file = io.StringIO(_read_text(path), newline="")
+    if kind == "jsonl":
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
             try:
-                for record in reader:
-                    if None in record:  # more cells than the header names
-                        raise FinetuneError(f"{path}:{reader.line_num}: more columns than the header has")
-                    yield reader.line_num, record
-            except csv.Error as error:
-                raise FinetuneError(f"{path}:{reader.line_num}: {error}") from None
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise FinetuneError(f"{path}:{number}: not JSON ({error.msg})") from None
+            if not isinstance(record, dict):
+                raise FinetuneError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            yield number, record
+        return
+    # GLUE's TSV files are unquoted (a cell may begin with a quotation mark that never closes); CSV
+    # files follow the usual quoting.
+    options = {"delimiter": ","} if kind == "csv" else {"delimiter": "\t", "quoting": csv.QUOTE_NONE}
+    reader = csv.DictReader(file, **options)
+    try:
+        for record in reader:
+            if None in record:  # more cells than the header names
+                raise FinetuneError(f"{path}:{reader.line_num}: more columns than the header has")
+            yield reader.line_num, record
+    except csv.Error as error:
+        raise FinetuneError(f"{path}:{reader.line_num}: {error}") from None
 
 
 def _text(path: Path, number: int, record: dict, field: str) -> str:
@@ -72,11 +94,16 @@ def _label(path: Path, number: int, record: dict, field: str, regression: bool) 
         try:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
-        except ValueError:
+            number_value = float(value)
+        except (TypeError, ValueError):
             raise FinetuneError(
                 f"{path}:{number}: label {value!r} is not a number (--task regression)"
             ) from None
+        if not math.isfinite(number_value):
+            raise FinetuneError(
+                f"{path}:{number}: label {value!r} is not a finite number (--task regression)"
+            )
+        return number_value
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise FinetuneError(f"{path}:{number}: label {value!r} is not a class name or integer")
     return str(value)
@@ -92,7 +119,7 @@ def read_examples(
 ) -> Examples:
     """Read one split. Classification labels become indices into `label_names` (the training split's
     sorted classes when not given; numerically sorted when all are integers)."""
-    path = Path(path)
+    path = str(path)
     texts, pairs, raw_labels, numbers = [], [], [], []
     for number, record in _records(path):
         texts.append(_text(path, number, record, text_field))
@@ -106,7 +133,7 @@ def read_examples(
         return Examples(texts, pairs if pair_field else None, raw_labels, None)
     if label_names is None:
         names = set(raw_labels)
-        numeric = all(name.lstrip("-").isdigit() for name in names)
+        numeric = all(re.fullmatch(r"-?[0-9]+", name) for name in names)
         label_names = sorted(names, key=int if numeric else str)
         if len(label_names) < 2:
             raise FinetuneError(

@@ -11,12 +11,15 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
+from modernbert_train import storage
 from modernbert_train.hf import from_hf, read_hf_config
 from modernbert_train.model import ModernBertConfig, ModernBertForMaskedLM
 
 from .data import Examples, FinetuneError, read_examples
 from .metrics import classification_scores, regression_scores
 from .model import ModernBertForSequenceClassification
+
+RESULTS_FILE = "results.json"
 
 
 @dataclass
@@ -34,6 +37,7 @@ class FinetuneSettings:
     warmup_ratio: float = 0.1
     dropout: float = 0.1
     random_init: bool = False  # the same architecture with fresh weights: the baseline pretraining must beat
+    device: str = "auto"  # auto (cuda when there is one) | cpu | cuda; on cuda in bf16 autocast
 
     def check(self) -> None:
         if self.task not in ("classification", "regression"):
@@ -47,13 +51,37 @@ class FinetuneSettings:
             raise FinetuneError(f"--lr must be positive, got {self.lr}")
         if not self.seeds:
             raise FinetuneError("--seeds needs at least one seed")
+        if any(seed < 0 for seed in self.seeds):
+            raise FinetuneError(f"--seeds must be non-negative integers, got {self.seeds}")
+        for flag, value, low, high in (
+            ("--dropout", self.dropout, 0.0, 1.0),
+            ("--warmup-ratio", self.warmup_ratio, 0.0, 1.0),
+            ("--weight-decay", self.weight_decay, 0.0, math.inf),
+        ):
+            if not (low <= value <= high) or (flag == "--dropout" and value == 1.0):
+                bounds = "[0, 1)" if flag == "--dropout" else "[0, 1]" if high == 1.0 else "at least 0"
+                raise FinetuneError(f"{flag} must be in {bounds}, got {value}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise FinetuneError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise FinetuneError("--device cuda: no CUDA device is available here")
+
+    def torch_device(self) -> torch.device:
+        return torch.device(
+            "cuda"
+            if self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available())
+            else "cpu"
+        )
 
 
 def load_tokenizer(model_dir: Path) -> Tokenizer:
     file = model_dir / "tokenizer.json"
     if not file.is_file():
         raise FinetuneError(f"{model_dir}: no tokenizer.json (export the model with its tokenizer)")
-    return Tokenizer.from_file(str(file))
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as error:  # tokenizers raises its own Exception type for a damaged file
+        raise FinetuneError(f"{file}: not a tokenizer.json the tokenizers library reads ({error})") from None
 
 
 def encode(
@@ -80,24 +108,31 @@ def encode(
     return out
 
 
-def batches(sequences: list[list[int]], order: np.ndarray, batch_size: int):
-    """(flat input_ids, cu_seqlens, max_seqlen, indices) per batch, in `order`."""
+def batches(sequences: list[list[int]], order: np.ndarray, batch_size: int, device: torch.device):
+    """(flat input_ids, cu_seqlens, max_seqlen, indices) per batch, in `order`, on `device`."""
     for start in range(0, len(order), batch_size):
         chosen = order[start : start + batch_size]
         lengths = [len(sequences[i]) for i in chosen]
         flat = torch.tensor([token for i in chosen for token in sequences[i]], dtype=torch.long)
         cu_seqlens = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32)
-        yield flat, cu_seqlens, max(lengths), chosen
+        yield flat.to(device), cu_seqlens.to(device), max(lengths), chosen
 
 
-def predict(model, sequences, batch_size: int, regression: bool) -> np.ndarray:
+def autocast(device: torch.device):
+    """bf16 autocast on a GPU (its attention kernels want half precision); fp32 on a CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def predict(model, sequences, batch_size: int, regression: bool, device: torch.device) -> np.ndarray:
     model.eval()
     out = []
-    with torch.no_grad():
-        for flat, cu_seqlens, max_seqlen, _ in batches(sequences, np.arange(len(sequences)), batch_size):
-            logits = model(flat, cu_seqlens, max_seqlen)
+    with torch.no_grad(), autocast(device):
+        for flat, cu_seqlens, max_seqlen, _ in batches(
+            sequences, np.arange(len(sequences)), batch_size, device
+        ):
+            logits = model(flat, cu_seqlens, max_seqlen).float()
             out.append(logits.squeeze(1) if regression else logits.argmax(dim=1))
-    return torch.cat(out).float().numpy()
+    return torch.cat(out).float().cpu().numpy()
 
 
 def build_model(model_dir: Path, num_labels: int, settings: FinetuneSettings):
@@ -125,20 +160,22 @@ def optimizer_and_schedule(model, settings: FinetuneSettings, steps: int):
 def run_seed(model_dir, seed, train_ids, train, eval_ids, eval_labels, num_labels, settings) -> list[dict]:
     torch.manual_seed(seed)  # the random init (baseline), the classifier and dropout follow the seed
     regression = settings.task == "regression"
-    model = build_model(model_dir, num_labels, settings)
+    device = settings.torch_device()
+    model = build_model(model_dir, num_labels, settings).to(device)
     steps = settings.epochs * math.ceil(len(train_ids) / settings.batch_size)
     optimizer, schedule = optimizer_and_schedule(model, settings, steps)
-    targets = torch.tensor(train.labels, dtype=torch.float32 if regression else torch.long)
+    targets = torch.tensor(train.labels, dtype=torch.float32 if regression else torch.long, device=device)
     rng = np.random.default_rng(seed)
     history = []
     for epoch in range(1, settings.epochs + 1):
         model.train()
         losses = []
         for flat, cu_seqlens, max_seqlen, chosen in batches(
-            train_ids, rng.permutation(len(train_ids)), settings.batch_size
+            train_ids, rng.permutation(len(train_ids)), settings.batch_size, device
         ):
-            logits = model(flat, cu_seqlens, max_seqlen)
-            batch_targets = targets[torch.from_numpy(chosen)]
+            with autocast(device):
+                logits = model(flat, cu_seqlens, max_seqlen).float()
+            batch_targets = targets[torch.from_numpy(chosen).to(device)]
             if regression:
                 loss = F.mse_loss(logits.squeeze(1), batch_targets)
             else:
@@ -148,14 +185,14 @@ def run_seed(model_dir, seed, train_ids, train, eval_ids, eval_labels, num_label
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             schedule.step()
-            losses.append(loss.item())
-        predicted = predict(model, eval_ids, settings.batch_size, regression)
+            losses.append(loss.detach())
+        predicted = predict(model, eval_ids, settings.batch_size, regression, device)
         scores = (
             regression_scores(predicted, eval_labels)
             if regression
             else classification_scores(predicted, eval_labels, num_labels)
         )
-        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), **scores})
+        history.append({"epoch": epoch, "train_loss": float(torch.stack(losses).mean()), **scores})
     return history
 
 
@@ -172,32 +209,66 @@ def summarise(runs: list[dict]) -> dict[str, dict[str, float]]:
     }
 
 
+def check_output(output: str) -> str:
+    """Where results.json will go, checked before any work: a folder (local or a URI), not a file."""
+    if storage.is_uri(output):
+        storage.check(output, "--output")
+        return storage.join(output, RESULTS_FILE)
+    folder = Path(output)
+    if folder.exists() and not folder.is_dir():
+        raise FinetuneError(f"--output {output}: is a file; name a folder for {RESULTS_FILE}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise FinetuneError(f"--output {output}: cannot create it: {error.strerror or error}") from None
+    return str(folder / RESULTS_FILE)
+
+
+def write_results(path: str, results: dict) -> None:
+    """results.json whole or not at all: written beside and renamed over (a bucket's put is whole already)."""
+    text = json.dumps(results, indent=2) + "\n"
+    if storage.is_uri(path):
+        storage.write_text(path, text)
+        return
+    partial = Path(f"{path}.partial")
+    partial.write_text(text)
+    partial.replace(path)
+
+
 def finetune(
     model_dir: str | Path, train_file: str | Path, eval_file: str | Path, output: str | Path,
     settings: FinetuneSettings,
 ) -> dict:  # fmt: skip
-    """Fine-tune over settings.seeds; writes and returns output/results.json's content."""
+    """Fine-tune over settings.seeds; writes and returns output/results.json's content. MODEL_DIR, the
+    files and the output may be local or URIs."""
     settings.check()
-    model_dir = Path(model_dir)
+    results_path = check_output(str(output))
     regression = settings.task == "regression"
     fields = dict(
         text_field=settings.text_field, label_field=settings.label_field, pair_field=settings.pair_field
     )
     train = read_examples(train_file, regression=regression, **fields)
     evaluation = read_examples(eval_file, regression=regression, label_names=train.label_names, **fields)
-    config = read_hf_config(model_dir)
-    max_length = min(settings.max_length, config.max_position_embeddings)
-    tokenizer = load_tokenizer(model_dir)
-    train_ids = encode(tokenizer, train, config, max_length)
-    eval_ids = encode(tokenizer, evaluation, config, max_length)
-    num_labels = 1 if regression else len(train.label_names)
-    eval_labels = np.asarray(evaluation.labels, dtype=np.float64)
+    if storage.is_uri(model_dir):
+        for name in ("config.json", "tokenizer.json"):
+            if not storage.exists(storage.join(model_dir, name)):
+                raise FinetuneError(f"{model_dir}: no {name} (expected an exported ModernBERT folder)")
+    with storage.local_folder(str(model_dir)) as local_model:
+        config = read_hf_config(local_model)
+        max_length = min(settings.max_length, config.max_position_embeddings)
+        tokenizer = load_tokenizer(local_model)
+        train_ids = encode(tokenizer, train, config, max_length)
+        eval_ids = encode(tokenizer, evaluation, config, max_length)
+        num_labels = 1 if regression else len(train.label_names)
+        eval_labels = np.asarray(evaluation.labels, dtype=np.float64)
 
-    start = time.perf_counter()
-    runs = []
-    for seed in settings.seeds:
-        history = run_seed(model_dir, seed, train_ids, train, eval_ids, eval_labels, num_labels, settings)
-        runs.append({"seed": seed, "epochs": history})
+        start = time.perf_counter()
+        runs = []
+        for seed in settings.seeds:
+            history = run_seed(
+                local_model, seed, train_ids, train, eval_ids, eval_labels, num_labels, settings
+            )
+            runs.append({"seed": seed, "epochs": history})
     results = {
         "model": str(model_dir),
         "init": "random" if settings.random_init else "pretrained",
@@ -206,11 +277,10 @@ def finetune(
         "examples": {"train": len(train_ids), "eval": len(eval_ids)},
         "label_names": train.label_names,
         "settings": asdict(settings),
+        "device": str(settings.torch_device()),
         "runs": runs,
         "final": summarise(runs),
         "seconds": time.perf_counter() - start,
     }
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_results(results_path, results)
     return results

@@ -1,5 +1,6 @@
 """`modernbert-export --average CKPT [CKPT ...] OUT_DIR`: the uniform average of several checkpoints' model
-weights (checkpoint averaging: LAWA, model soups) as one transformers ModernBERT folder.
+weights (checkpoint averaging: LAWA, model soups) as one transformers ModernBERT folder. Checkpoints and
+the folder may be local or URIs.
 
 Checkpoints are read one at a time and summed in float64, so N checkpoints cost two models of memory and the
 average is exact to the weights' own precision. They must share the model config; the tokenizer is the
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
+from modernbert_train import storage
 from modernbert_train.hf import to_hf
 from modernbert_train.model import ModernBertConfig, ModernBertForMaskedLM
 from modernbert_train.train.checkpoint import CheckpointError, model_weights, read_checkpoint
@@ -34,7 +36,11 @@ def average_checkpoints(paths: list[str | Path]) -> tuple[ModernBertForMaskedLM,
     dtypes: dict[str, torch.dtype] = {}
     first_config = tokenizer_json = None
     for path in paths:
-        checkpoint = read_checkpoint(path)
+        try:
+            with storage.local_file(path) as local:  # a bucket's checkpoint is fetched, read, then dropped
+                checkpoint = read_checkpoint(local)
+        except FileNotFoundError:
+            raise CheckpointError(f"checkpoint not found: {path}") from None
         config = model_config_of(path, checkpoint)
         weights = model_weights(checkpoint)
         if first_config is None:
@@ -50,6 +56,12 @@ def average_checkpoints(paths: list[str | Path]) -> tuple[ModernBertForMaskedLM,
             raise CheckpointError(
                 f"checkpoint {path} has model {key}={config.get(key)!r}, but {paths[0]} has "
                 f"{first_config.get(key)!r}: only checkpoints of one model can be averaged"
+            )
+        tokenizer_here = metadata_from_checkpoint(checkpoint).get("tokenizer_json")
+        if tokenizer_json and tokenizer_here and tokenizer_here != tokenizer_json:
+            raise CheckpointError(
+                f"checkpoint {path} was trained with another tokenizer than {paths[0]}: the same ids mean "
+                "other tokens, so their weights cannot be averaged"
             )
         if weights.keys() != total.keys():
             odd = sorted(weights.keys() ^ total.keys())[0]
