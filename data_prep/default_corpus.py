@@ -3,9 +3,15 @@
 Sources: the Python standard library's modules (code mixed with docstrings and comments, test suites
 left out), the standard library's own .txt/.rst files, and /usr/share/common-licenses where it exists.
 Writes DIR/tokenizer (BPE trained on the training documents), DIR/train and DIR/val (every 32nd
-document held out), each the same kind of folder `modernbert-data` writes. The selection is deterministic.
+document held out), each the same kind of folder `modernbert-data` writes, and DIR/corpus.json (how it was
+chosen) last. The selection is deterministic.
+
+A fifth of the standard library's modules (`held_for_downstream`) is never pretrained on: `make eval`'s
+embedded task scores the encoder on code from those files only, so its score cannot come from having seen
+the very lines under masked-LM training.
 """
 
+import json
 import os
 import sys
 import sysconfig
@@ -17,7 +23,7 @@ from data_prep.cli import EXIT_USAGE, OneLineErrorParser
 from data_prep.errors import UsageError
 from data_prep.read_report import ReadReport
 from data_prep.readers import InputSource, read_documents
-from data_prep.shard import METADATA_FILE, shard
+from data_prep.shard import shard
 from data_prep.tokenizer_load import load_tokenizer
 from data_prep.tokenizer_train import train_tokenizer
 
@@ -26,6 +32,16 @@ LICENSES = Path("/usr/share/common-licenses")
 VAL_EVERY = 32  # documents 0, 32, 64, ... of the sorted selection are held out (about 3%)
 DEFAULT_MAX_BYTES = 24 << 20  # keeps the build well under a minute and a half on 2 cores
 DEFAULT_VOCAB_SIZE = 8192
+DOWNSTREAM_SHARE = 0.2  # of the stdlib's modules, by a hash of their path: kept for the downstream eval
+# Bumped whenever the selection changes, so a corpus built by an older rule is rebuilt, not reused.
+CORPUS_VERSION = 2
+CORPUS_FILE = "corpus.json"
+
+
+def held_for_downstream(relative: str) -> bool:
+    """Whether the stdlib module at `relative` (posix path below the stdlib folder) is kept out of the
+    corpus for the downstream task's eval split."""
+    return zlib.crc32(f"downstream/{relative}".encode()) % 1000 < DOWNSTREAM_SHARE * 1000
 
 
 def _stdlib_files(root: Path, suffixes: tuple[str, ...]) -> list[Path]:
@@ -55,7 +71,12 @@ def select_files(max_bytes: int, stdlib: Path | None = None, licenses: Path = LI
     and every install of the same Python version picks the same files.
     """
     stdlib = stdlib or Path(sysconfig.get_paths()["stdlib"])
-    candidates = [InputSource(p, "python-stdlib") for p in _stdlib_files(stdlib, (".py",))]
+    modules = _stdlib_files(stdlib, (".py",))
+    candidates = [
+        InputSource(p, "python-stdlib")
+        for p in modules
+        if not held_for_downstream(p.relative_to(stdlib).as_posix())
+    ]
     candidates += [InputSource(p, "python-stdlib-docs") for p in _stdlib_files(stdlib, (".txt", ".rst"))]
     candidates += [InputSource(p, "licenses") for p in _license_files(licenses)]
 
@@ -76,19 +97,24 @@ def select_files(max_bytes: int, stdlib: Path | None = None, licenses: Path = LI
     return sorted(chosen, key=lambda item: str(item.path))
 
 
-def is_complete(output: Path) -> bool:
-    markers = (
-        output / "tokenizer" / "tokenizer.json",
-        output / "train" / METADATA_FILE,
-        output / "val" / METADATA_FILE,
-    )
-    return all(marker.is_file() for marker in markers)
+def corpus_record(max_bytes: int) -> dict:
+    return {"version": CORPUS_VERSION, "max_bytes": max_bytes, "downstream_share": DOWNSTREAM_SHARE}
+
+
+def is_complete(output: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> bool:
+    """A finished build by the current selection rule (corpus.json is written last)."""
+    try:
+        record = json.loads((output / CORPUS_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return record == corpus_record(max_bytes)
 
 
 def build(output: Path, *, overwrite: bool, max_bytes: int, vocab_size: int, workers: int) -> dict | None:
     """Build the corpus; None when it is already complete and not to be overwritten."""
-    if is_complete(output) and not overwrite:
+    if is_complete(output, max_bytes) and not overwrite:
         return None
+    (output / CORPUS_FILE).unlink(missing_ok=True)  # written again last, once the build is whole
     start = time.perf_counter()
     files = select_files(max_bytes)
     if not files:
@@ -112,6 +138,7 @@ def build(output: Path, *, overwrite: bool, max_bytes: int, vocab_size: int, wor
         summary[split] = {key: metadata[key] for key in ("documents", "tokens", "sources")}
     summary["vocab_size"] = tokenizer.vocab_size
     summary["seconds"] = time.perf_counter() - start
+    (output / CORPUS_FILE).write_text(json.dumps(corpus_record(max_bytes)) + "\n")
     return summary
 
 

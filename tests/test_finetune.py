@@ -223,6 +223,15 @@ def test_keyword_task_is_fixed_balanced_and_blanks_only_code(tmp_path):
         assert all(row["text"].count("<blank>") == 1 for row in rows[split])
         assert all(len(row["text"].splitlines()) == 5 for row in rows[split])
     assert not {row["text"] for row in rows["train"]} & {row["text"] for row in rows["eval"]}
+    # The eval split is code the default corpus never pretrains on, not even as a copy in another module.
+    from data_prep.default_corpus import DEFAULT_MAX_BYTES, select_files
+
+    pretraining = "\n".join(
+        item.path.read_text(errors="replace")
+        for item in select_files(DEFAULT_MAX_BYTES)
+        if item.source == "python-stdlib"
+    )
+    assert not [row for row in rows["eval"] if row["text"].replace("<blank>", row["label"]) in pretraining]
     # The same files again (a small sample rebuilt: the whole build reads the stdlib once).
     stdlib = Path(keyword_task.sysconfig.get_paths()["stdlib"])
     files = keyword_task.stdlib_files(stdlib)[:40]

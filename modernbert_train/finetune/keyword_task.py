@@ -8,8 +8,9 @@ be decided by such names, and a fresh model learned it as well as a pretrained o
 
 Built from the same source as the default corpus (data_prep/default_corpus.py): the stdlib's .py files, test
 suites left out. Keywords are found with Python's own tokenizer, so words in strings and comments are never
-blanked. A file's examples all go to one split (stdlib_task.split_of), so the eval split scores code from
-files the classifier never saw; classes are balanced.
+blanked. A file's examples all go to one split: the eval split comes only from the modules the default corpus
+holds out of pretraining (default_corpus.held_for_downstream), so it scores code that neither the encoder
+nor the classifier ever saw; the train split comes from the others. Classes are balanced.
 """
 
 import io
@@ -20,8 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep.default_corpus import held_for_downstream
+
 from .data import FinetuneError
-from .stdlib_task import EXCLUDED_DIRS, split_of
+from .stdlib_task import EXCLUDED_DIRS
 
 KEYWORDS = ("return", "if", "for", "in", "not", "is", "None", "self", "def", "else", "and", "or", "import",
             "raise")  # fmt: skip
@@ -51,11 +54,28 @@ def keyword_positions(text: str) -> dict[int, list[tuple[int, int, str]]]:
     return found
 
 
-def examples(path: Path, rng: np.random.Generator, mask_token: str) -> list[dict]:
+def _code(path: Path) -> tuple[str, list[str], list[int]]:
+    """The file's text, its lines, and the indices of its code lines (not blank, not a comment)."""
     text = path.read_text(encoding="utf-8", errors="replace")
     lines = text.splitlines()
+    return (
+        text,
+        lines,
+        [i for i, line in enumerate(lines) if line.strip() and not line.lstrip().startswith("#")],
+    )
+
+
+def windows(path: Path) -> set[str]:
+    """Every run of code lines an example of `path` could show, unblanked."""
+    _, lines, code = _code(path)
+    width = CONTEXT_BEFORE + 1 + CONTEXT_AFTER
+    return {"\n".join(lines[i] for i in code[k : k + width]) for k in range(len(code) - width + 1)}
+
+
+def examples(path: Path, rng: np.random.Generator, mask_token: str) -> list[dict]:
+    """{"text", "label", "window"} for every EVERY-th code line holding a keyword (window: text unblanked)."""
+    text, lines, code = _code(path)
     positions = keyword_positions(text)
-    code = [i for i, line in enumerate(lines) if line.strip() and not line.lstrip().startswith("#")]
     rows = []
     for k in range(CONTEXT_BEFORE, len(code) - CONTEXT_AFTER, EVERY):
         line_index = code[k]
@@ -67,7 +87,8 @@ def examples(path: Path, rng: np.random.Generator, mask_token: str) -> list[dict
         blanked = f"{line[:start]}{mask_token}{line[end:]}"
         before = [lines[i] for i in code[k - CONTEXT_BEFORE : k]]
         after = [lines[i] for i in code[k + 1 : k + 1 + CONTEXT_AFTER]]
-        rows.append({"text": "\n".join([*before, blanked, *after]), "label": keyword})
+        text = "\n".join([*before, blanked, *after])
+        rows.append({"text": text, "label": keyword, "window": "\n".join([*before, line, *after])})
     return rows
 
 
@@ -75,18 +96,26 @@ def build_task(output: str | Path, stdlib: Path | None = None, mask_token: str =
     """Write output/train.jsonl and output/eval.jsonl ({"text", "label"} per line); same files every time."""
     stdlib = stdlib or Path(sysconfig.get_paths()["stdlib"])
     rng = np.random.default_rng(0)
-    pools: dict[str, dict[str, list[str]]] = {split: {k: [] for k in KEYWORDS} for split in PER_CLASS}
+    pools: dict[str, dict[str, list]] = {split: {k: [] for k in KEYWORDS} for split in PER_CLASS}
+    pretrained_on: set[str] = set()  # every window of the train split's files, which the corpus holds
     for path in stdlib_files(stdlib):
-        split = split_of(path.relative_to(stdlib).as_posix())
+        split = "eval" if held_for_downstream(path.relative_to(stdlib).as_posix()) else "train"
         for row in examples(path, rng, mask_token):
-            pools[split][row["label"]].append(row["text"])
-    # The stdlib holds copies of some code (vendored modules, near-identical helpers): an eval example that
-    # also stands in the train split, or twice in its own, is dropped.
-    seen_in_train = {text for pool in pools["train"].values() for text in pool}
+            pools[split][row["label"]].append((row["text"], row["window"]))
+        if split == "train":
+            pretrained_on |= windows(path)
+    # The stdlib holds copies of some code (vendored modules, near-identical helpers): an eval example whose
+    # lines also stand in a pretraining file, or in a train example, or twice in the eval split, is dropped.
+    seen_in_train = {text for pool in pools["train"].values() for text, _ in pool}
     for split, by_keyword in pools.items():
         for keyword, pool in by_keyword.items():
-            unique = list(dict.fromkeys(pool))
-            by_keyword[keyword] = [t for t in unique if t not in seen_in_train] if split == "eval" else unique
+            if split == "train":
+                by_keyword[keyword] = list(dict.fromkeys(text for text, _ in pool))
+                continue
+            kept = [
+                text for text, window in pool if window not in pretrained_on and text not in seen_in_train
+            ]
+            by_keyword[keyword] = list(dict.fromkeys(kept))
     rows: dict[str, list[dict]] = {split: [] for split in PER_CLASS}
     for split, by_keyword in pools.items():
         for keyword, pool in by_keyword.items():
