@@ -85,6 +85,8 @@ def merge(output: str) -> dict:
     for name, part in zip(names[1:], metadata[1:]):
         if part["tokenizer"] != metadata[0]["tokenizer"] or part["columns"] != metadata[0]["columns"]:
             raise UsageError(f"merge {output}: {name} was sharded with another tokenizer than {names[0]}")
+    if not sum(part["documents"] for part in metadata):
+        raise UsageError(f"merge {output}: the {count} parts hold 0 documents together; nothing to merge")
     # keep_local=False deletes merge_index's local folder: the output itself when that is local.
     indexes = [storage.join(output, name, "index.json") for name in names]
     merge_index(indexes, output, keep_local=not storage.is_uri(output))

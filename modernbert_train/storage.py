@@ -233,8 +233,12 @@ def upload_file(local: str | os.PathLike, path: str | os.PathLike) -> None:
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-        shutil.copyfile(local, partial)
-        partial.replace(target)
+        try:
+            shutil.copyfile(local, partial)
+            partial.replace(target)
+        except BaseException:
+            partial.unlink(missing_ok=True)  # a full disk or a kill leaves nothing half-written behind
+            raise
         return
     uri = parse(str(path))
     if uri.scheme == "s3":

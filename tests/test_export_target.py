@@ -82,3 +82,29 @@ def test_a_run_refuses_another_models_folder_as_its_export_before_it_starts(tmp_
     assert done.value.code == 2 and len(err.splitlines()) == 1
     assert f"export target {other} is not empty and not an earlier export (it holds README.md)" in err
     assert not (tmp_path / "run" / "config.yaml").exists()  # nothing started
+
+
+def test_a_bucket_target_is_checked_like_a_folder_and_an_overwrite_leaves_no_stale_objects(
+    tmp_path, s3_bucket
+):
+    from modernbert_train import storage
+    from modernbert_train.train.export import ExportTargetError
+
+    other = storage.join(s3_bucket, "models", "bert")
+    storage.write_text(storage.join(other, "config.json"), json.dumps({"model_type": "bert"}))
+    storage.write_text(storage.join(other, "pytorch_model.bin"), "weights")
+    with pytest.raises(
+        ExportTargetError, match=r"models/bert is not empty and not an earlier export \(it holds"
+    ):
+        check_export_target(other, overwrite=False)
+    a_file = storage.join(s3_bucket, "models", "bert", "config.json")
+    with pytest.raises(ExportTargetError, match="is a file, not a folder"):
+        check_export_target(a_file, overwrite=False)
+
+    check_export_target(other, overwrite=True)
+    with staged_export(other) as staging:
+        to_hf(tiny_model(1), staging)
+    assert storage.list_files(other) == ["config.json", "model.safetensors"]  # the old weights are gone
+    check_export_target(other, overwrite=False)  # now an earlier export of ours: replaceable
+    for key, value in from_hf(other).state_dict().items():
+        assert torch.equal(value, tiny_model(1).state_dict()[key]), key

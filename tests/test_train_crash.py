@@ -55,6 +55,35 @@ def test_disk_full_is_one_line_and_the_same_command_resumes_once_there_is_room(w
         subprocess.run(["umount", str(folder)], check=True)
 
 
+def test_a_full_disk_before_the_first_checkpoint_is_one_line_and_leaves_nothing_half_written(
+    write_recipe, tmp_path
+):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)])
+    if mounted.returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        with pytest.raises(OSError), (folder / "filler").open("ab", buffering=0) as filler:
+            while True:  # every block taken: the lock's holder and config.yaml cannot be written
+                filler.write(b"x" * 4096)
+        recipe = write_recipe(max_duration="4ba", save_interval="2ba", autoresume=True, data={"eval": []})
+        full = train(recipe)
+        assert full.returncode == 1, full.stderr[-3000:]
+        assert "Traceback" not in full.stderr
+        last = full.stderr.strip().splitlines()[-1]
+        assert last.startswith("modernbert-train: error: ") and "No space left on device" in last, last
+        assert "rerun the same command" in last
+        assert not [p.name for p in folder.iterdir() if ".tmp-" in p.name or p.name.startswith("ep")]
+
+        (folder / "filler").unlink()
+        subprocess.run(["mount", "-o", "remount,size=64m", str(folder)], check=True)
+        run_train(recipe)  # the same command, once there is room
+        assert [row["batch"] for row in read_metrics(folder / "metrics.jsonl")] == list(range(1, 5))
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
 def test_killed_while_saving_then_damaged_and_unlinked_checkpoints_are_skipped(write_recipe, tmp_path):
     folder = tmp_path / "run"
     recipe = write_recipe(max_duration="6ba", save_interval="2ba", autoresume=True, data={"eval": []})

@@ -44,11 +44,12 @@ def write_recipe(path: Path, tiny_data: Path, folder: Path, **keys) -> Path:
 
 
 def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
-    """Every file below `folder` (links as their target): contents and modification time."""
+    """Every file below `folder` (links as their target): contents and modification time. The run lock is
+    left out: every run names itself in it while it holds the folder, and empties it when done."""
     return {
         str(path.relative_to(folder)): (path.read_bytes(), path.stat().st_mtime_ns)
         for path in sorted(folder.rglob("*"))
-        if path.is_file()
+        if path.is_file() and path.name != ".lock"
     }
 
 
@@ -73,6 +74,20 @@ def test_rerunning_a_finished_run_says_so_and_changes_nothing(finished):
     ]
     assert "Traceback" not in done.stderr
     assert snapshot(root) == before  # no metrics row, no export, no config or checkpoint written
+
+
+def test_a_finished_run_whose_export_was_lost_is_exported_by_the_rerun(finished, tmp_path):
+    # A kill after the last checkpoint but before the export swapped in: the rerun exports that checkpoint.
+    root = finished.parent
+    folder = tmp_path / "run"
+    shutil.copytree(root / "run", folder, symlinks=True)
+    hf = tmp_path / "hf"
+    done = run_train(finished, f"save_folder={folder}", f"export.hf_dir={hf}")
+    assert (
+        f"exported the final checkpoint {folder / 'ep0-ba4-rank0.pt'} to {hf} (it was missing)" in done.stdout
+    )
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert (hf / name).read_bytes() == (root / "hf" / name).read_bytes(), name  # the run's own export
 
 
 def test_a_longer_max_duration_resumes_the_finished_run_unless_a_key_the_checkpoint_fixes_changed(

@@ -18,7 +18,7 @@ from modernbert_train import storage
 from modernbert_train.hf import to_hf
 from modernbert_train.model import ModernBertConfig, ModernBertForMaskedLM
 from modernbert_train.train.checkpoint import CheckpointError, model_weights, read_checkpoint
-from modernbert_train.train.export import check_export_target, staged_export
+from modernbert_train.train.export import check_export_target, os_error_line, staged_export
 from modernbert_train.train.run_metadata import metadata_from_checkpoint
 
 
@@ -103,4 +103,7 @@ def average_cli(argv: list[str]) -> None:
     except ValueError as e:
         print(f"modernbert-export: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:
+        print(f"modernbert-export: error: {os_error_line(e)}", file=sys.stderr)
+        sys.exit(1)
     print(f"wrote {out_dir}: the average of {len(checkpoints)} checkpoints")

@@ -34,34 +34,46 @@ class ExportTargetError(ValueError):
 
 
 def check_export_target(out_dir: str | Path, overwrite: bool) -> None:
-    """Refuse a target that is a file, or (unless `overwrite`) a folder holding anything but an export."""
-    if storage.is_uri(out_dir):
+    """Refuse a target that is a file, or (unless `overwrite`) a folder holding anything but an export;
+    local or in a bucket."""
+    remote = storage.is_uri(out_dir)
+    if remote:
+        if storage.exists(out_dir):
+            raise ExportTargetError(f"export target {out_dir} is a file, not a folder")
+        names = storage.list_files(out_dir)
+    else:
+        out = Path(out_dir)
+        if out.exists() and not out.is_dir():
+            raise ExportTargetError(f"export target {out} is a file, not a folder")
+        names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if overwrite or not names:
         return
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ExportTargetError(f"export target {out} is a file, not a folder")
-    if overwrite or not out.is_dir():
-        return
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_FILES)
-    if not foreign and (out / "config.json").is_file():
+    foreign = [name for name in names if name not in EXPORT_FILES]
+    if not foreign and "config.json" in names:
+        config = storage.join(out_dir, "config.json")
         try:
-            if json.loads((out / "config.json").read_text()).get("model_type") == "modernbert":
+            if json.loads(storage.read_text(config)).get("model_type") == "modernbert":
                 return
-        except (json.JSONDecodeError, AttributeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
             pass
         foreign = ["config.json"]
     if foreign:
         raise ExportTargetError(
-            f"export target {out} is not empty and not an earlier export (it holds {foreign[0]}); choose "
-            f"another folder or empty it (modernbert-export --overwrite replaces it)"
+            f"export target {out_dir} is not empty and not an earlier export (it holds {foreign[0]}); "
+            f"choose another folder or empty it (modernbert-export --overwrite replaces it)"
         )
 
 
 @contextmanager
 def staged_export(out_dir: str | Path) -> Iterator[Path | str]:
-    """A folder to write the export to, swapped in for `out_dir` once complete (a URI is uploaded whole)."""
+    """A folder to write the export to, swapped in for `out_dir` once complete. A bucket has no rename:
+    to_hf uploads the folder whole with config.json last, and what an earlier, overwritten content left
+    beside the export is deleted after."""
     if storage.is_uri(out_dir):
         yield out_dir
+        for name in storage.list_files(out_dir):
+            if name not in EXPORT_FILES:
+                storage.remove(storage.join(out_dir, name))
         return
     out = Path(out_dir)
     hidden = [out.with_name(f".{out.name}.{what}-{os.getpid()}") for what in ("staging", "old")]
@@ -85,12 +97,22 @@ def export_checkpoint(
             f"checkpoint {checkpoint_path} has no model config (not written by modernbert-train)"
         )
     model = ModernBertForMaskedLM(ModernBertConfig.from_dict(metadata["model_config"]))
-    model.load_state_dict(model_weights(checkpoint))
+    load_weights(model, model_weights(checkpoint), checkpoint_path)
     if tokenizer is None and metadata.get("tokenizer_json"):
         tokenizer = Tokenizer.from_str(metadata["tokenizer_json"])
     with staged_export(out_dir) as staging:
         to_hf(model, staging, tokenizer)
     return out_dir
+
+
+def load_weights(model: ModernBertForMaskedLM, weights: dict, checkpoint_path: str | Path) -> None:
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:  # torch lists every missing, unexpected and misshapen key
+        first = str(error).strip().splitlines()[-1].strip()
+        raise CheckpointError(
+            f"checkpoint {checkpoint_path}: its weights do not fit its model config ({first})"
+        ) from None
 
 
 def export_trainer_model(composer_model, out_dir: str | Path, tokenizer_file: str | Path) -> None:
@@ -127,7 +149,16 @@ def cli(argv: list[str] | None = None) -> None:
     except ValueError as e:
         print(f"modernbert-export: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:
+        print(f"modernbert-export: error: {os_error_line(e)}", file=sys.stderr)
+        sys.exit(1)
     print(f"wrote {out}")
+
+
+def os_error_line(error: OSError) -> str:
+    """A full disk, a read-only or unreadable place, in one line naming it; the target was left as it was."""
+    where = f"{error.filename}: " if error.filename else ""
+    return f"{where}{error.strerror or error}; the export target was left as it was"
 
 
 if __name__ == "__main__":

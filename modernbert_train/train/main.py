@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    lock = None
+    lock = config = None
     try:
         config = load_config(args.config, args.overrides)
         from composer.utils import dist
@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
 
         if config.save_folder and not storage.is_uri(config.save_folder) and dist.get_global_rank() == 0:
             lock = hold_run_lock(config.save_folder)  # before anything in the folder is read or changed
+            lock.claim()  # named as the holder at once: a second run is told who holds the folder
         if config.export.hf_dir:
             check_export_target(config.export.hf_dir, overwrite=False)
         start = decide_start(config)
@@ -51,11 +52,10 @@ def main(argv: list[str] | None = None) -> None:
             # A requeued job or a rerun pipeline repeats the command of a finished run: not an error.
             if dist.get_global_rank() == 0:
                 print(start.completion_message(config))
+                export_if_missing(config, start.checkpoint)
             if lock is not None:
                 lock.drop()
             return
-        if lock is not None:
-            lock.claim()
         from modernbert_train.train.run import build_run
 
         run = build_run(config, start)
@@ -65,6 +65,22 @@ def main(argv: list[str] | None = None) -> None:
             lock.drop()
         print(f"modernbert-train: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:
+        # The machine, not the recipe: a full disk or a read-only folder while setting up (the lock, the
+        # resolved config). The user can fix it and rerun the same command.
+        if lock is not None:
+            lock.drop()
+        where = f"{e.filename}: " if e.filename else ""
+        reason = e.strerror or _one_line(e)
+        print(f"modernbert-train: error: {where}{reason} while setting up the run; nothing was trained: fix "
+              "it and rerun the same command", file=sys.stderr)  # fmt: skip
+        sys.exit(1)
+    except Exception as e:
+        if lock is not None:
+            lock.drop()
+        where = _write_traceback(config, _rank())
+        print(f"modernbert-train: error: {_one_line(e)} (traceback in {where})", file=sys.stderr)
+        sys.exit(1)
     from modernbert_train.train.checkpoint_files import CheckpointSaveError
     from modernbert_train.train.preemption import EXIT_PREEMPTED
 
@@ -87,6 +103,24 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(exit_code)
 
 
+def export_if_missing(config: TrainConfig, checkpoint: str | None) -> None:
+    """A run killed after its last checkpoint but before (or while) exporting: export it now, from that
+    checkpoint. The export is swapped in whole, so a folder with a config.json is a finished one."""
+    from modernbert_train import storage
+    from modernbert_train.train.export import export_checkpoint
+
+    hf_dir = config.export.hf_dir
+    if not hf_dir or checkpoint is None or storage.exists(storage.join(hf_dir, "config.json")):
+        return
+    if not storage.exists(checkpoint):  # a sharded checkpoint is a folder: it needs a trainer to gather
+        print(f"modernbert-train: warning: export.hf_dir {hf_dir} is missing and the final checkpoint "
+              f"{checkpoint} is sharded, which modernbert-export cannot read; nothing was exported",
+              file=sys.stderr)  # fmt: skip
+        return
+    export_checkpoint(checkpoint, hf_dir)
+    print(f"modernbert-train: exported the final checkpoint {checkpoint} to {hf_dir} (it was missing)")
+
+
 def _one_line(error: Exception) -> str:
     lines = str(error).strip().splitlines()
     if not lines:
@@ -96,10 +130,16 @@ def _one_line(error: Exception) -> str:
     return f"{type(error).__name__}: {lines[0]}"
 
 
-def _write_traceback(config: TrainConfig, rank: int) -> Path:
+def _rank() -> int:
+    from composer.utils import dist
+
+    return dist.get_global_rank()
+
+
+def _write_traceback(config: TrainConfig | None, rank: int) -> Path:
     """The current exception's traceback, in the save folder or else a temporary file."""
     text = traceback.format_exc()
-    if config.save_folder and "://" not in config.save_folder:
+    if config is not None and config.save_folder and "://" not in config.save_folder:
         path = Path(config.save_folder, f"traceback-rank{rank}.log")
         try:
             path.write_text(text)
