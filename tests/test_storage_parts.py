@@ -105,3 +105,28 @@ def test_task_defaults_from_slurm_and_kubernetes(monkeypatch):
 
     with pytest.raises(UsageError, match="--task-index 4: must be between 0 and --num-tasks - 1 \\(3\\)"):
         resolve_task(4, None)
+
+
+def test_merge_of_parts_without_a_document_is_an_error(tiny_data, tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("a", "b"):  # the text field is missing everywhere: each task writes an empty part
+        (corpus / f"{name}.jsonl").write_text('{"body": "no text field here"}\n')
+    for index in (0, 1):
+        assert (
+            shard(
+                corpus,
+                tmp_path / "out",
+                tiny_data / "tokenizer",
+                "--num-tasks",
+                "2",
+                "--task-index",
+                str(index),
+            )
+            == 0
+        )
+    capsys.readouterr()
+    assert main(["merge", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.endswith("the 2 parts hold 0 documents together; nothing to merge") and "\n" not in error
+    assert not (tmp_path / "out" / "index.json").exists()
