@@ -111,3 +111,18 @@ def test_a_stream_in_a_bucket_is_checked_too(write_recipe, tiny_data, tmp_path, 
         f"data.train.0.remote: shard shard.00000.mds.zstd listed in {remote}/index.json is missing "
         "(1 shards listed)"
     )
+
+
+@pytest.mark.parametrize("content", ["{not json", '["a list"]', '{"tokenizer": "a string"}'])
+def test_a_damaged_modernbert_data_json_is_one_line_naming_key_and_file(
+    write_recipe, tiny_data, tmp_path, content
+):
+    from modernbert_train.train.data import recorded_special_ids
+
+    copy = shutil.copytree(tiny_data / "train", tmp_path / "train")
+    (copy / "modernbert_data.json").write_text(content)
+    config = config_over(write_recipe, copy, tiny_data / "train")
+    with pytest.raises(ConfigError) as error:
+        recorded_special_ids(config)
+    assert str(error.value).startswith(f"data.train.0.local: {copy / 'modernbert_data.json'} is not ")
+    assert "\n" not in str(error.value)

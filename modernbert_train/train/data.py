@@ -1,6 +1,5 @@
 """The recipe's `data` section -> train and eval loaders over MDS shards, and their tokenizer."""
 
-import json
 import math
 import tempfile
 from dataclasses import asdict, dataclass
@@ -21,7 +20,7 @@ from modernbert_train.data import (
     build_train_dataset,
 )
 from modernbert_train.train.config import ConfigError, time_unit, time_value
-from modernbert_train.train.data_checks import check_sources
+from modernbert_train.train.data_checks import check_sources, read_metadata
 from modernbert_train.train.schema import DataSourceConfig, TrainConfig
 
 METADATA_FILE = "modernbert_data.json"  # written by data_prep next to the shards
@@ -82,7 +81,9 @@ def recorded_special_ids(config: TrainConfig) -> dict[str, int] | None:
     metadata = storage.join(folder, METADATA_FILE) if folder else None
     if not metadata or not storage.exists(metadata):
         return None
-    recorded = json.loads(storage.read_text(metadata)).get("tokenizer", {})
+    recorded = read_metadata(metadata, f"data.train.0.{'remote' if source.remote else 'local'}").get(
+        "tokenizer", {}
+    )
     ids = {field: recorded.get(f"{field[: -len('_id')]}_token_id") for field in SPECIAL_TOKENS}
     missing = [field for field, value in ids.items() if value is None]
     if missing:
@@ -128,7 +129,8 @@ def check_shards_match(config: TrainConfig, info: TokenizerInfo) -> None:
             metadata = storage.join(folder, METADATA_FILE) if folder else None
             if not metadata or not storage.exists(metadata):
                 continue
-            theirs = json.loads(storage.read_text(metadata)).get("tokenizer", {})
+            where = f"data.{split}.{i}.{'remote' if source.remote else 'local'}"
+            theirs = read_metadata(metadata, where).get("tokenizer", {})
             differing = [f"{k}={theirs[k]} there, {v} here" for k, v in ours.items() if theirs.get(k, v) != v]
             if differing:
                 key = "remote" if source.remote else "local"

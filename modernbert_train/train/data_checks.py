@@ -42,15 +42,24 @@ def check_sources(config: TrainConfig, tokenizer_file: Path) -> None:
                 )
 
 
+def read_metadata(path: str, key: str) -> dict:
+    """A dataset's modernbert_data.json; a damaged one is a one-line error naming the recipe key and file."""
+    try:
+        metadata = json.loads(storage.read_text(path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{key}: {path} is not readable JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("tokenizer", {}), dict):
+        raise ConfigError(f"{key}: {path} is not a modernbert_data.json (no 'tokenizer' object); shard again")
+    return metadata
+
+
 def _recorded_identity(key: str, folder: str, files: set[str]) -> tuple[str | None, str]:
     """The identity of the tokenizer a stream was sharded with: recorded in its modernbert_data.json at shard
     time, else (shards from before it was recorded) computed from the tokenizer.json shard copies there."""
     if METADATA_FILE in files:
-        path = storage.join(folder, METADATA_FILE)
-        try:
-            recorded = json.loads(storage.read_text(path)).get("tokenizer", {}).get("identity")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-            raise ConfigError(f"{key}: {path} is not readable JSON ({type(e).__name__}: {e})") from None
+        recorded = (
+            read_metadata(storage.join(folder, METADATA_FILE), key).get("tokenizer", {}).get("identity")
+        )
         if recorded is not None:
             return recorded, f"tokenizer identity recorded in {METADATA_FILE}"
     if "tokenizer.json" in files:
