@@ -6,6 +6,7 @@ per-(rank, worker) sample order for an epoch (`epoch_sample_ids`) and fetch samp
 packer can restart from any position in that order without replaying the epoch.
 """
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -16,8 +17,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from streaming import Stream, StreamingDataset
 import torch.distributed as dist
+from streaming import Stream, StreamingDataset
+from streaming.base.dataset import _ShardState
 from streaming.base.world import World
 
 from modernbert_train.data.shared_memory import (
@@ -111,7 +113,7 @@ def build_sample_space(
             try:
                 # fresh Streams each time: streaming writes its resolved proportions into those it is given
                 streams = [Stream(**{k: v for k, v in source.items() if k != "name"}) for source in sources]
-                return StreamingDataset(streams=streams, **kwargs)
+                return _SampleSpace(streams=streams, **kwargs)
             except FileExistsError:
                 # A streaming job outside this lock took the prefix between our look and our creation.
                 # One process may look again (nothing was registered); ranks would leave the protocol at
@@ -119,6 +121,22 @@ def build_sample_space(
                 if not single or attempt == PREFIX_ATTEMPTS - 1:
                     raise
                 time.sleep(rng.uniform(0.05, 0.5))
+
+
+class _SampleSpace(StreamingDataset):
+    """streaming's dataset, where a shard that failed to prepare (damaged, vanished) is not left claimed."""
+
+    def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
+        try:
+            super().prepare_shard(shard_id, blocking)
+        except Exception:
+            # The failed call moved the shard to PREPARING, in memory shared by every rank and worker of the
+            # node; left there, each of them that reads the shard waits forever. REMOTE makes the next reader
+            # prepare it itself, and fail with this error too if the shard is damaged.
+            with self._cache_filelock:
+                if self._shard_states[shard_id] == _ShardState.PREPARING:
+                    self._shard_states[shard_id] = _ShardState.REMOTE
+            raise
 
 
 def _readable_in_place(source: dict[str, Any]) -> dict[str, Any]:
@@ -184,7 +202,10 @@ class ShardPrefetcher:
                 continue
             shard_id, _ = self._shard_ids[int(self._sample_ids[next_index])]
             if shard_id not in prepared:
-                self._samples.prepare_shard(shard_id, blocking=False)
+                # A shard that fails here is the reader's to report: it prepares the shard again and
+                # read_sample names it (or it succeeds, if the failure was passing).
+                with contextlib.suppress(Exception):
+                    self._samples.prepare_shard(shard_id, blocking=False)
                 prepared.add(shard_id)
             next_index += 1
 
