@@ -158,6 +158,49 @@ def _streaming_list(uri: Uri) -> list[str]:
             shutil.rmtree(staging, ignore_errors=True)
 
 
+# -- conditional writes (s3 only): what a lock in a bucket is built on ------------------------------------
+def supports_conditional_writes(path: str | os.PathLike) -> bool:
+    return is_uri(path) and parse(str(path)).scheme == "s3"
+
+
+def put_if(path: str | os.PathLike, data: bytes, etag: str | None = None) -> str | None:
+    """Write the object at `path` only if there is none (etag None) or it is still the version `etag`: the
+    new version's etag, or None when that did not hold (another writer came first). s3:// only."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    uri = parse(str(path))
+    if uri.scheme != "s3":
+        raise StorageError(f"{uri}: conditional writes need an s3:// path")
+    condition = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
+    try:
+        response = _s3().put_object(Bucket=uri.bucket, Key=uri.key, Body=data, **condition)
+    except ClientError as e:
+        code = e.response.get("Error", {}).get("Code", "")
+        if code in ("PreconditionFailed", "412", "ConditionalRequestConflict") or _missing(e):
+            return None
+        raise _s3_error(uri, e, "write") from None
+    except BotoCoreError as e:
+        raise _s3_error(uri, e, "write") from None
+    return response["ETag"]
+
+
+def read_versioned(path: str | os.PathLike) -> tuple[bytes, str, float] | None:
+    """The object's bytes, its version's etag and its age in seconds by the server's clock (so hosts whose
+    clocks differ agree on it); None when there is none. s3:// only."""
+    from email.utils import parsedate_to_datetime
+
+    uri = parse(str(path))
+    if uri.scheme != "s3":
+        raise StorageError(f"{uri}: versioned reads need an s3:// path")
+    try:
+        response = _s3_call(uri, "read", _s3().get_object, Bucket=uri.bucket, Key=uri.key)
+    except FileNotFoundError:
+        return None
+    now = parsedate_to_datetime(response["ResponseMetadata"]["HTTPHeaders"]["date"])
+    age = max(0.0, (now - response["LastModified"]).total_seconds())
+    return response["Body"].read(), response["ETag"], age
+
+
 # -- operations ----------------------------------------------------------------------------------------------
 def check(path: str | os.PathLike, what: str) -> None:
     """Before any work: a URI is well formed and its bucket reachable; a one-line error naming it if not."""

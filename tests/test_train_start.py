@@ -44,12 +44,11 @@ def write_recipe(path: Path, tiny_data: Path, folder: Path, **keys) -> Path:
 
 
 def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
-    """Every file below `folder` (links as their target): contents and modification time. The run lock is
-    left out: every run names itself in it while it holds the folder, and empties it when done."""
+    """Every file below `folder` (links as their target): contents and modification time."""
     return {
         str(path.relative_to(folder)): (path.read_bytes(), path.stat().st_mtime_ns)
         for path in sorted(folder.rglob("*"))
-        if path.is_file() and path.name != ".lock"
+        if path.is_file()
     }
 
 

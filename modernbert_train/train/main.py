@@ -37,14 +37,12 @@ def main(argv: list[str] | None = None) -> None:
         config = load_config(args.config, args.overrides)
         from composer.utils import dist
 
-        from modernbert_train import storage
         from modernbert_train.train.export import check_export_target
         from modernbert_train.train.run_lock import hold_run_lock
         from modernbert_train.train.start import StartKind, decide_start
 
-        if config.save_folder and not storage.is_uri(config.save_folder) and dist.get_global_rank() == 0:
+        if config.save_folder and dist.get_global_rank() == 0:
             lock = hold_run_lock(config.save_folder)  # before anything in the folder is read or changed
-            lock.claim()  # named as the holder at once: a second run is told who holds the folder
         if config.export.hf_dir:
             check_export_target(config.export.hf_dir, overwrite=False)
         start = decide_start(config)
@@ -56,6 +54,8 @@ def main(argv: list[str] | None = None) -> None:
             if lock is not None:
                 lock.drop()
             return
+        if lock is not None:
+            lock.claim()
         from modernbert_train.train.run import build_run
 
         run = build_run(config, start)

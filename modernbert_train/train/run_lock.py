@@ -1,22 +1,39 @@
-"""One run per save folder: `<save_folder>/.lock` is held (flock) by the run's rank 0 for its whole life and
-names the holder (host, pid, start time), so a second run on the folder is refused with who holds it.
+"""One run per save folder: `<save_folder>/.lock` is held by the run's rank 0 for its whole life and names
+the holder (host, pid, start time), so a second run on the folder is refused with who holds it.
 
-The kernel releases the lock when its process dies, however it dies; a lock file still naming a holder but no
-longer held is a dead run's, and is taken over (and said so). The holder is written once the run is known
-to train (a rerun of a finished run changes nothing in the folder); a run that ends normally empties it.
+A local folder's lock is an flock. The kernel releases it when its process dies, however it dies; a lock file
+still naming a holder but no longer held is a dead run's, and is taken over (and said so). The holder is
+written once the run is known to train (a rerun of a finished run changes nothing in the folder); a run that
+ends normally empties it.
+
+A bucket has no flock and its holder may be on another host: the lock is an object created only if absent
+(S3's conditional write) and renewed by the run every LEASE_SECONDS / 5 (a write conditional on the version
+it last wrote). A run finding it watches it: a new version means a live holder (refused); a lease not renewed
+for LEASE_SECONDS by the server's clock, or a holder that ran on this machine and whose process is gone,
+is a dead run's and is taken over, by a write conditional on that stale version, so two runs racing for it
+cannot both win. A run that ends deletes it. Schemes without conditional writes (gs://, ...) get no lock,
+and are told so.
 """
 
 import atexit
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
+from modernbert_train import storage
+
+log = logging.getLogger(__name__)
+
 LOCK_FILE = ".lock"
+# A bucket lock's lease: renewed every fifth of it, so a holder survives four failed renewals in a row.
+LEASE_SECONDS = 120.0
 
 
 class RunLockError(ValueError):
@@ -45,8 +62,59 @@ class RunLock:
             os.close(self.fd)
 
 
-def hold_run_lock(folder: str | Path) -> RunLock:
-    """Take the save folder's lock for the rest of this process. Raises RunLockError."""
+class BucketRunLock:
+    def __init__(self, uri: str, holder: dict, etag: str):
+        self.uri = uri
+        self.holder = holder
+        self.etag = etag  # the version this run wrote last: renewals and the delete are conditional on it
+        self.claimed = False
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def claim(self) -> None:
+        """Renew the lease until the process ends (or drops the lock)."""
+        self.claimed = True
+        self._renewer = threading.Thread(target=self._renew_until_stopped, name="run-lock-lease", daemon=True)
+        self._renewer.start()
+        atexit.register(self.drop)
+
+    def _renew_until_stopped(self) -> None:
+        while not self._stop.wait(LEASE_SECONDS / 5):
+            # A new version each time (the count): a run waiting on the lock sees the holder is alive.
+            self.holder["renewals"] = self.holder.get("renewals", 0) + 1
+            try:
+                etag = storage.put_if(self.uri, json.dumps(self.holder).encode(), self.etag)
+            except storage.StorageError as e:  # the bucket unreachable for a while: the lease still runs
+                log.warning("could not renew the run lock %s: %s", self.uri, e)
+                continue
+            if etag is None:
+                log.error(
+                    "lost the run lock %s: another run took it over (this run's renewals failed for %.0f s); "
+                    "two runs may now write to this save_folder",
+                    self.uri,
+                    LEASE_SECONDS,
+                )
+                return
+            self.etag = etag
+
+    def drop(self) -> None:
+        """Stop renewing and delete the lock, if it is still this run's version."""
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join()
+        if self.claimed:
+            atexit.unregister(self.drop)
+        with contextlib.suppress(storage.StorageError):
+            current = storage.read_versioned(self.uri)
+            if current is not None and current[1] == self.etag:
+                storage.remove(self.uri)
+
+
+def hold_run_lock(folder: str | Path) -> RunLock | BucketRunLock | None:
+    """Take the save folder's lock for the rest of this process (None where the scheme has no way to lock).
+    Raises RunLockError."""
+    if storage.is_uri(folder):
+        return _hold_bucket_lock(str(folder))
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -72,13 +140,99 @@ def hold_run_lock(folder: str | Path) -> RunLock:
     return RunLock(fd)
 
 
+def _holder() -> dict:
+    """Who holds a lock: host and pid to tell the user, and where that pid means this process (the kernel's
+    boot and the pid namespace), so a run on the same machine can see that a holder is dead at once."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "scope": _pid_scope()}
+
+
+def _pid_scope() -> str | None:
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}/{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return None
+
+
+def _dead_here(holder: dict) -> bool:
+    """Whether the holder ran in this machine's boot and pid namespace, and its process is gone."""
+    if (
+        holder.get("scope") is None
+        or holder.get("scope") != _pid_scope()
+        or not isinstance(holder.get("pid"), int)
+    ):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        return False
+    return False
+
+
+def _hold_bucket_lock(folder: str) -> BucketRunLock | None:
+    if not storage.supports_conditional_writes(folder):
+        print(
+            f"modernbert-train: warning: {folder} cannot hold a run lock (its scheme has no conditional "
+            "writes): make sure no other run uses this save_folder",
+            file=sys.stderr,
+        )
+        return None
+    uri = storage.join(folder, LOCK_FILE)
+    mine = _holder()
+    body = json.dumps(mine).encode()
+    first_seen = None
+    deadline = time.monotonic() + 2 * LEASE_SECONDS  # at most: a lease just renewed, then run out
+    while time.monotonic() < deadline:
+        etag = storage.put_if(uri, body)
+        if etag is not None:
+            return BucketRunLock(uri, mine, etag)
+        current = storage.read_versioned(uri)
+        if current is None:
+            continue  # released between the two calls
+        data, seen, age = current
+        holder = _parse(data.decode(errors="replace"))
+        dead_here = _dead_here(holder)
+        if dead_here or age >= LEASE_SECONDS:
+            etag = storage.put_if(uri, body, seen)  # only over that stale version: one taker wins
+            if etag is not None:
+                how = "whose process is gone" if dead_here else f"that stopped renewing it {age:.0f} s ago"
+                print(
+                    f"modernbert-train: took over the lock of {folder} from a run {how} "
+                    f"({_describe(holder)})",
+                    file=sys.stderr,
+                )
+                return BucketRunLock(uri, mine, etag)
+            continue
+        if first_seen is None:
+            # Alive, or dead on another machine: a live holder writes a new version every LEASE_SECONDS / 5.
+            first_seen = seen
+            print(
+                f"modernbert-train: {folder} is locked by {_describe(holder)}, renewed {age:.0f} s ago: "
+                f"waiting up to {LEASE_SECONDS - age:.0f} s to see whether that run is alive",
+                file=sys.stderr,
+            )
+        elif seen != first_seen:
+            raise RunLockError(
+                f"save_folder {folder} is in use by another run ({_describe(holder)}, renewing its lock); "
+                "wait for it to end or use another save_folder"
+            )
+        time.sleep(min(5.0, LEASE_SECONDS / 20))
+    raise RunLockError(f"save_folder {folder}: its lock kept changing hands for {2 * LEASE_SECONDS:.0f} s")
+
+
 def _release(fd: int) -> None:
     with contextlib.suppress(OSError):  # already closed by its owner
         _write(fd, "")
 
 
 def _read(fd: int) -> dict:
-    text = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+    return _parse(os.pread(fd, 4096, 0).decode(errors="replace"))
+
+
+def _parse(text: str) -> dict:
+    text = text.strip()
     try:
         holder = json.loads(text) if text else {}
     except json.JSONDecodeError:
