@@ -74,7 +74,14 @@ def test_bad_batches_are_skipped_and_too_many_in_a_row_stop_the_run(write_recipe
     rows = {row["batch"]: row for row in read_metrics(folder / "metrics.jsonl")}
     for batch in (1, 2, 4, 5):
         assert 0 < rows[batch]["train/grad_norm"] < float("inf"), rows[batch]
-    assert [rows[batch]["train/skipped_steps"] for batch in (2, 3, 4, 5, 6)] == [0, 1, 1, 1, 2]
+    assert [rows[batch]["train/skipped_steps"] for batch in (2, 3, 4, 5, 6, 7)] == [0, 1, 1, 1, 2, 3]
+    # Every bad batch has its row, the one that stopped the run too, with the value named as non-finite.
+    for batch in (3, 6, 7):
+        assert (
+            rows[batch]["loss/train/total"] in ("inf", "nan")
+            and "loss/train/total" in rows[batch]["non_finite"]
+        )
+    assert sorted(rows) == [1, 2, 3, 4, 5, 6, 7]
 
 
 def sharded_grad_norm(rank: int, port: int, out) -> None:

@@ -99,6 +99,10 @@ class JSONLLogger(LoggerDestination):
         self._flush()
 
     def close(self, state: State, logger: Logger) -> None:
+        if "batch" not in self.row and self.row:
+            # The batch that stopped the run before its end (the non-finite guard): its row still goes in.
+            self.row["batch"] = state.timestamp.batch.value + 1
+            self.final = True
         self._flush()
         self._upload()
 
@@ -125,17 +129,21 @@ class JSONLLogger(LoggerDestination):
 
     def _flush(self) -> None:
         row, self.row = self.row, {}
-        if dist.get_global_rank() != 0 or "batch" not in row or "loss/train/total" not in row:
+        non_finite = [k for k, v in row.items() if not math.isfinite(v)]
+        if (
+            dist.get_global_rank() != 0
+            or "batch" not in row
+            or ("loss/train/total" not in row and not non_finite)
+        ):
             return
-        if row["batch"] % self.every and row["batch"] != 1 and not self.final:
-            return
+        if row["batch"] % self.every and row["batch"] != 1 and not self.final and not non_finite:
+            return  # off the log interval; a row with a non-finite value is always written
         for key, value in self.average_throughput.items():
             row.setdefault(key, value)
         ordered = {
             "batch": row.pop("batch"),
             **{k: v if math.isfinite(v) else str(v) for k, v in row.items()},
         }
-        non_finite = [k for k, v in row.items() if not math.isfinite(v)]
         if non_finite:
             ordered["non_finite"] = non_finite
         self.path.parent.mkdir(parents=True, exist_ok=True)

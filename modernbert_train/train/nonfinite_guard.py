@@ -95,6 +95,19 @@ class NonFiniteGuard(Callback):
                 batch, what, norm_value, self.in_a_row, self.max_in_a_row,
             )  # fmt: skip
             if self.in_a_row >= self.max_in_a_row:
+                # Composer logs a batch's loss only after this event: the stopping batch's row gets it here.
+                loss = (
+                    float("nan")
+                    if bad_loss_count
+                    else float(state.total_loss_dict.get("loss/train/total", 0))
+                )
+                logger.log_metrics(
+                    {
+                        "loss/train/total": loss,
+                        "train/grad_norm": norm_value,
+                        "train/skipped_steps": self.skipped,
+                    }
+                )
                 raise NonFiniteStop(
                     f"{self.in_a_row} batches in a row (the last: batch {batch}) had a non-finite loss or "
                     f"gradient (max_nonfinite_batches={self.max_in_a_row}); stopped: the latest checkpoint "
