@@ -255,6 +255,8 @@ def test_make_eval_writes_both_scores_with_the_models_own_mask_token(model_dir, 
     assert summary["task"] == "keyword" and summary["settings"]["seeds"] == [0]
     assert 0 <= summary["pretrained"] <= 1 and 0 <= summary["random_init"] <= 1
     assert set(summary["scores"]) == {"pretrained", "random_init"}
+    assert summary["margin"] == pytest.approx(summary["pretrained"] - summary["random_init"])
+    assert summary["clear_win"] == (summary["margin"] > summary["margin_needed"] >= 0.05)
     first = json.loads((tmp_path / "eval" / "task-keyword" / "train.jsonl").read_text().splitlines()[0])
     assert first["text"].count("[MASK]") == 1  # the fixture tokenizer's mask token (id 3)
 
@@ -262,6 +264,29 @@ def test_make_eval_writes_both_scores_with_the_models_own_mask_token(model_dir, 
         embedded_eval.main([str(tmp_path / "nowhere"), "--output", str(output)])
     error = capsys.readouterr().err.strip()
     assert "nowhere" in error and len(error.splitlines()) == 1, error
+
+
+def test_make_eval_fails_loudly_when_pretraining_did_not_clearly_help(
+    model_dir, tmp_path, capsys, monkeypatch
+):
+    from modernbert_train.finetune import embedded_eval
+
+    def tie(model_dir, output, task_name, settings=None):  # scores as a random "pretrained" model gets them
+        summary = {"pretrained": 0.30, "random_init": 0.29, "std": {"pretrained": 0.02, "random_init": 0.01},
+                   "margin": 0.01, "margin_needed": 0.05, "clear_win": False, "seconds": 1.0}  # fmt: skip
+        output.write_text(json.dumps(summary))
+        return summary
+
+    monkeypatch.setattr(embedded_eval, "evaluate", tie)
+    with pytest.raises(SystemExit) as exit:
+        embedded_eval.main([str(model_dir), "--output", str(tmp_path / "eval.json")])
+    assert exit.value.code == 1
+    captured = capsys.readouterr()
+    assert "wrote" in captured.out and (tmp_path / "eval.json").is_file()
+    assert captured.err.strip() == (
+        "embedded_eval: error: pretraining did not clearly help: 0.3000 vs random init 0.2900, a margin of "
+        "+0.0100 where 0.0500 is needed (train longer, or check the run's eval loss)"
+    )
 
 
 def test_output_that_is_a_file_is_refused_before_training(model_dir, tmp_path, capsys):

@@ -10,6 +10,7 @@ learns it from the snippets' names as well as a pretrained one does, so it measu
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,9 @@ from .data import FinetuneError
 from .train import FinetuneSettings, finetune, load_tokenizer
 
 METRIC = "accuracy"
+# A clear win: the pretrained mean above random init's by more than twice the noise of the difference (the
+# seeds' spread of both), and by at least this much whatever the spread.
+MIN_MARGIN = 0.05
 # One setting for both starts, so that only the initial weights differ. 128 tokens: the default run's
 # sequence length, the positions its attention was trained on.
 SETTINGS = dict(seeds=[0, 1, 2], lr=1e-3, epochs=5, batch_size=32, max_length=128)
@@ -59,6 +63,9 @@ def evaluate(model_dir: Path, output: Path, task_name: str = "keyword", settings
             model_dir, task["train"], task["eval"], work / f"{task_name}-{name}", start_settings
         )
         scores[name] = results["final"]
+    pretrained, random_init = scores["pretrained"][METRIC], scores["random_init"][METRIC]
+    margin = pretrained["mean"] - random_init["mean"]
+    needed = max(MIN_MARGIN, 2 * math.hypot(pretrained["std"], random_init["std"]))
     summary = {
         "task": task_name,
         "description": TASKS[task_name],
@@ -66,6 +73,9 @@ def evaluate(model_dir: Path, output: Path, task_name: str = "keyword", settings
         "pretrained": scores["pretrained"][METRIC]["mean"],
         "random_init": scores["random_init"][METRIC]["mean"],
         "std": {name: scores[name][METRIC]["std"] for name in scores},
+        "margin": margin,
+        "margin_needed": needed,
+        "clear_win": margin > needed,
         "scores": scores,
         "settings": settings,
         "model": str(model_dir),
@@ -92,6 +102,15 @@ def main(argv: list[str] | None = None) -> None:
         f"wrote {args.output}: {METRIC} pretrained {pretrained:.4f} ± {std['pretrained']:.4f}, "
         f"random init {random_init:.4f} ± {std['random_init']:.4f} ({summary['seconds']:.0f} s)"
     )
+    if not summary["clear_win"]:
+        # The point of pretraining, not met: loud, so make eval fails (scores are in the file all the same).
+        print(
+            f"embedded_eval: error: pretraining did not clearly help: {pretrained:.4f} vs random init "
+            f"{random_init:.4f}, a margin of {summary['margin']:+.4f} where "
+            f"{summary['margin_needed']:.4f} is needed (train longer, or check the run's eval loss)",
+            file=sys.stderr,
+        )
+        sys.exit(1)
 
 
 if __name__ == "__main__":
