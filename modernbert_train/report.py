@@ -256,6 +256,9 @@ def build_figure(runs: list[Run], smoothing: float | None, log_x: bool):
             ax.yaxis.set_minor_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
         if panel.percent:
             ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+            if max(values) - min(values) < 0.01 * max(abs(v) for v in values) + 1e-12:
+                # A constant share (a fixed masking ratio) on a zoomed axis looks like a change: from 0.
+                ax.set_ylim(0, max(values) * 1.25 or 1)
         ax.legend(fontsize=8)
     # One tokens-seen range for every panel, so a point sits at the same place in each.
     xs = [row[run.x_key] for run in runs for row in run.rows]

@@ -183,3 +183,11 @@ def test_a_fresh_run_in_an_old_runs_folder_is_plotted_alone(tmp_path):
     (folder / "metrics.jsonl").write_text(old + "\n".join(newer) + "\n")
     run = read_run(str(folder))
     assert [row["tokens"] for row in run.rows] == [10, 20, 30]
+
+
+def test_a_constant_share_is_drawn_from_zero(tmp_path):
+    run = read_run(str(write_run(tmp_path / "r", "flat", extra={"data/mlm_probability": 0.3})))
+    figure, titles = build_figure([run], smoothing=None, log_x=False)
+    axes = {ax.get_title(): ax for ax in figure.axes if ax.get_visible()}
+    assert axes["masking ratio"].get_ylim() == (0.0, 0.3 * 1.25)  # a flat line, not a zoomed-in wiggle
+    assert axes["MFU"].get_ylim()[0] == 0.0  # 40% throughout: also a constant share
