@@ -71,9 +71,12 @@ def staged_export(out_dir: str | Path) -> Iterator[Path | str]:
     beside the export is deleted after."""
     if storage.is_uri(out_dir):
         yield out_dir
-        for name in storage.list_files(out_dir):
-            if name not in EXPORT_FILES:
+        leftovers = [name for name in storage.list_files(out_dir) if name not in EXPORT_FILES]
+        try:
+            for name in leftovers:
                 storage.remove(storage.join(out_dir, name))
+        except storage.StorageError as error:  # schemes other than s3:// cannot delete here
+            print(f"modernbert-export: warning: {error}; delete the earlier content by hand", file=sys.stderr)
         return
     out = Path(out_dir)
     hidden = [out.with_name(f".{out.name}.{what}-{os.getpid()}") for what in ("staging", "old")]
