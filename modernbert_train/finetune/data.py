@@ -77,7 +77,7 @@ def _records(path: str) -> Iterator[tuple[int, dict]]:
         raise FinetuneError(f"{path}:{reader.line_num}: {error}") from None
 
 
-def _text(path: Path, number: int, record: dict, field: str) -> str:
+def _text(path: str, number: int, record: dict, field: str) -> str:
     if field not in record or record[field] is None:
         raise FinetuneError(f"{path}:{number}: no field {field!r} (fields: {', '.join(map(str, record))})")
     value = record[field]
@@ -86,7 +86,7 @@ def _text(path: Path, number: int, record: dict, field: str) -> str:
     return value
 
 
-def _label(path: Path, number: int, record: dict, field: str, regression: bool) -> str | float:
+def _label(path: str, number: int, record: dict, field: str, regression: bool) -> str | float:
     if field not in record or record[field] in (None, ""):
         raise FinetuneError(f"{path}:{number}: no field {field!r} (fields: {', '.join(map(str, record))})")
     value = record[field]
