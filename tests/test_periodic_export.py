@@ -1,8 +1,10 @@
 """export.interval: a transformers folder every N batches (<hf_dir>-ba<N>); bad values are one-line errors."""
 
+import subprocess
+
 import pytest
 import torch
-from conftest import run_train
+from conftest import REPO, run_env, run_train, train_command
 
 from modernbert_train.hf import from_hf
 from modernbert_train.train.config import ConfigError
@@ -18,6 +20,23 @@ def test_interval_exports_load_and_the_last_is_the_final_model(write_recipe, tmp
     assert all(torch.equal(at_4[key], final[key]) for key in final)
     assert not all(torch.equal(at_2[key], final[key]) for key in final)
     assert sorted(p.name for p in tmp_path.glob("hf*")) == ["hf", "hf-ba2", "hf-ba4"]
+
+
+@pytest.mark.slow
+def test_an_interval_export_into_another_models_folder_stops_the_run_and_leaves_it(write_recipe, tmp_path):
+    hf_dir = tmp_path / "hf"
+    other = tmp_path / "hf-ba2"
+    other.mkdir()
+    (other / "pytorch_model.bin").write_text("someone else's weights")
+    recipe = write_recipe(max_duration="4ba", export={"hf_dir": str(hf_dir), "interval": "2ba"})
+    done = subprocess.run(train_command(recipe), cwd=REPO, env=run_env(), capture_output=True, text=True,
+                          timeout=240)  # fmt: skip
+    assert done.returncode == 1, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert (
+        f"export target {other} is not empty and not an earlier export (it holds pytorch_model.bin)" in last
+    )
+    assert [p.name for p in other.iterdir()] == ["pytorch_model.bin"] and not hf_dir.exists()
 
 
 @pytest.mark.parametrize(

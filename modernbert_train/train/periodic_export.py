@@ -8,9 +8,10 @@ from pathlib import Path
 
 from composer.core import Callback, State, Time, TimeUnit
 from composer.loggers import Logger
+from composer.utils import dist
 
 from modernbert_train.train.config import ConfigError
-from modernbert_train.train.export import export_trainer_model
+from modernbert_train.train.export import ExportTargetError, check_export_target, export_trainer_model
 
 
 def interval_folder(hf_dir: str, batch: int) -> str:
@@ -27,8 +28,20 @@ class PeriodicExport(Callback):
     def batch_end(self, state: State, logger: Logger) -> None:
         batch = int(state.timestamp.batch)
         if batch % self.every == 0:
+            folder = interval_folder(self.hf_dir, batch)
+            # Rank 0 looks at the folder and every rank hears its answer: a refusal stops them all, where
+            # one rank raising alone would leave the others waiting in the gather below.
+            refusal = [None]
+            if dist.get_global_rank() == 0:
+                try:
+                    check_export_target(folder, overwrite=False)  # an earlier export of ours is replaced
+                except ExportTargetError as error:
+                    refusal = [str(error)]
+            dist.broadcast_object_list(refusal, src=0)
+            if refusal[0] is not None:
+                raise ExportTargetError(refusal[0])
             # Every rank calls: gathering an FSDP model's full weights is collective; rank 0 writes.
-            export_trainer_model(self.model, interval_folder(self.hf_dir, batch), self.tokenizer_file)
+            export_trainer_model(self.model, folder, self.tokenizer_file)
 
 
 def periodic_export(interval: str, hf_dir: str | None, model, tokenizer_file: str | Path) -> PeriodicExport:
