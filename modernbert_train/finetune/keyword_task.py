@@ -18,6 +18,7 @@ import json
 import sysconfig
 import tokenize
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -54,27 +55,29 @@ def keyword_positions(text: str) -> dict[int, list[tuple[int, int, str]]]:
     return found
 
 
-def _code(path: Path) -> tuple[str, list[str], list[int]]:
-    """The file's text, its lines, and the indices of its code lines (not blank, not a comment)."""
+class SourceFile(NamedTuple):
+    text: str
+    lines: list[str]
+    code: list[int]  # indices of the code lines (not blank, not a comment)
+
+
+def read_source(path: Path) -> SourceFile:
     text = path.read_text(encoding="utf-8", errors="replace")
     lines = text.splitlines()
-    return (
-        text,
-        lines,
-        [i for i, line in enumerate(lines) if line.strip() and not line.lstrip().startswith("#")],
-    )
+    code = [i for i, line in enumerate(lines) if line.strip() and not line.lstrip().startswith("#")]
+    return SourceFile(text, lines, code)
 
 
-def windows(path: Path) -> set[str]:
-    """Every run of code lines an example of `path` could show, unblanked."""
-    _, lines, code = _code(path)
+def windows(source: SourceFile) -> set[str]:
+    """Every run of code lines an example of the file could show, unblanked."""
+    lines, code = source.lines, source.code
     width = CONTEXT_BEFORE + 1 + CONTEXT_AFTER
     return {"\n".join(lines[i] for i in code[k : k + width]) for k in range(len(code) - width + 1)}
 
 
-def examples(path: Path, rng: np.random.Generator, mask_token: str) -> list[dict]:
+def examples(source: SourceFile, rng: np.random.Generator, mask_token: str) -> list[dict]:
     """{"text", "label", "window"} for every EVERY-th code line holding a keyword (window: text unblanked)."""
-    text, lines, code = _code(path)
+    text, lines, code = source
     positions = keyword_positions(text)
     rows = []
     for k in range(CONTEXT_BEFORE, len(code) - CONTEXT_AFTER, EVERY):
@@ -100,10 +103,11 @@ def build_task(output: str | Path, stdlib: Path | None = None, mask_token: str =
     pretrained_on: set[str] = set()  # every window of the train split's files, which the corpus holds
     for path in stdlib_files(stdlib):
         split = "eval" if held_for_downstream(path.relative_to(stdlib).as_posix()) else "train"
-        for row in examples(path, rng, mask_token):
+        source = read_source(path)  # read once: for its examples and, in the train split, its windows
+        for row in examples(source, rng, mask_token):
             pools[split][row["label"]].append((row["text"], row["window"]))
         if split == "train":
-            pretrained_on |= windows(path)
+            pretrained_on |= windows(source)
     # The stdlib holds copies of some code (vendored modules, near-identical helpers): an eval example whose
     # lines also stand in a pretraining file, or in a train example, or twice in the eval split, is dropped.
     seen_in_train = {text for pool in pools["train"].values() for text, _ in pool}
