@@ -111,12 +111,7 @@ def latest_run(rows: list[dict]) -> list[dict]:
 
 def read_run(run: str) -> Run:
     path = metrics_path(run)
-    data = storage.read_bytes(path)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = data[: error.start].count(b"\n") + 1
-        raise ReportError(f"{path}:{line}: not UTF-8 text") from None
+    text = storage.decode_text(storage.read_bytes(path), path)
     rows = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():

@@ -339,6 +339,16 @@ def read_text(path: str | os.PathLike) -> str:
     return read_bytes(path).decode("utf-8")
 
 
+def decode_text(data: bytes, path: str | os.PathLike, byte_order_mark: bool = False) -> str:
+    """A file's bytes as UTF-8 text (with `byte_order_mark`, a leading one dropped, as spreadsheets write);
+    otherwise a one-line StorageError naming the file, the line and the byte."""
+    try:
+        return data.decode("utf-8-sig" if byte_order_mark else "utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise StorageError(f"{path}:{line}: not UTF-8 text (byte {data[error.start]:#04x})") from None
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     if is_uri(path) and parse(str(path)).scheme == "s3":
         uri = parse(str(path))

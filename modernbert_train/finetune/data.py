@@ -38,11 +38,7 @@ def _read_text(path: str) -> str:
         raise FinetuneError(f"{path}: no such file") from None
     except OSError as error:
         raise FinetuneError(f"{path}: cannot read it: {error.strerror or error}") from None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        line = data[: error.start].count(b"\n") + 1
-        raise FinetuneError(f"{path}:{line}: not UTF-8 text (byte {data[error.start]:#04x})") from None
+    return storage.decode_text(data, path, byte_order_mark=True)
 
 
 def _records(path: str) -> Iterator[tuple[int, dict]]:

@@ -224,17 +224,6 @@ def check_output(output: str) -> str:
     return str(folder / RESULTS_FILE)
 
 
-def write_results(path: str, results: dict) -> None:
-    """results.json whole or not at all: written beside and renamed over (a bucket's put is whole already)."""
-    text = json.dumps(results, indent=2) + "\n"
-    if storage.is_uri(path):
-        storage.write_text(path, text)
-        return
-    partial = Path(f"{path}.partial")
-    partial.write_text(text)
-    partial.replace(path)
-
-
 def finetune(
     model_dir: str | Path, train_file: str | Path, eval_file: str | Path, output: str | Path,
     settings: FinetuneSettings,
@@ -282,5 +271,5 @@ def finetune(
         "final": summarise(runs),
         "seconds": time.perf_counter() - start,
     }
-    write_results(results_path, results)
+    storage.write_text(results_path, json.dumps(results, indent=2) + "\n")  # whole: staged, then renamed
     return results
