@@ -255,3 +255,74 @@ def test_another_tokenizer_than_the_checkpoints_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=f"tokenizer {tokenizer} is not the one checkpoint ckpt.pt was"):
         _check_tokenizer(other, tokenizer)
     _check_tokenizer(RunStart(StartKind.PHASE_CHANGE, "ckpt.pt", tokenizer_sha256="x"), tokenizer)
+
+
+def resumed_schedule(write_recipe, tmp_path, saved: dict, **changed):
+    """A checkpoint at batch 4 saved by the recipe with `saved` merged in, and the config resuming it with
+    `changed` merged in as well."""
+    save_checkpoint(tmp_path / "run" / "ep0-ba4-rank0.pt", to_dict(load_config(write_recipe(**saved))))
+    (tmp_path / "run" / "latest-rank0.pt").symlink_to("ep0-ba4-rank0.pt")
+    return load_config(write_recipe(autoresume=True, **_merged(saved, changed)))
+
+
+def _merged(saved: dict, changed: dict) -> dict:
+    merged = {**saved}
+    for key, value in changed.items():
+        merged[key] = {**merged[key], **value} if isinstance(value, dict) and key in merged else value
+    return merged
+
+
+def test_a_longer_run_whose_decay_had_not_begun_resumes(write_recipe, tmp_path):
+    # 12 batches, decaying over the last half from batch 6: at batch 4 the lr is still the peak, as it is
+    # under 24 batches (the decay now from batch 12).
+    config = resumed_schedule(
+        write_recipe, tmp_path, {"scheduler": {"t_decay": "0.5dur"}}, max_duration="24ba"
+    )
+    assert decide_start(config).kind is StartKind.RESUME
+
+
+def test_a_longer_run_whose_dur_relative_decay_had_begun_is_refused_in_one_line(write_recipe, tmp_path):
+    # Decaying from batch 3 of 12: at batch 4 the multiplier is 1 - sqrt(1/9) = 0.667; with max_duration
+    # 24ba the decay would start at batch 6 and the lr jump back to its peak.
+    config = resumed_schedule(
+        write_recipe, tmp_path, {"scheduler": {"t_decay": "0.75dur"}}, max_duration="24ba"
+    )
+    before = listing(tmp_path / "run")
+    with pytest.raises(CheckpointError) as refused:
+        decide_start(config)
+    checkpoint = tmp_path / "run" / "ep0-ba4-rank0.pt"
+    assert str(refused.value) == (
+        f"schedule changed since checkpoint {checkpoint}: max_duration=12ba there, 24ba here; at its batch 4 "
+        "the lr multiplier was 0.6667 and would jump to 1: put them back (a 'dur'-relative decay that has "
+        "begun moves with max_duration), or set allow_schedule_change=true to change the lr there on purpose"
+    )
+    assert listing(tmp_path / "run") == before
+    config.allow_schedule_change = True
+    assert decide_start(config).kind is StartKind.RESUME
+
+
+def test_a_new_scheduler_is_refused_where_it_changes_the_lr_and_allowed_where_it_does_not(
+    write_recipe, tmp_path
+):
+    # Still warming up at batch 4 of an 8-batch warmup (multiplier 0.5): a shorter warmup jumps.
+    saved = {"scheduler": {"t_warmup": "8ba"}}
+    config = resumed_schedule(write_recipe, tmp_path, saved, scheduler={"t_warmup": "4ba"})
+    with pytest.raises(CheckpointError, match=r"scheduler\.t_warmup=8ba there, 4ba here; at its batch 4 "):
+        decide_start(config)
+    # A decay added later, a constant scheduler instead of a flat wsd: the same lr at batch 4.
+    shutil.rmtree(tmp_path / "run")
+    config = resumed_schedule(write_recipe, tmp_path, {}, scheduler={"t_decay": "0.25dur"})
+    assert decide_start(config).kind is StartKind.RESUME
+    shutil.rmtree(tmp_path / "run")
+    config = resumed_schedule(write_recipe, tmp_path, {}, scheduler={"name": "constant", "t_decay": None})
+    assert decide_start(config).kind is StartKind.RESUME
+
+
+def test_a_load_without_reset_time_has_its_schedule_checked(write_recipe, tmp_path):
+    saved = to_dict(load_config(write_recipe(scheduler={"t_decay": "0.75dur"})))
+    checkpoint = save_checkpoint(tmp_path / "other" / "ep0-ba4-rank0.pt", saved)
+    load = load_config(write_recipe(load_path=str(checkpoint), max_duration="24ba"))  # t_decay back at 0ba
+    with pytest.raises(CheckpointError, match=r"scheduler\.t_decay=0\.75dur there, 0ba here; at its batch 4 "):
+        decide_start(load)
+    phase = load_config(write_recipe(load_path=str(checkpoint), max_duration="24ba", reset_time=True))
+    assert decide_start(phase).kind is StartKind.PHASE_CHANGE

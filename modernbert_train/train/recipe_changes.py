@@ -61,6 +61,7 @@ RULES = {
     "load_path": FREE,
     "load_weights_only": FREE,
     "reset_time": FREE,
+    "allow_schedule_change": FREE,
     "loggers": FREE,
     "parallelism": FREE,  # another world size or FSDP setting: the data state and Composer's load handle it
     "dist_timeout": FREE,
@@ -88,7 +89,7 @@ def recipe_changes(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list
     moved: list[str] = []
     for key, there, here in _differences(saved, current, ""):
         kind = rule(_without_positions(key))
-        change = f"{key}={_show(there)} there, {_show(here)} here"
+        change = f"{key}={show_value(there)} there, {show_value(here)} here"
         if kind == FIXED:
             refused.append(change)
         elif kind == PATH:
@@ -127,5 +128,6 @@ def _without_positions(key: str) -> str:
     return ".".join(part for part in key.split(".") if not part.isdigit())
 
 
-def _show(value: Any) -> str:
+def show_value(value: Any) -> str:
+    """A recipe value as a refusal line shows it: strings bare, the rest as JSON."""
     return value if isinstance(value, str) else json.dumps(value)

@@ -17,7 +17,7 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
-from composer.core import State, Time, TimeUnit
+from composer.core import State, Time, Timestamp, TimeUnit
 
 from modernbert_train.optim.schedules import DECAY_SHAPES, decay_multiplier, warmup_multiplier
 
@@ -231,3 +231,26 @@ def build_scheduler(cfg: Mapping[str, Any]):
         if key not in allowed:
             raise ValueError(f"scheduler.{key}: unknown key for name {name!r}; allowed: {', '.join(allowed)}")
     return scheduler_class(**kwargs, **fixed)
+
+
+class _CheckpointClock:
+    """What a scheduler reads of Composer's State, for a checkpoint's clock without a Trainer (no dataloader:
+    a 'dur' counted in epochs cannot be placed)."""
+
+    def __init__(self, clock: Mapping[str, int], max_duration: str):
+        counters = ("epoch", "batch", "sample", "token")
+        self.timestamp = Timestamp(**{counter: int(clock[counter]) for counter in counters})
+        self.max_duration = Time.from_timestring(max_duration)
+        self.dataloader_len = None
+
+
+def multiplier_at(cfg: Mapping[str, Any], max_duration: str, clock: Mapping[str, int]) -> float | None:
+    """The lr multiplier the scheduler `cfg` (a recipe's `scheduler` mapping) gives at a checkpoint's `clock`
+    ({"batch": 600, "token": ..., ...}) under `max_duration`: the one the first batch after a resume there
+    trains at (Composer steps schedulers before advancing the clock). None where it cannot be told without
+    the Trainer (a bad scheduler, a 'dur' counted in epochs): the Trainer then reports it."""
+    try:
+        scheduler = build_scheduler({key: value for key, value in cfg.items() if value is not None})
+        return float(scheduler(_CheckpointClock(clock, max_duration)))
+    except (ValueError, TypeError, KeyError, RuntimeError):
+        return None

@@ -163,6 +163,9 @@ class TrainConfig:
     load_path: str | None = None
     load_weights_only: bool = False
     reset_time: bool = False  # start the clock (and schedule) at zero after load_path: phase changes
+    # A resume (or load without reset_time) whose max_duration or scheduler gives another lr at the resumed
+    # batch than the checkpoint's recipe did is refused (the lr would jump); true allows it on purpose.
+    allow_schedule_change: bool = False
 
     loggers: LoggersConfig = field(default_factory=LoggersConfig)
     parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)

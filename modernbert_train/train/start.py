@@ -8,11 +8,13 @@
 - fresh: none of these.
 
 A resume or a load continues the checkpoint's optimizer, data stream and RNG: a recipe that changed one of
-the keys those fix is refused here (train/recipe_changes.py rules which).
+the keys those fix is refused here (train/recipe_changes.py rules which), and so is one whose schedule
+would give another lr at the batch it goes on from (unless allow_schedule_change).
 
 Rank 0 reads the files and broadcasts its answer, so all ranks start the same way, or all exit.
 """
 
+import math
 import sys
 from dataclasses import dataclass
 from enum import Enum
@@ -35,7 +37,8 @@ from modernbert_train.train.checkpoint_files import (
     sha256,
 )
 from modernbert_train.train.config import to_dict
-from modernbert_train.train.recipe_changes import recipe_changes, refusal
+from modernbert_train.train.recipe_changes import recipe_changes, refusal, show_value
+from modernbert_train.train.schedulers import multiplier_at
 from modernbert_train.train.schema import TrainConfig
 
 
@@ -142,6 +145,7 @@ def _choose(config: TrainConfig) -> RunStart:
         if _reached(elapsed, config.max_duration):  # nothing trains: the recipe's other keys do not matter
             return RunStart(StartKind.COMPLETE, str(checkpoint), elapsed)
         _check_recipe(summary, config, str(checkpoint), load=False)
+        _check_schedule(summary, config, str(checkpoint))
         return RunStart(StartKind.RESUME, str(checkpoint), elapsed, summary.tokenizer_sha256)
     if not config.load_path:
         return RunStart(StartKind.FRESH)
@@ -157,6 +161,7 @@ def _choose(config: TrainConfig) -> RunStart:
             f"{config.max_duration}, so nothing would train; a new phase needs reset_time=true"
         )
     _check_recipe(summary, config, config.load_path, load=True)
+    _check_schedule(summary, config, config.load_path)
     return RunStart(StartKind.LOAD, config.load_path, elapsed, summary.tokenizer_sha256)
 
 
@@ -172,6 +177,40 @@ def _check_recipe(summary: CheckpointSummary, config: TrainConfig, checkpoint: s
             f"modernbert-train: {change}: continuing checkpoint {checkpoint} as the same data, moved",
             file=sys.stderr,
         )
+
+
+def _check_schedule(summary: CheckpointSummary, config: TrainConfig, checkpoint: str) -> None:
+    """Refuse a recipe whose schedule gives another lr than the checkpoint's at the batch the run goes on
+    from: `max_duration` and `scheduler` are free keys, but a longer max_duration under a 'dur'-relative
+    decay that had begun (or a new scheduler) would make the lr jump, silently. Allowed where the lr is the
+    same there (a stable phase extended, a decay that starts later), or with allow_schedule_change."""
+    saved = summary.recipe
+    if saved is None or config.allow_schedule_change:
+        return
+    if not isinstance(saved.get("scheduler"), dict) or not isinstance(saved.get("max_duration"), str):
+        return
+    here = to_dict(config)["scheduler"]
+    before = multiplier_at(saved["scheduler"], saved["max_duration"], summary.clock)
+    after = multiplier_at(here, config.max_duration, summary.clock)
+    if before is None or after is None or math.isclose(before, after, rel_tol=1e-6, abs_tol=1e-9):
+        return
+    changes = [
+        f"{key}={show_value(_saved_value(saved, key))} there, {show_value(value)} here"
+        for key, value in [("max_duration", config.max_duration)]
+        + [(f"scheduler.{name}", value) for name, value in here.items()]
+        if _saved_value(saved, key) != value
+    ]
+    raise CheckpointError(
+        f"schedule changed since checkpoint {checkpoint}: {'; '.join(changes)}; at its batch "
+        f"{summary.clock['batch']} the lr multiplier was {before:.4g} and would jump to {after:.4g}: put "
+        "them back (a 'dur'-relative decay that has begun moves with max_duration), or set "
+        "allow_schedule_change=true to change the lr there on purpose"
+    )
+
+
+def _saved_value(saved: dict, key: str):
+    section, _, name = key.partition(".")
+    return saved.get(section, {}).get(name) if name else saved.get(section)
 
 
 def _newest_good_checkpoint(save_folder: str) -> Path | None:
