@@ -145,3 +145,24 @@ def test_inspect_names_a_damaged_missing_or_short_shard(tiny_data, tmp_path, cap
     (missing / "index.json").write_text('{"shards": [')
     code, err = inspect(missing)
     assert code == 2 and len(err.splitlines()) == 1 and "index.json: not an MDS index" in err, err
+
+
+@pytest.mark.timeout(120)
+def test_a_damaged_shard_is_not_kept_in_the_cache_so_a_fixed_upload_reads(s3_bucket, tmp_path):
+    source = tmp_path / "source"
+    write_synthetic_mds(source, 200, seed=2, median=60, size_limit=1 << 13)
+    bad = _middle_shard(source)
+    good = bad.read_bytes()
+    _damage(bad)
+    remote = storage.join(s3_bucket, "train")
+    storage.upload_folder(source, remote)
+    cache = tmp_path / "cache"
+    samples = build_sample_space([{"remote": remote, "local": str(cache)}], shuffle=False, seed=0)
+    first_sample = int(samples.samples_per_shard[: int(bad.name.split(".")[1])].sum())
+    with pytest.raises(ShardReadError, match="Decompression error"):
+        read_sample(samples, first_sample)
+    assert not (cache / bad.name).exists() and not (cache / bad.name.removesuffix(".zstd")).exists()
+
+    bad.write_bytes(good)  # the dataset's owner uploads the shard again
+    storage.upload_file(bad, storage.join(remote, bad.name))
+    assert read_sample(samples, first_sample)["input_ids"].size > 0  # fetched again, not the cached copy

@@ -124,9 +124,11 @@ def build_sample_space(
 
 
 class _SampleSpace(StreamingDataset):
-    """streaming's dataset, where a shard that failed to prepare (damaged, vanished) is not left claimed."""
+    """streaming's dataset, where a shard that failed to prepare (damaged, vanished) is not left claimed, nor
+    its damaged copy left in a remote stream's cache."""
 
     def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
+        counted = self._shard_states[shard_id] == _ShardState.LOCAL  # its files are in cache_usage
         try:
             super().prepare_shard(shard_id, blocking)
         except Exception:
@@ -135,8 +137,21 @@ class _SampleSpace(StreamingDataset):
             # prepare it itself, and fail with this error too if the shard is damaged.
             with self._cache_filelock:
                 if self._shard_states[shard_id] == _ShardState.PREPARING:
+                    self._forget_cached_copy(shard_id, counted)
                     self._shard_states[shard_id] = _ShardState.REMOTE
             raise
+
+    def _forget_cached_copy(self, shard_id: int, counted: bool) -> None:
+        """A remote stream's local folder is a cache: what the failed preparation left there (a damaged
+        download, a half-written decompression) is deleted, so the next reader fetches the shard again (a
+        fixed re-upload then reads, in this run or the next) instead of failing on the cached copy forever.
+        A stream without a remote is its own source and is never touched."""
+        stream = self.streams[self.stream_per_shard[shard_id]]
+        if not stream.remote or stream.remote == stream.local:
+            return
+        freed = self.shards[shard_id].evict()
+        if counted:
+            self.cache_usage = max(0, self.cache_usage - freed)
 
 
 def _readable_in_place(source: dict[str, Any]) -> dict[str, Any]:
