@@ -34,6 +34,7 @@ from benchmarks.devices import device_slug, package_version, peak_flops
 from modernbert_train.model import ModelConfigError, ModernBertConfig, ModernBertForMaskedLM, training_flops
 from modernbert_train.model.attention import resolve_backend
 from modernbert_train.optim import build_optimizer
+from modernbert_train.profiling import summarize, table
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -205,29 +206,10 @@ def compare_optimizers(model, timed_step, rounds: int, steps: int) -> dict:
     return result
 
 
-def kernel_kind(name: str) -> str:
-    """A device kernel's family, for the profile's summary."""
-    low = name.lower()
-    if "flash" in low or "fmha" in low or "attention" in low:
-        return "attention"
-    if any(k in low for k in ("nvjet", "gemm", "cutlass", "sm90_xmma", "cublas", "aten::mm", "aten::addmm")):
-        return "matmul"
-    if low.startswith("triton_"):
-        return "fused (triton)"
-    if "memcpy" in low or "memset" in low:
-        return "memory copy/set"
-    return "other"
-
-
 def profile_steps(step, steps: int, cuda: bool, top: int = 25) -> dict:
-    """Run `steps` steps under torch.profiler; return the device kernels (CPU operators on a CPU) that take
-    the most time of their own, each with its share of the total, and the total by kernel family.
-
-    Only device-side events count on a GPU: an operator's own device time is that of the kernels it
-    launched, and inductor records each compiled kernel under the kernel's own name as well, so ranking
-    operators and kernels together counted much of the step twice (total 172 ms for a 91 ms step on an
-    H200, 2026-12-04). What the kernels leave of the step's wall time is the device idling on the host."""
-    from torch.autograd import DeviceType
+    """Run `steps` steps under torch.profiler; their summary (`modernbert_train.profiling.summarize`): the
+    device kernels (CPU operators on a CPU) that take the most time of their own, by kernel family, the
+    device's idle share and the host reads per step."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -241,56 +223,11 @@ def profile_steps(step, steps: int, cuda: bool, top: int = 25) -> dict:
             torch.cuda.synchronize()
         wall_us = (time.perf_counter() - began) * 1e6
     averages = prof.key_averages()
-    if cuda:
-        # `self_device_time_total` in newer torch, `self_cuda_time_total` in older.
-        key = (
-            "self_device_time_total"
-            if hasattr(averages[0], "self_device_time_total")
-            else "self_cuda_time_total"
-        )
-        # Kernels only: a record_function range (Optimizer.step#StableAdamW.step) also has a device-side
-        # event, spanning the kernels inside it.
-        events = [
-            e
-            for e in averages
-            if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
-        ]
-    else:
-        key = "self_cpu_time_total"
-        events = list(averages)
-    events.sort(key=lambda e: getattr(e, key), reverse=True)
-    total_us = sum(getattr(e, key) for e in events)
-    kinds: dict[str, float] = {}
-    for event in events:
-        kind = kernel_kind(event.key)
-        kinds[kind] = kinds.get(kind, 0.0) + getattr(event, key)
-    counted = "device kernels" if cuda else "CPU operators"
-    print(f"== profile: {steps} steps, top {top} {counted} by {key.replace('_', ' ')}")
-    print(averages.table(sort_by=key, row_limit=top, max_name_column_width=70))
-    share = (lambda us: us / total_us) if total_us else (lambda us: None)
-    return {
-        "steps": steps,
-        "sorted_by": key,
-        "counted": counted,
-        "total_ms_per_step": total_us / 1e3 / steps,
-        # Under the profiler (which slows the host a little): the step's wall time the kernels do not fill.
-        "wall_ms_per_step": wall_us / 1e3 / steps,
-        "device_idle_share": max(0.0, 1 - total_us / wall_us) if cuda else None,
-        "by_kind": {
-            kind: {"ms_per_step": us / 1e3 / steps, "share": share(us)}
-            for kind, us in sorted(kinds.items(), key=lambda kv: -kv[1])
-        },
-        "top": [
-            {
-                "name": event.key,
-                "kind": kernel_kind(event.key),
-                "ms_per_step": getattr(event, key) / 1e3 / steps,
-                "share": share(getattr(event, key)),
-                "calls_per_step": event.count / steps,
-            }
-            for event in events[:top]
-        ],
-    }
+    summary = summarize(averages, steps, wall_us, cuda, top)
+    ranked = summary["sorted_by"].replace("_", " ")
+    print(f"== profile: {steps} steps, top {top} {summary['counted']} by {ranked}")
+    print(table(averages, cuda, top))
+    return summary
 
 
 def main(argv=None) -> int:

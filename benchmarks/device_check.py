@@ -180,6 +180,9 @@ def train_summary(work: Path, stage: dict | None, env: dict) -> dict:
             max_duration=config["max_duration"],
         )
     rows = read_jsonl(work / "train" / "metrics.jsonl")
+    profile = work / "train" / "profile.json"
+    if profile.is_file():  # whole Composer batches (the `profile` key), beside the bench's step profile
+        summary["profile"] = json.loads(profile.read_text())
     if stage and stage["status"] != "ok":
         summary["error"] = log_tail(work, "train")
     if not rows:
@@ -272,6 +275,15 @@ def print_summary(result: dict) -> None:
     train = result["train"]
     loss = f"loss {train['loss_first']:.3f} -> {train['loss_last']:.3f}" if "loss_last" in train else ""
     print(f"  train: {train['status']}  {train.get('batches', 0)} batches  {figures(train)}  {loss}")
+    profile = train.get("profile")
+    if profile:
+        idle = profile["device_idle_share"]
+        print(
+            f"    profiled batches {profile['batches'][0]}-{profile['batches'][1]}: "
+            f"{profile['wall_ms_per_step']:.1f} ms per batch"
+            + (f", device idle {idle:.0%}" if idle is not None else "")
+            + f", {profile['host_reads_per_step']:.0f} host reads per batch"
+        )
     versus = result.get("versus_transformers", {})
     for shape, entry in versus.get("shapes", {}).items():
         speedups = "  ".join(

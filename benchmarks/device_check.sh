@@ -13,7 +13,9 @@
 #           by device time in the log and the result) and its optimizer implementations timed against
 #           each other, the others after the Composer run
 #   train   yamls/modernbert-base/pretrain.yaml for 50 batches of 32 x 1024 tokens, bf16, compiled when
-#           the compiled benchmark ran (a step that compiles again fails it fast; eager training instead)
+#           the compiled benchmark ran (a step that compiles again fails it fast; eager training instead);
+#           batches 41-43 profiled whole (the `profile` key): the device's idle share and host reads per
+#           batch, against the bench's step
 #   vs-hf   benchmarks.bench_hf_gpu: our step against transformers' ModernBERT at its best (sparse
 #           prediction, sdpa, eager and compiled), the same weights and padded batches, alternating rounds
 # Without CUDA the same stages run as a dry run (CI runs it): tiny preset, 128 tokens, fp32, a few steps,
@@ -99,7 +101,8 @@ if [[ $DEVICE_KIND == cuda ]]; then
     CORPUS=(--max-bytes 12000000)  # ~3M tokens: 50 batches of 32 x 1024 fit in one pass
     TRAIN=(max_duration=50ba global_train_batch_size=32 device_train_microbatch_size=32 precision=amp_bf16
         data.num_workers=4 log_interval=10ba speed_window=10 scheduler.t_warmup=10ba
-        model.overrides.vocab_size=50368)  # base's vocabulary, not the corpus tokenizer's 8k: base's FLOPs
+        model.overrides.vocab_size=50368  # base's vocabulary, not the corpus tokenizer's 8k: base's FLOPs
+        profile.start_batch=41 profile.batches=3)  # whole Composer batches: what the bench's step leaves out
     # Ours compiled and eager vs transformers' sdpa eager and compiled (flex_attention: slower, and its
     # compilation alone outlasts the stage), fixed and variable row lengths, same weights and batches.
     VERSUS=(--preset base --seq-len 1024 --rows 32 --rounds 10 --warmup 3)
@@ -111,7 +114,7 @@ else
     CORPUS=(--max-bytes 500000 --vocab-size 1024)
     TRAIN=(max_duration=4ba global_train_batch_size=8 device_train_microbatch_size=8 precision=fp32
         model.preset=tiny data.max_seq_len=128 data.num_workers=1 log_interval=1ba speed_window=2
-        scheduler.t_warmup=1ba)
+        scheduler.t_warmup=1ba profile.start_batch=3 profile.batches=2)
     VERSUS=(--device cpu --preset tiny --seq-len 128 --rows 4 --rounds 2 --warmup 1 --eager-only)
     COMPILED_BENCH=false
     CAP_DATA=120 CAP_TESTS=120 CAP_EAGER=90 CAP_TRAIN=180 CAP_VERSUS=120

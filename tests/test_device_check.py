@@ -48,6 +48,8 @@ def test_cpu_dry_run_writes_the_result(tmp_path):
     train = result["train"]
     assert (train["status"], train["batches"], train["model"], train["seq_len"]) == ("ok", 4, "tiny", 128)
     assert train["tokens_per_second_per_gpu"] > 0
+    assert train["profile"]["batches"] == [3, 4] and train["profile"]["wall_ms_per_step"] > 0
+    assert "profiled batches 3-4: " in done.stdout
     assert result["tests"]["status"] == "ok" and result["tests"]["tests"] > 0
     versus = result["versus_transformers"]
     assert versus["status"] == "ok" and set(versus["shapes"]) == {"fixed", "variable"}
@@ -119,7 +121,8 @@ def test_profile_counts_each_kernel_once():
     """The profile's total is the sum of what it ranks, grouped by family; on a CPU, operators."""
     import torch
 
-    from benchmarks.bench_gpu import kernel_kind, profile_steps
+    from benchmarks.bench_gpu import profile_steps
+    from modernbert_train.profiling import kernel_kind
 
     a = torch.randn(64, 64)
     profile = profile_steps(lambda: (a @ a).relu_().sum(), steps=2, cuda=False, top=5)

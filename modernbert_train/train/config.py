@@ -267,6 +267,10 @@ def _check_values(c: TrainConfig, path: Path) -> None:
         )
     if c.autoresume and not (c.run_name and c.save_folder):
         fail("autoresume", "needs run_name and save_folder")
+    if c.profile.start_batch is not None and c.profile.start_batch < 1:
+        fail("profile.start_batch", f"must be at least 1 (the first batch), got {c.profile.start_batch}")
+    if c.profile.batches < 1:
+        fail("profile.batches", f"must be at least 1, got {c.profile.batches}")
     _check_locations(c, fail)
     _check_model(c, path, fail)
 

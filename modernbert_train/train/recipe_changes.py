@@ -53,6 +53,7 @@ RULES = {
     "log_interval": FREE,
     "progress_bar": FREE,
     "speed_window": FREE,
+    "profile": FREE,
     "save_folder": FREE,
     "save_interval": FREE,
     "save_num_checkpoints_to_keep": FREE,

@@ -33,6 +33,7 @@ from modernbert_train.train.jsonl_logger import JSONLLogger
 from modernbert_train.train.nonfinite_guard import NonFiniteGuard
 from modernbert_train.train.periodic_export import periodic_export
 from modernbert_train.train.preemption import SaveOnSigterm
+from modernbert_train.train.profiler import BatchProfiler
 from modernbert_train.train.run_metadata import RunMetadata
 from modernbert_train.train.schedulers import build_scheduler
 from modernbert_train.train.schema import TrainConfig
@@ -228,6 +229,11 @@ def build_run(config: TrainConfig, start: RunStart | None = None) -> Run:
     phase_change = PhaseChange() if start.kind is StartKind.PHASE_CHANGE else None
     if phase_change:
         callbacks.append(phase_change)
+    if config.profile.start_batch is not None:
+        profile = config.profile
+        callbacks.append(
+            BatchProfiler(profile.start_batch, profile.batches, config.save_folder, profile.trace)
+        )
     evaluators = []
     if data.eval_loader is not None:
         evaluators.append(

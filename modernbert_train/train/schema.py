@@ -132,6 +132,16 @@ class ExportConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """torch.profiler over a few batches on rank 0 (train/profiler.py): where their time goes, written to
+    <save_folder>/profile.json and the log, as `benchmarks.bench_gpu --profile` reports a step."""
+
+    start_batch: int | None = None  # the first profiled batch (1: the first, compilation included); null: off
+    batches: int = 3  # batches profiled, from the start of one to the start of the next (data wait included)
+    trace: bool = False  # also <save_folder>/profile-trace.json, a Chrome trace (chrome://tracing; large)
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -152,6 +162,7 @@ class TrainConfig:
     log_interval: str = "10ba"  # console lines and metrics.jsonl rows
     progress_bar: bool | None = None  # default: on when stderr is a terminal
     speed_window: int = 10  # batches SpeedMonitor averages throughput over
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     save_folder: str | None = None
     save_interval: str = "1000ba"
