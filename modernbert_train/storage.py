@@ -312,6 +312,11 @@ def move(path: str | os.PathLike, target: str | os.PathLike) -> None:
     _s3_call(uri, "delete", client.delete_object, **source)
 
 
+def removable(path: str | os.PathLike) -> bool:
+    """Whether `remove` can delete files at `path`: local paths and s3:// objects."""
+    return not is_uri(path) or parse(str(path)).scheme == "s3"
+
+
 def remove(path: str | os.PathLike) -> None:
     """Delete a file, link or folder (locally), or an object (in an s3 bucket); nothing there is no error."""
     if not is_uri(path):
@@ -320,7 +325,7 @@ def remove(path: str | os.PathLike) -> None:
             _remove_path(local)
         return
     uri = parse(str(path))
-    if uri.scheme != "s3":
+    if not removable(uri):
         raise StorageError(f"{uri}: cannot delete it: only local and s3:// files can be deleted")
     _s3_call(uri, "delete", _s3().delete_object, Bucket=uri.bucket, Key=uri.key)
 

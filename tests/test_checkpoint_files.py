@@ -1,20 +1,30 @@
 """Checkpoint files (train/checkpoint_files.py): written whole or not at all, with a checksum; on resume the
 newest whole one is taken and the damaged or incomplete newer ones are skipped, named and moved aside; a full
-or read-only disk is one line naming the folder and the space needed."""
+or read-only disk is one line naming the folder and the space needed; in a bucket, the checkpoints beyond
+save_num_checkpoints_to_keep go once a newer one is uploaded."""
 
+import logging
 import os
 import subprocess
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
 import torch
+from composer.utils.remote_uploader import RemoteFilesExistingCheckStatus
 
+from modernbert_train import storage
 from modernbert_train.train.checkpoint_files import (
     LATEST,
+    AtomicCheckpointSaver,
     CheckpointSaveError,
+    Upload,
+    bucket_checkpoints_to_delete,
     checksum_file,
     newest_good_checkpoint,
+    newest_uploaded,
     partial_file,
+    prune_bucket,
     write_checkpoint_atomically,
     write_folder_checksums,
 )
@@ -165,3 +175,121 @@ def test_sharded_folders_checksums_catch_a_damaged_or_missing_shard(tmp_path):
     legacy_only.mkdir()
     legacy.rename(legacy_only / legacy.name)
     assert newest_good_checkpoint(legacy_only) == (legacy_only / legacy.name, [])
+
+
+# A bucket's save folder as it is listed: the run's checkpoints (one uploaded before checksums were recorded,
+# a sharded folder with its checksum), one moved aside as damaged, one still uploading (its file is there,
+# its checksum not yet), and the run's other files.
+BUCKET_LISTING = [
+    ".lock", "config.yaml", "metrics.jsonl", "traceback-rank0.log", "hf/config.json", "hf/model.safetensors",
+    "latest-rank0.pt.symlink",
+    "ep0-ba1-rank0.pt", "ep0-ba1-rank0.pt.sha256",
+    "ep0-ba2-rank0.pt",
+    "ep0-ba3-rank0.pt.bad", "ep0-ba3-rank0.pt.bad.sha256",
+    "ep0-ba4/.metadata", "ep0-ba4/__0_0.distcp", "ep0-ba4/__1_0.distcp", "ep0-ba4.sha256",
+    "ep0-ba10-rank0.pt", "ep0-ba10-rank0.pt.sha256",
+    "ep1-ba12-rank0.pt", "ep1-ba12-rank0.pt.sha256",
+    "ep1-ba14-rank0.pt",
+]  # fmt: skip
+
+
+def test_bucket_retention_deletes_the_runs_oldest_checkpoints_with_their_checksums():
+    """Ordered by (epoch, batch), not by name; the one still uploading (newer than the newest uploaded)
+    neither counts nor goes; each checkpoint's checksum goes first, a folder's .metadata before its shards."""
+    doomed = bucket_checkpoints_to_delete(BUCKET_LISTING, keep=2, newest=(1, 12))
+    assert doomed == [
+        ["ep0-ba1-rank0.pt.sha256", "ep0-ba1-rank0.pt"],
+        ["ep0-ba2-rank0.pt"],
+        ["ep0-ba4.sha256", "ep0-ba4/.metadata", "ep0-ba4/__0_0.distcp", "ep0-ba4/__1_0.distcp"],
+    ]
+    none_kept = bucket_checkpoints_to_delete(BUCKET_LISTING, keep=0, newest=(1, 12))
+    assert none_kept[:3] == doomed
+    assert none_kept[3:] == [
+        ["ep0-ba10-rank0.pt.sha256", "ep0-ba10-rank0.pt"],
+        ["ep1-ba12-rank0.pt.sha256", "ep1-ba12-rank0.pt"],
+    ]
+    assert bucket_checkpoints_to_delete(BUCKET_LISTING, keep=1, newest=(0, 2)) == [
+        ["ep0-ba1-rank0.pt.sha256", "ep0-ba1-rank0.pt"]
+    ]
+    assert bucket_checkpoints_to_delete(BUCKET_LISTING, keep=-1, newest=(1, 12)) == []
+    assert bucket_checkpoints_to_delete(BUCKET_LISTING, keep=9, newest=(1, 14)) == []
+
+
+def finished(result=0) -> Future:
+    future = Future()
+    future.set_result(result)
+    return future
+
+
+def test_a_checkpoint_counts_as_uploaded_once_it_and_every_earlier_one_finished():
+    checksum_going = Future()
+    uploading = [
+        Upload((0, 1), [finished(), finished()]),
+        Upload((0, 2), [finished(), checksum_going]),
+        Upload((0, 3), [finished(), finished()]),
+    ]
+    assert newest_uploaded(uploading) == (0, 1)
+    assert newest_uploaded(uploading) is None  # ba3 is up, but ba2's checksum is still on its way
+    checksum_going.set_result(0)
+    assert newest_uploaded(uploading) == (0, 3) and uploading == []
+    failed = Future()
+    failed.set_exception(OSError("connection reset"))
+    timed_out = finished(RemoteFilesExistingCheckStatus.TIMEOUT)  # a sharded folder's files never all came
+    uploading += [Upload((0, 4), [finished(), failed]), Upload((0, 5), [timed_out])]
+    assert newest_uploaded(uploading) is None and uploading == []
+
+
+def test_pruning_a_bucket_warns_about_an_object_it_cannot_delete_and_goes_on(s3_bucket, monkeypatch, caplog):
+    run = storage.join(s3_bucket, "run")
+    for name in (
+        "config.yaml",
+        *(f"ep0-ba{b}-rank0.pt{suffix}" for b in (1, 2, 3, 4) for suffix in ("", ".sha256")),
+    ):
+        storage.write_text(storage.join(run, name), name)
+    stuck = storage.join(run, "ep0-ba1-rank0.pt.sha256")
+    remove = storage.remove
+
+    def remove_or_fail(path):
+        if path == stuck:
+            raise storage.StorageError(f"{path}: access denied while trying to delete")
+        remove(path)
+
+    monkeypatch.setattr(storage, "remove", remove_or_fail)
+    with caplog.at_level(logging.WARNING):
+        prune_bucket(run, keep=2, newest=(0, 4))
+    assert storage.list_files(run) == [
+        "config.yaml",
+        "ep0-ba1-rank0.pt",
+        "ep0-ba1-rank0.pt.sha256",
+        "ep0-ba3-rank0.pt",
+        "ep0-ba3-rank0.pt.sha256",
+        "ep0-ba4-rank0.pt",
+        "ep0-ba4-rank0.pt.sha256",
+    ]
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        f"save_num_checkpoints_to_keep=2: cannot delete {stuck} ({stuck}: access denied while trying to "
+        "delete); it stays in the bucket and is tried again after the next checkpoint"
+    ]
+    monkeypatch.setattr(storage, "remove", remove)
+    prune_bucket(run, keep=2, newest=(0, 4))  # the next checkpoint's pass
+    assert storage.list_files(run)[:2] == ["config.yaml", "ep0-ba3-rank0.pt"]
+
+
+def test_the_saver_prunes_its_bucket_after_each_batch_once_uploads_finished(s3_bucket):
+    run = storage.join(s3_bucket, "run")
+    for batch in (1, 2, 3):
+        for name in (f"ep0-ba{batch}-rank0.pt", f"ep0-ba{batch}-rank0.pt.sha256"):
+            storage.write_text(storage.join(run, name), name)
+    saver = AtomicCheckpointSaver(run, "1ba", overwrite=False, num_checkpoints_to_keep=1)
+    try:
+        going = Future()
+        saver.uploading = [Upload((0, 2), [finished(), finished()]), Upload((0, 3), [finished(), going])]
+        saver.batch_end(None, None)
+        assert storage.list_files(run) == [
+            f"ep0-ba{b}-rank0.pt{suffix}" for b in (2, 3) for suffix in ("", ".sha256")
+        ]
+        going.set_result(0)
+        saver.batch_end(None, None)
+        assert storage.list_files(run) == ["ep0-ba3-rank0.pt", "ep0-ba3-rank0.pt.sha256"]
+    finally:
+        saver.post_close()

@@ -137,3 +137,36 @@ def test_a_damaged_checkpoint_in_a_bucket_is_skipped_and_moved_aside(s3_bucket, 
         "ep0-ba12-rank0.pt",
     } <= names
     assert storage.read_bytes(storage.join(run, "ep0-ba8-rank0.pt.bad")) == bytes(data)
+
+
+def test_a_bucket_keeps_the_newest_checkpoints_across_a_resume(s3_bucket, write_recipe, tmp_path):
+    """save_num_checkpoints_to_keep=2 with a checkpoint every batch: once each upload is done, the bucket
+    holds the newest 2 with their checksums; the resumed run counts (and deletes) the first attempt's too,
+    and the run's other objects (a damaged checkpoint moved aside among them) stay."""
+    run = storage.join(s3_bucket, "kept")
+
+    def train(duration: str) -> None:
+        recipe = write_recipe(
+            tmp_path / f"{duration}.yaml", max_duration=duration, autoresume=True, save_interval="1ba",
+            save_num_checkpoints_to_keep=2, save_folder=run, data={"eval": []},
+        )  # fmt: skip
+        run_train(recipe, timeout=600)
+
+    def checkpoints() -> set[str]:
+        return {
+            name for name in storage.list_files(run) if CHECKPOINT.fullmatch(name.removesuffix(".sha256"))
+        }
+
+    train("5ba")
+    kept = {"ep0-ba4-rank0.pt", "ep0-ba5-rank0.pt"}
+    assert checkpoints() == kept | {f"{name}.sha256" for name in kept}
+    for name in ("ep0-ba1-rank0.pt.bad", "ep0-ba1-rank0.pt.bad.sha256"):
+        storage.write_text(storage.join(run, name), "moved aside by an earlier resume")
+    others = set(storage.list_files(run)) - checkpoints()
+    assert {"config.yaml", "metrics.jsonl", "ep0-ba1-rank0.pt.bad"} <= others
+
+    train("8ba")
+    kept = {"ep0-ba7-rank0.pt", "ep0-ba8-rank0.pt"}
+    assert checkpoints() == kept | {f"{name}.sha256" for name in kept}
+    assert set(storage.list_files(run)) - checkpoints() == others
+    assert [row["batch"] for row in read_json_lines(storage.join(run, "metrics.jsonl"))] == list(range(1, 9))

@@ -8,6 +8,10 @@ torch.distributed.checkpoint folder, complete once its `.metadata` exists (writt
 line per file, go to `FOLDER.sha256` once the save is done. On resume the newest checkpoint whose bytes
 match its checksums is taken; the others newer than it are moved aside (`NAME.bad`), which also keeps them
 out of the way of Composer's check for files a resumed run would overwrite.
+
+`save_num_checkpoints_to_keep` holds in a bucket too (Composer keeps only its local copies to it): once a
+checkpoint's upload has finished (every rank's files of a sharded one), rank 0 lists the save folder and
+deletes the run's checkpoints beyond the newest N, an earlier attempt's included.
 """
 
 import contextlib
@@ -17,7 +21,8 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +32,9 @@ from composer.callbacks import CheckpointSaver
 from composer.core import State
 from composer.loggers import Logger
 from composer.utils import checkpoint, dist, parse_uri, reproducibility
+from composer.utils.remote_uploader import RemoteFilesExistingCheckStatus
+
+from modernbert_train import storage
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +155,8 @@ def _tensor_bytes(value: Any) -> int:
 class AtomicCheckpointSaver(CheckpointSaver):
     """Composer's CheckpointSaver, but a whole (unsharded) checkpoint is written atomically with its checksum,
     locally or (staged locally, then uploaded with its checksum) to a bucket. Sharded checkpoints are saved as
-    Composer saves them, then their files' checksums are recorded."""
+    Composer saves them, then their files' checksums are recorded. In a bucket, the checkpoints beyond
+    `num_checkpoints_to_keep` are deleted once a newer one is uploaded (`prune_bucket`)."""
 
     def __init__(self, folder: str, save_interval, overwrite: bool, num_checkpoints_to_keep: int):
         # The names the Trainer would give its own saver for `save_folder`.
@@ -163,12 +172,43 @@ class AtomicCheckpointSaver(CheckpointSaver):
             overwrite=overwrite,
             num_checkpoints_to_keep=num_checkpoints_to_keep,
         )
+        self.bucket = folder if storage.is_uri(folder) and num_checkpoints_to_keep >= 0 else None
+        self.uploading: list[Upload] = []  # rank 0's uploads to the bucket, in the order they started
+
+    def init(self, state: State, logger: Logger) -> None:
+        super().init(state, logger)
+        if self.bucket is not None and not storage.removable(self.bucket):
+            if dist.get_global_rank() == 0:
+                log.warning(
+                    f"save_num_checkpoints_to_keep={self.num_checkpoints_to_keep} is not applied in "
+                    f"{storage.display(self.bucket)} (only s3:// objects can be deleted): it keeps them all"
+                )
+            self.bucket = None
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        super().batch_end(state, logger)  # raises a failed upload
+        self._prune_uploaded()
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        super().fit_end(state, logger)  # waits for every upload
+        self._prune_uploaded()
+
+    def _prune_uploaded(self) -> None:
+        newest = newest_uploaded(self.uploading)
+        if newest is not None and self.bucket is not None:
+            prune_bucket(self.bucket, self.num_checkpoints_to_keep, newest)
 
     def _save_checkpoint(self, state: State, logger: Logger) -> None:
         if state.fsdp_sharded_state_dict_enabled or self.weights_only or self.ignore_keys:
+            checks = len(self.symlink_upload_tasks)
             super()._save_checkpoint(state, logger)
             if state.fsdp_sharded_state_dict_enabled:
                 self._record_sharded_checksums()
+                if self.bucket is not None and len(self.symlink_upload_tasks) > checks:  # rank 0, to a bucket
+                    # Composer's check that every rank's files of the folder are in the bucket, which then
+                    # uploads `latest-rank0.pt.symlink`.
+                    order = (state.timestamp.epoch.value, state.timestamp.batch.value)
+                    self.uploading.append(Upload(order, [self.symlink_upload_tasks[-1][0]]))
             return
         self.last_checkpoint_batch = state.timestamp.batch
         path = checkpoint.get_save_filename(state, self.filename.format(state, keep_placeholders=True))
@@ -189,15 +229,21 @@ class AtomicCheckpointSaver(CheckpointSaver):
         if self.latest_filename is not None and self.num_checkpoints_to_keep != 0:
             point_latest_at(Path(self.latest_filename.format(state)), Path(path))
         self.saved_checkpoints.append(path)
-        if self.remote_file_name is not None:  # to a bucket (or a logger that keeps files, as Composer does)
-            remote_name = self.remote_file_name.format(state).lstrip("/")
-            uploads = [(remote_name, path)]
-            if self.remote_uploader is not None:  # it copies each file before it returns
-                uploads.append((remote_name + ".sha256", str(checksum_file(Path(path)))))
-            for remote, local in uploads:
-                self._upload_checkpoint(
-                    remote_file_name=remote, local_file_name=local, local_remote_file_names=[], logger=logger
+        remote_name = self.remote_file_name.format(state).lstrip("/")
+        if self.remote_uploader is not None:  # to a bucket; it copies each file before it returns
+            uploads = [(remote_name, Path(path)), (remote_name + ".sha256", checksum_file(Path(path)))]
+            futures = [
+                self.remote_uploader.upload_file_async(
+                    remote_file_name=remote, file_path=local, overwrite=self.overwrite
                 )
+                for remote, local in uploads
+            ]
+            if self.bucket is not None:
+                self.uploading.append(Upload(checkpoint_order(Path(path)), futures))
+        else:  # to a logger that keeps files, as Composer does
+            self._upload_checkpoint(
+                remote_file_name=remote_name, local_file_name=path, local_remote_file_names=[], logger=logger
+            )
         if self.num_checkpoints_to_keep >= 0:
             while len(self.saved_checkpoints) > self.num_checkpoints_to_keep:
                 oldest = Path(self.saved_checkpoints.pop(0))
@@ -215,6 +261,88 @@ class AtomicCheckpointSaver(CheckpointSaver):
         for recorded in folder.parent.glob("*.sha256"):
             if checkpoint_order(recorded.with_suffix("")) and not recorded.with_suffix("").exists():
                 recorded.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One checkpoint's upload to a bucket: done once all its futures are (its files, or Composer's check
+    that every rank's files of a sharded folder are there)."""
+
+    order: tuple[int, int]
+    futures: list[Future]
+
+    def done(self) -> bool:
+        return all(future.done() for future in self.futures)
+
+    def succeeded(self) -> bool:
+        failed = (RemoteFilesExistingCheckStatus.TIMEOUT, RemoteFilesExistingCheckStatus.ERROR)
+        return all(future.exception() is None and future.result() not in failed for future in self.futures)
+
+
+def newest_uploaded(uploading: list[Upload]) -> tuple[int, int] | None:
+    """The newest checkpoint now known to be wholly in the bucket, taking the uploads that finished off the
+    front of `uploading` (in the order they started, so none counts while an older one is still going); None
+    when no more finished. A failed upload never counts (Composer raises it)."""
+    newest = None
+    while uploading and uploading[0].done():
+        upload = uploading.pop(0)
+        if upload.succeeded():
+            newest = upload.order
+    return newest
+
+
+def bucket_checkpoints_to_delete(names: Iterable[str], keep: int, newest: tuple[int, int]) -> list[list[str]]:
+    """The run's checkpoints to delete from a bucket's save folder, given its listing (names relative to
+    it), so that `keep` remain as Composer counts them (-1 keeps all, 0 none): of the checkpoints up to
+    `newest` (the newest one known to be wholly uploaded; newer ones are still uploading and neither count
+    nor go), all but the newest `keep`. Only this run's names count (`ep{epoch}-ba{batch}-rank0.pt` files and
+    `ep{epoch}-ba{batch}` sharded folders), never `.bad` ones, config.yaml, metrics.jsonl, the lock or
+    exports. Each checkpoint, oldest first, is the list of its objects in the order they go: its checksum,
+    then the file, or the folder's `.metadata` and then its other files. So a deletion cut short leaves a
+    checkpoint that is still listed (it goes next time) or an incomplete folder, never a lone checksum."""
+    if keep < 0:
+        return []
+    names = set(names)
+    members: dict[str, list[str]] = {}
+    for name in names:
+        top = name.partition("/")[0]
+        order = checkpoint_order(Path(top))
+        if order is not None and order <= newest:
+            members.setdefault(top, []).append(name)
+    oldest_first = sorted(members, key=lambda top: (checkpoint_order(Path(top)), top))
+    doomed = oldest_first[: max(0, len(oldest_first) - keep)]
+    return [
+        [f"{top}.sha256"] * (f"{top}.sha256" in names)
+        + sorted(members[top], key=lambda name: (not name.endswith("/.metadata"), name))
+        for top in doomed
+    ]
+
+
+def prune_bucket(folder: str, keep: int, newest: tuple[int, int]) -> None:
+    """Delete from the bucket's save folder the run's checkpoints beyond the newest `keep`, each with its
+    checksum (`bucket_checkpoints_to_delete`). A listing or deletion that fails is a warning naming it, and
+    training goes on; the rest of that checkpoint is left for the next time."""
+    try:
+        names = storage.list_files(folder)
+    except Exception as e:  # keeping the bucket tidy never stops training
+        log.warning(f"save_num_checkpoints_to_keep: cannot list {storage.display(folder)}: {e}")
+        return
+    for objects in bucket_checkpoints_to_delete(names, keep, newest):
+        for name in objects:
+            uri = storage.join(folder, name)
+            try:
+                storage.remove(uri)
+            except Exception as e:
+                log.warning(
+                    f"save_num_checkpoints_to_keep={keep}: cannot delete {uri} ({e}); it stays in the bucket "
+                    "and is tried again after the next checkpoint"
+                )
+                break
+        else:
+            log.info(
+                f"deleted checkpoint {storage.join(folder, objects[-1].partition('/')[0])} from the bucket "
+                f"(save_num_checkpoints_to_keep={keep})"
+            )
 
 
 def point_latest_at(link: Path, target: Path) -> None:
