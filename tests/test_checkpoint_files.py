@@ -1,7 +1,8 @@
 """Checkpoint files (train/checkpoint_files.py): written whole or not at all, with a checksum; on resume the
 newest whole one is taken and the damaged or incomplete newer ones are skipped, named and moved aside; a full
-or read-only disk is one line naming the folder and the space needed; in a bucket, the checkpoints beyond
-save_num_checkpoints_to_keep go once a newer one is uploaded."""
+or read-only disk is one line naming the folder and the space needed; the checkpoints beyond
+save_num_checkpoints_to_keep go once a newer one is complete (locally) or uploaded (in a bucket), an earlier
+attempt's included."""
 
 import logging
 import os
@@ -19,12 +20,12 @@ from modernbert_train.train.checkpoint_files import (
     AtomicCheckpointSaver,
     CheckpointSaveError,
     Upload,
-    bucket_checkpoints_to_delete,
+    checkpoints_to_delete,
     checksum_file,
     newest_good_checkpoint,
     newest_uploaded,
     partial_file,
-    prune_bucket,
+    prune_checkpoints,
     write_checkpoint_atomically,
     write_folder_checksums,
 )
@@ -196,23 +197,102 @@ BUCKET_LISTING = [
 def test_bucket_retention_deletes_the_runs_oldest_checkpoints_with_their_checksums():
     """Ordered by (epoch, batch), not by name; the one still uploading (newer than the newest uploaded)
     neither counts nor goes; each checkpoint's checksum goes first, a folder's .metadata before its shards."""
-    doomed = bucket_checkpoints_to_delete(BUCKET_LISTING, keep=2, newest=(1, 12))
+    doomed = checkpoints_to_delete(BUCKET_LISTING, keep=2, newest=(1, 12))
     assert doomed == [
         ["ep0-ba1-rank0.pt.sha256", "ep0-ba1-rank0.pt"],
         ["ep0-ba2-rank0.pt"],
         ["ep0-ba4.sha256", "ep0-ba4/.metadata", "ep0-ba4/__0_0.distcp", "ep0-ba4/__1_0.distcp"],
     ]
-    none_kept = bucket_checkpoints_to_delete(BUCKET_LISTING, keep=0, newest=(1, 12))
+    none_kept = checkpoints_to_delete(BUCKET_LISTING, keep=0, newest=(1, 12))
     assert none_kept[:3] == doomed
     assert none_kept[3:] == [
         ["ep0-ba10-rank0.pt.sha256", "ep0-ba10-rank0.pt"],
         ["ep1-ba12-rank0.pt.sha256", "ep1-ba12-rank0.pt"],
     ]
-    assert bucket_checkpoints_to_delete(BUCKET_LISTING, keep=1, newest=(0, 2)) == [
+    assert checkpoints_to_delete(BUCKET_LISTING, keep=1, newest=(0, 2)) == [
         ["ep0-ba1-rank0.pt.sha256", "ep0-ba1-rank0.pt"]
     ]
-    assert bucket_checkpoints_to_delete(BUCKET_LISTING, keep=-1, newest=(1, 12)) == []
-    assert bucket_checkpoints_to_delete(BUCKET_LISTING, keep=9, newest=(1, 14)) == []
+    assert checkpoints_to_delete(BUCKET_LISTING, keep=-1, newest=(1, 12)) == []
+    assert checkpoints_to_delete(BUCKET_LISTING, keep=9, newest=(1, 14)) == []
+
+
+def local_save_folder(folder: Path) -> dict[str, bytes]:
+    """A local save folder after a resume: two earlier attempts' whole checkpoints (one from before
+    checksums), a sharded one, one moved aside, an interrupted save's partial files, the newest checkpoint
+    and the run's other files; returns the other files' bytes."""
+    save(folder, 1)
+    torch.save(state_dict(2), folder / "ep0-ba2-rank0.pt")
+    write_folder_checksums(sharded(folder, 4))
+    save(folder, 3).rename(folder / "ep0-ba3-rank0.pt.bad")
+    checksum_file(folder / "ep0-ba3-rank0.pt").rename(folder / "ep0-ba3-rank0.pt.bad.sha256")
+    save(folder, 10)
+    os.symlink("ep0-ba10-rank0.pt", folder / LATEST)
+    others = {
+        ".ep0-ba11-rank0.pt.partial": b"half a save",
+        ".ep0-ba11-rank0.pt.sha256.partial": b"",
+        ".lock": b"{}",
+        "config.yaml": b"seed: 17\n",
+        "metrics.jsonl": b'{"batch": 1}\n',
+        "hf/config.json": b"{}",
+    }
+    for name, data in others.items():
+        (folder / name).parent.mkdir(exist_ok=True)
+        (folder / name).write_bytes(data)
+    return others
+
+
+def test_a_local_save_folder_keeps_the_newest_checkpoints_whoever_saved_them(tmp_path):
+    """The same choice as in a bucket, from the folder's listing: partial files, moved-aside and other files
+    neither count nor go; a sharded folder goes whole after its checksum; the newest and the link stay."""
+    others = local_save_folder(tmp_path)
+    assert checkpoints_to_delete(storage.list_files(tmp_path), keep=2, newest=(0, 10)) == [
+        ["ep0-ba1-rank0.pt.sha256", "ep0-ba1-rank0.pt"],
+        ["ep0-ba2-rank0.pt"],
+    ]
+    prune_checkpoints(tmp_path, keep=1, newest=(0, 10))
+    kept = {"ep0-ba10-rank0.pt", "ep0-ba10-rank0.pt.sha256", LATEST}
+    moved_aside = {"ep0-ba3-rank0.pt.bad", "ep0-ba3-rank0.pt.bad.sha256"}
+    assert {p.name for p in tmp_path.iterdir()} == kept | moved_aside | {
+        name.split("/")[0] for name in others
+    }
+    assert all((tmp_path / name).read_bytes() == data for name, data in others.items())
+    assert os.readlink(tmp_path / LATEST) == "ep0-ba10-rank0.pt"
+    prune_checkpoints(tmp_path, keep=-1, newest=(0, 10))  # keeps all
+    assert (tmp_path / "ep0-ba10-rank0.pt").is_file()
+
+
+def test_keeping_no_local_checkpoint_removes_the_latest_link_first(tmp_path):
+    """save_num_checkpoints_to_keep=0 keeps none, the newest included, as Composer does locally (where it no
+    longer moves `latest-rank0.pt`): the link goes before the checkpoint it points at."""
+    others = local_save_folder(tmp_path)
+    prune_checkpoints(tmp_path, keep=0, newest=(0, 10))
+    moved_aside = {"ep0-ba3-rank0.pt.bad", "ep0-ba3-rank0.pt.bad.sha256"}
+    assert {p.name for p in tmp_path.iterdir()} == moved_aside | {name.split("/")[0] for name in others}
+
+
+def test_a_local_checkpoint_that_cannot_be_deleted_is_a_warning_naming_it(tmp_path, monkeypatch, caplog):
+    local_save_folder(tmp_path)
+    stuck = tmp_path / "ep0-ba4" / "__0_0.distcp"
+    remove = storage.remove
+
+    def remove_or_fail(path):
+        if Path(path) == stuck:
+            raise PermissionError(13, "Permission denied", str(path))
+        remove(path)
+
+    monkeypatch.setattr(storage, "remove", remove_or_fail)
+    with caplog.at_level(logging.WARNING):
+        prune_checkpoints(tmp_path, keep=1, newest=(0, 10))
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        f"save_num_checkpoints_to_keep=1: cannot delete {stuck} ([Errno 13] Permission denied: '{stuck}'); "
+        "it stays in the save folder and is tried again after the next checkpoint"
+    ]
+    # its checksum and .metadata went first: what is left is an incomplete folder, which a resume skips
+    assert sorted(p.name for p in (tmp_path / "ep0-ba4").iterdir()) == ["__0_0.distcp", "__1_0.distcp"]
+    assert not (tmp_path / "ep0-ba4.sha256").exists() and not (tmp_path / "ep0-ba2-rank0.pt").exists()
+    monkeypatch.setattr(storage, "remove", remove)
+    prune_checkpoints(tmp_path, keep=1, newest=(0, 10))  # the next checkpoint's pass
+    assert not (tmp_path / "ep0-ba4").exists()
 
 
 def finished(result=0) -> Future:
@@ -256,7 +336,7 @@ def test_pruning_a_bucket_warns_about_an_object_it_cannot_delete_and_goes_on(s3_
 
     monkeypatch.setattr(storage, "remove", remove_or_fail)
     with caplog.at_level(logging.WARNING):
-        prune_bucket(run, keep=2, newest=(0, 4))
+        prune_checkpoints(run, keep=2, newest=(0, 4))
     assert storage.list_files(run) == [
         "config.yaml",
         "ep0-ba1-rank0.pt",
@@ -271,7 +351,7 @@ def test_pruning_a_bucket_warns_about_an_object_it_cannot_delete_and_goes_on(s3_
         "delete); it stays in the bucket and is tried again after the next checkpoint"
     ]
     monkeypatch.setattr(storage, "remove", remove)
-    prune_bucket(run, keep=2, newest=(0, 4))  # the next checkpoint's pass
+    prune_checkpoints(run, keep=2, newest=(0, 4))  # the next checkpoint's pass
     assert storage.list_files(run)[:2] == ["config.yaml", "ep0-ba3-rank0.pt"]
 
 

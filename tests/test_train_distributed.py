@@ -152,6 +152,8 @@ def test_fsdp2_resume_is_exact_with_full_and_sharded_state_dicts(write_recipe, t
             save_folder=str(tmp_path / state_dict_type),
             data={"eval": []},
             parallelism={"fsdp": {"state_dict_type": state_dict_type}},
+            # the sharded run keeps its newest checkpoint only, the killed attempt's counted too
+            save_num_checkpoints_to_keep=1 if state_dict_type == "sharded" else -1,
         )
         command = [*LAUNCHER, "-n", "2", "--master_port", str(free_port()), *train_args(recipe)]
         return subprocess.Popen(
@@ -203,6 +205,9 @@ def test_fsdp2_resume_is_exact_with_full_and_sharded_state_dicts(write_recipe, t
     files = sorted(p.relative_to(sharded / "ep0-ba8").as_posix() for p in (sharded / "ep0-ba8").rglob("*"))
     assert sorted(recorded) == files and ".metadata" in files and len(files) >= 3
     assert all(recorded[name] == sha256(sharded / "ep0-ba8" / name) for name in files)
+    # the killed attempt's ep0-ba4 went whole, with its checksums, once ep0-ba8 was complete
+    assert sorted(p.name for p in sharded.glob("ep*")) == ["ep0-ba8", "ep0-ba8.sha256"]
+    assert os.readlink(sharded / "latest-rank0.pt") == "ep0-ba8"
 
 
 @pytest.mark.timeout(1800)

@@ -1,4 +1,5 @@
-"""Preemption: a SIGKILLed run restarted with the same command reproduces the straight run; SIGTERM saves."""
+"""Preemption: a SIGKILLed run restarted with the same command reproduces the straight run; SIGTERM saves;
+save_num_checkpoints_to_keep holds across restarts."""
 
 import os
 import signal
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, losses_by_batch, read_metrics, run_env, run_train, train_command
 
+from modernbert_train.train.checkpoint_files import sha256
 from modernbert_train.train.preemption import EXIT_PREEMPTED
 
 pytestmark = pytest.mark.slow
@@ -79,3 +81,38 @@ def test_sigterm_saves_a_checkpoint_and_stops(write_recipe, tmp_path):
     assert "SIGTERM: saving a checkpoint" in log.read_text()
     assert f"preempted: stopped at batch {stopped_at}" in log.read_text()
     assert not hf_dir.exists()  # a preempted run is not finished: nothing to export
+
+
+def test_a_local_save_folder_keeps_the_newest_checkpoints_across_a_resume(write_recipe, tmp_path):
+    """save_num_checkpoints_to_keep=2 with a checkpoint every batch: the resumed run counts (and deletes) the
+    first attempt's checkpoints too; the run's other files (a damaged checkpoint moved aside among them)
+    stay."""
+    folder = tmp_path / "run"
+    recipe = write_recipe(
+        autoresume=True, save_interval="1ba", save_num_checkpoints_to_keep=2, data={"eval": []}
+    )
+
+    def checkpoints() -> set[str]:
+        return {p.name for p in folder.iterdir() if p.name.startswith("ep") and ".bad" not in p.name}
+
+    def with_checksums(*batches: int) -> set[str]:
+        return {f"ep0-ba{b}-rank0.pt{suffix}" for b in batches for suffix in ("", ".sha256")}
+
+    run_train(recipe, "max_duration=5ba")
+    assert checkpoints() == with_checksums(4, 5)
+    for name in ("ep0-ba1-rank0.pt.bad", "ep0-ba1-rank0.pt.bad.sha256"):
+        (folder / name).write_text("moved aside by an earlier resume")
+    others = {
+        p.name: p.read_bytes() for p in folder.iterdir() if p.name not in checkpoints() | {"latest-rank0.pt"}
+    }
+    assert {"config.yaml", "metrics.jsonl", "ep0-ba1-rank0.pt.bad"} <= set(others)
+
+    run_train(recipe, "max_duration=8ba")
+    assert checkpoints() == with_checksums(7, 8)
+    for name in ("ep0-ba7-rank0.pt", "ep0-ba8-rank0.pt"):
+        assert (folder / f"{name}.sha256").read_text().split()[0] == sha256(folder / name)
+    assert os.readlink(folder / "latest-rank0.pt") == "ep0-ba8-rank0.pt"
+    assert [row["batch"] for row in read_metrics(folder / "metrics.jsonl")] == list(range(1, 9))
+    assert {p.name for p in folder.iterdir()} == set(others) | checkpoints() | {"latest-rank0.pt"}
+    rewritten = {"config.yaml", "metrics.jsonl"}
+    assert all((folder / name).read_bytes() == data for name, data in others.items() if name not in rewritten)

@@ -9,9 +9,10 @@ line per file, go to `FOLDER.sha256` once the save is done. On resume the newest
 match its checksums is taken; the others newer than it are moved aside (`NAME.bad`), which also keeps them
 out of the way of Composer's check for files a resumed run would overwrite.
 
-`save_num_checkpoints_to_keep` holds in a bucket too (Composer keeps only its local copies to it): once a
-checkpoint's upload has finished (every rank's files of a sharded one), rank 0 lists the save folder and
-deletes the run's checkpoints beyond the newest N, an earlier attempt's included.
+`save_num_checkpoints_to_keep` holds across restarts (Composer counts only the checkpoints its own process
+saved): once a checkpoint is complete (locally: written with its checksums; in a bucket: every file
+uploaded), rank 0 lists the save folder and deletes the run's checkpoints beyond the newest N, an earlier
+attempt's included (`checkpoints_to_delete` picks them).
 """
 
 import contextlib
@@ -155,8 +156,10 @@ def _tensor_bytes(value: Any) -> int:
 class AtomicCheckpointSaver(CheckpointSaver):
     """Composer's CheckpointSaver, but a whole (unsharded) checkpoint is written atomically with its checksum,
     locally or (staged locally, then uploaded with its checksum) to a bucket. Sharded checkpoints are saved as
-    Composer saves them, then their files' checksums are recorded. In a bucket, the checkpoints beyond
-    `num_checkpoints_to_keep` are deleted once a newer one is uploaded (`prune_bucket`)."""
+    Composer saves them, then their files' checksums are recorded. The checkpoints beyond
+    `num_checkpoints_to_keep` are deleted from the save folder's listing (`prune_checkpoints`): locally once a
+    newer one is complete, in a bucket once it is uploaded. Composer's own count applies only to the copies
+    staged locally for a bucket."""
 
     def __init__(self, folder: str, save_interval, overwrite: bool, num_checkpoints_to_keep: int):
         # The names the Trainer would give its own saver for `save_folder`.
@@ -173,6 +176,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
             num_checkpoints_to_keep=num_checkpoints_to_keep,
         )
         self.bucket = folder if storage.is_uri(folder) and num_checkpoints_to_keep >= 0 else None
+        self.prunes_locally = not storage.is_uri(folder) and num_checkpoints_to_keep >= 0
         self.uploading: list[Upload] = []  # rank 0's uploads to the bucket, in the order they started
 
     def init(self, state: State, logger: Logger) -> None:
@@ -196,9 +200,30 @@ class AtomicCheckpointSaver(CheckpointSaver):
     def _prune_uploaded(self) -> None:
         newest = newest_uploaded(self.uploading)
         if newest is not None and self.bucket is not None:
-            prune_bucket(self.bucket, self.num_checkpoints_to_keep, newest)
+            prune_checkpoints(self.bucket, self.num_checkpoints_to_keep, newest)
 
     def _save_checkpoint(self, state: State, logger: Logger) -> None:
+        self._save_checkpoint_files(state, logger)
+        if self.prunes_locally and dist.get_global_rank() == 0:
+            folder = Path(self.filename.format(state)).parent
+            order = (state.timestamp.epoch.value, state.timestamp.batch.value)
+            prune_checkpoints(folder, self.num_checkpoints_to_keep, order)
+
+    def _rotate_checkpoints(self, sharding_enabled: bool = False) -> None:
+        """Composer's count of the checkpoints this process saved, which holds only for the copies staged
+        locally for a bucket (each uploaded before it goes). A local save folder is pruned from its listing
+        instead (`_save_checkpoint`), so here its list is only kept to the newest ones."""
+        if self.remote_uploader is None:
+            del self.saved_checkpoints[: -max(1, self.num_checkpoints_to_keep)]
+        elif sharding_enabled:
+            super()._rotate_checkpoints(sharding_enabled)
+        else:
+            while len(self.saved_checkpoints) > self.num_checkpoints_to_keep:
+                oldest = Path(self.saved_checkpoints.pop(0))
+                oldest.unlink(missing_ok=True)
+                checksum_file(oldest).unlink(missing_ok=True)
+
+    def _save_checkpoint_files(self, state: State, logger: Logger) -> None:
         if state.fsdp_sharded_state_dict_enabled or self.weights_only or self.ignore_keys:
             checks = len(self.symlink_upload_tasks)
             super()._save_checkpoint(state, logger)
@@ -245,22 +270,16 @@ class AtomicCheckpointSaver(CheckpointSaver):
                 remote_file_name=remote_name, local_file_name=path, local_remote_file_names=[], logger=logger
             )
         if self.num_checkpoints_to_keep >= 0:
-            while len(self.saved_checkpoints) > self.num_checkpoints_to_keep:
-                oldest = Path(self.saved_checkpoints.pop(0))
-                oldest.unlink(missing_ok=True)
-                checksum_file(oldest).unlink(missing_ok=True)
+            self._rotate_checkpoints()
 
     def _record_sharded_checksums(self) -> None:
         """On rank 0, after Composer's sharded save (every rank's files are written when the coordinator's
-        save returns): the newest folder's checksums; the checksums of folders rotated away go too."""
+        save returns): the newest folder's checksums."""
         if dist.get_global_rank() != 0 or not self.saved_checkpoints or self.remote_uploader is not None:
             return
         folder = Path(self.saved_checkpoints[-1]).parent
         if (folder / ".metadata").is_file():
             write_folder_checksums(folder)
-        for recorded in folder.parent.glob("*.sha256"):
-            if checkpoint_order(recorded.with_suffix("")) and not recorded.with_suffix("").exists():
-                recorded.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -291,15 +310,16 @@ def newest_uploaded(uploading: list[Upload]) -> tuple[int, int] | None:
     return newest
 
 
-def bucket_checkpoints_to_delete(names: Iterable[str], keep: int, newest: tuple[int, int]) -> list[list[str]]:
-    """The run's checkpoints to delete from a bucket's save folder, given its listing (names relative to
-    it), so that `keep` remain as Composer counts them (-1 keeps all, 0 none): of the checkpoints up to
-    `newest` (the newest one known to be wholly uploaded; newer ones are still uploading and neither count
-    nor go), all but the newest `keep`. Only this run's names count (`ep{epoch}-ba{batch}-rank0.pt` files and
-    `ep{epoch}-ba{batch}` sharded folders), never `.bad` ones, config.yaml, metrics.jsonl, the lock or
-    exports. Each checkpoint, oldest first, is the list of its objects in the order they go: its checksum,
-    then the file, or the folder's `.metadata` and then its other files. So a deletion cut short leaves a
-    checkpoint that is still listed (it goes next time) or an incomplete folder, never a lone checksum."""
+def checkpoints_to_delete(names: Iterable[str], keep: int, newest: tuple[int, int]) -> list[list[str]]:
+    """The run's checkpoints to delete from a save folder (local or a bucket), given its listing of files
+    (names relative to it, as `storage.list_files` gives them), so that `keep` remain as Composer counts them
+    (-1 keeps all, 0 none): of the checkpoints up to `newest` (the newest one known to be complete; newer ones
+    are still being uploaded and neither count nor go), all but the newest `keep`. Only this run's names count
+    (`ep{epoch}-ba{batch}-rank0.pt` files and `ep{epoch}-ba{batch}` sharded folders), never `.bad` ones,
+    partial files of a save in progress, config.yaml, metrics.jsonl, the lock or exports. Each checkpoint,
+    oldest first, is the list of its files in the order they go: its checksum, then the file, or the folder's
+    `.metadata` and then its other files. So a deletion cut short leaves a checkpoint that is still listed (it
+    goes next time) or an incomplete folder, never a lone checksum."""
     if keep < 0:
         return []
     names = set(names)
@@ -318,31 +338,38 @@ def bucket_checkpoints_to_delete(names: Iterable[str], keep: int, newest: tuple[
     ]
 
 
-def prune_bucket(folder: str, keep: int, newest: tuple[int, int]) -> None:
-    """Delete from the bucket's save folder the run's checkpoints beyond the newest `keep`, each with its
-    checksum (`bucket_checkpoints_to_delete`). A listing or deletion that fails is a warning naming it, and
-    training goes on; the rest of that checkpoint is left for the next time."""
+def prune_checkpoints(folder: str | Path, keep: int, newest: tuple[int, int]) -> None:
+    """Delete from the save folder (local or a bucket) the run's checkpoints beyond the newest `keep`, each
+    with its checksum (`checkpoints_to_delete`). Locally a `latest-rank0.pt` pointing at one goes first and a
+    sharded folder goes whole. A listing or deletion that fails is a warning naming it, and training goes on;
+    the rest of that checkpoint is left for the next time."""
+    local = not storage.is_uri(folder)
+    where = "the save folder" if local else "the bucket"
     try:
         names = storage.list_files(folder)
-    except Exception as e:  # keeping the bucket tidy never stops training
+    except Exception as e:  # keeping the save folder tidy never stops training
         log.warning(f"save_num_checkpoints_to_keep: cannot list {storage.display(folder)}: {e}")
         return
-    for objects in bucket_checkpoints_to_delete(names, keep, newest):
-        for name in objects:
-            uri = storage.join(folder, name)
+    for files in checkpoints_to_delete(names, keep, newest):
+        checkpoint = storage.join(folder, files[-1].partition("/")[0])
+        paths = [storage.join(folder, name) for name in files]
+        if local:  # with keep=0 Composer no longer moves the link; the folder's emptied subfolders go last
+            link = Path(folder, LATEST)
+            points_here = (
+                link.is_symlink() and Path(folder, os.readlink(link)).resolve() == Path(checkpoint).resolve()
+            )
+            paths = [str(link)] * points_here + paths + [checkpoint] * Path(checkpoint).is_dir()
+        for path in paths:
             try:
-                storage.remove(uri)
+                storage.remove(path)
             except Exception as e:
                 log.warning(
-                    f"save_num_checkpoints_to_keep={keep}: cannot delete {uri} ({e}); it stays in the bucket "
+                    f"save_num_checkpoints_to_keep={keep}: cannot delete {path} ({e}); it stays in {where} "
                     "and is tried again after the next checkpoint"
                 )
                 break
         else:
-            log.info(
-                f"deleted checkpoint {storage.join(folder, objects[-1].partition('/')[0])} from the bucket "
-                f"(save_num_checkpoints_to_keep={keep})"
-            )
+            log.info(f"deleted checkpoint {checkpoint} from {where} (save_num_checkpoints_to_keep={keep})")
 
 
 def point_latest_at(link: Path, target: Path) -> None:
