@@ -3,6 +3,7 @@
 import json
 import math
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from composer.core import Callback, Event, State
@@ -39,11 +40,19 @@ class JSONLLogger(LoggerDestination):
     `float()` reads back) and its key listed in the row's `non_finite`.
 
     A URI `path` (a run in a bucket) is written to a local copy, fetched at the start and uploaded at every
-    checkpoint and at the end: a crash loses at most the rows since the last checkpoint.
+    checkpoint and at the end: a crash loses at most the rows since the last checkpoint. Once `lock_lost` (the
+    run lock's `lost()`) says why the bucket folder may be another run's, nothing more is uploaded.
     """
 
-    def __init__(self, path: str | Path, log_every_n_batches: int = 1, save_interval: str = "1ep"):
+    def __init__(
+        self,
+        path: str | Path,
+        log_every_n_batches: int = 1,
+        save_interval: str = "1ep",
+        lock_lost: Callable[[], str | None] = lambda: None,
+    ):
         self.remote = str(path) if storage.is_uri(path) else None
+        self.lock_lost = lock_lost
         # The checkpoint saver's schedule, asked separately: True exactly at the batches it saves.
         self.checkpoint_due = create_interval_scheduler(save_interval)
         self.path = (
@@ -107,6 +116,8 @@ class JSONLLogger(LoggerDestination):
         self._upload()
 
     def _upload(self) -> None:
+        if self.lock_lost() is not None:
+            return
         if self.remote and dist.get_global_rank() == 0 and self.path.is_file():
             # One plain PUT: no transfer threads, so it also works from Composer's close at interpreter exit.
             storage.write_bytes(self.remote, self.path.read_bytes())

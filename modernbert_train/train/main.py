@@ -4,7 +4,8 @@ The recipe is checked before Composer (a few seconds to import) or any data is t
 training completed (or had already completed); 2 for bad input (one line on stderr); 1 when training failed
 (one line on stderr, the traceback in a file it names); 75 when a SIGTERM stopped it after a checkpoint was
 saved (rerun the same command to resume; nothing is exported); 143 when a SIGTERM stopped a run without a
-save_folder.
+save_folder. A run that lost its bucket save_folder's lock (another run holds it now, or may) stops at the end
+of the batch with 1 and one line naming the lock, and writes nothing more into the folder.
 """
 
 import argparse
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
             lock.claim()
         from modernbert_train.train.run import build_run
 
-        run = build_run(config, start)
+        run = build_run(config, start, lock)
     except (ConfigError, ValueError) as e:
         # ValueError: the model, optimizer, scheduler, data and checkpoint builders' one-line errors.
         if lock is not None:
@@ -93,7 +94,14 @@ def main(argv: list[str] | None = None) -> None:
         where = _write_traceback(config, dist.get_global_rank())
         print(f"modernbert-train: error: {_one_line(e)} (traceback in {where})", file=sys.stderr)
         sys.exit(1)
-    if exit_code == EXIT_PREEMPTED and dist.get_global_rank() == 0:
+    if run.preemption.lost is not None:
+        at = run.trainer.state.timestamp.batch
+        print(
+            f"modernbert-train: error: {run.preemption.lost}; stopped at batch {at.value} without saving "
+            f"anything more to {config.save_folder}",
+            file=sys.stderr,
+        )
+    elif exit_code == EXIT_PREEMPTED and dist.get_global_rank() == 0:
         at = run.trainer.state.timestamp.batch
         print(
             f"modernbert-train: preempted: stopped at batch {at.value} with a checkpoint in "

@@ -5,6 +5,7 @@ Each component is built by its own package; this file only connects them and cho
 
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from modernbert_train.train.nonfinite_guard import NonFiniteGuard
 from modernbert_train.train.periodic_export import periodic_export
 from modernbert_train.train.preemption import SaveOnSigterm
 from modernbert_train.train.profiler import BatchProfiler
+from modernbert_train.train.run_lock import BucketRunLock, RunLock
 from modernbert_train.train.run_metadata import RunMetadata
 from modernbert_train.train.schedulers import build_scheduler
 from modernbert_train.train.schema import TrainConfig
@@ -54,6 +56,7 @@ class Run:
     def fit(self) -> int:
         """Train, and export when training completed; the command's exit code (see train/preemption.py)."""
         self.trainer.fit(reset_time=self.reset_time)
+        self.preemption.check_lock(self.trainer.state)
         exit_code = self.preemption.exit_code()
         if self.config.export.hf_dir and exit_code == 0:
             export_trainer_model(self.model, self.config.export.hf_dir, self.data.tokenizer_file)
@@ -140,13 +143,13 @@ def parallelism(config: TrainConfig) -> dict | None:
     return {"fsdp": FSDP2Config(**asdict(config.parallelism.fsdp))}
 
 
-def loggers(config: TrainConfig) -> list:
+def loggers(config: TrainConfig, lock_lost: Callable[[], str | None] = lambda: None) -> list:
     destinations = []
     if config.save_folder:
         every = Time.from_timestring(config.log_interval)
         every_n = int(every.value) if every.unit == TimeUnit.BATCH else 1
         metrics = storage.join(config.save_folder, METRICS)
-        destinations.append(JSONLLogger(metrics, every_n, config.save_interval))
+        destinations.append(JSONLLogger(metrics, every_n, config.save_interval, lock_lost))
     wandb = config.loggers.wandb
     if wandb is not None:
         init_kwargs = {"config": to_dict(config)}
@@ -178,8 +181,12 @@ def _check_tokenizer(start: RunStart, tokenizer_file: Path) -> None:
         )
 
 
-def build_run(config: TrainConfig, start: RunStart | None = None) -> Run:
-    """The Trainer for `config`, starting as `start` says (decided here when not given)."""
+def build_run(
+    config: TrainConfig, start: RunStart | None = None, lock: RunLock | BucketRunLock | None = None
+) -> Run:
+    """The Trainer for `config`, starting as `start` says (decided here when not given). `lock`: the save
+    folder's lock, held by rank 0 (train/main.py); once it is lost the run stops and writes nothing more
+    there."""
     start = start or decide_start(config)
     # The data is checked first (every stream's index and shards, the tokenizer): a bad dataset is one line,
     # with no log lines before it. build_data draws nothing from the global RNGs.
@@ -206,8 +213,9 @@ def build_run(config: TrainConfig, start: RunStart | None = None) -> Run:
     )
     scheduler = build_scheduler({k: v for k, v in to_dict(config)["scheduler"].items() if v is not None})
 
-    sigterm = SaveOnSigterm(config.save_interval, saves=bool(config.save_folder))
-    destinations = loggers(config)
+    lock_lost = lock.lost if lock is not None else lambda: None
+    sigterm = SaveOnSigterm(config.save_interval, saves=bool(config.save_folder), lock_lost=lock_lost)
+    destinations = loggers(config, lock_lost)
     callbacks = [
         SpeedMonitor(window_size=config.speed_window),
         LRMonitor(),
@@ -224,7 +232,9 @@ def build_run(config: TrainConfig, start: RunStart | None = None) -> Run:
         callbacks.append(AtomicCheckpointSaver(config.save_folder, sigterm.save_interval, overwrite, keep))
     if config.export.interval:
         callbacks.append(
-            periodic_export(config.export.interval, config.export.hf_dir, model, data.tokenizer_file)
+            periodic_export(
+                config.export.interval, config.export.hf_dir, model, data.tokenizer_file, lock_lost
+            )
         )
     phase_change = PhaseChange() if start.kind is StartKind.PHASE_CHANGE else None
     if phase_change:

@@ -13,6 +13,11 @@ for LEASE_SECONDS by the server's clock, or a holder that ran on this machine an
 is a dead run's and is taken over, by a write conditional on that stale version, so two runs racing for it
 cannot both win. A run that ends deletes it. Schemes without conditional writes (gs://, ...) get no lock,
 and are told so.
+
+A holder can lose a bucket lock: a renewal refused because another version is there (another run took it
+over, or the object was replaced or deleted), or no renewal for LEASE_SECONDS by this process's clock (the
+bucket unreachable: another run may take the lease over by now). `lost()` then says why, for good; the
+training loop asks it at every batch (train/preemption.py) and stops, saving nothing more.
 """
 
 import atexit
@@ -32,8 +37,25 @@ from modernbert_train import storage
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
+LEASE_ENV = "MODERNBERT_RUN_LOCK_LEASE_SECONDS"
+
+
+def _lease_seconds() -> float:
+    """120 s, or the value of LEASE_ENV: for tests, which need a lease that runs out in seconds. Every run
+    that may share a bucket save_folder must use the same lease: a waiting run judges the holder's by its
+    own."""
+    text = os.environ.get(LEASE_ENV, "120")
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise ValueError(f"{LEASE_ENV}={text!r}: give a number of seconds > 0")
+    return seconds
+
+
 # A bucket lock's lease: renewed every fifth of it, so a holder survives four failed renewals in a row.
-LEASE_SECONDS = 120.0
+LEASE_SECONDS = _lease_seconds()
 
 
 class RunLockError(ValueError):
@@ -61,47 +83,82 @@ class RunLock:
         with contextlib.suppress(OSError):
             os.close(self.fd)
 
+    def lost(self) -> str | None:
+        """Never: the kernel holds an flock for as long as its process lives."""
+        return None
+
 
 class BucketRunLock:
-    def __init__(self, uri: str, holder: dict, etag: str):
+    def __init__(self, uri: str, holder: dict, etag: str, written_at: float):
         self.uri = uri
         self.holder = holder
         self.etag = etag  # the version this run wrote last: renewals and the delete are conditional on it
+        # When the write of that version was sent (time.monotonic()): the server's lease runs from no earlier.
+        self.written_at = written_at
         self.claimed = False
+        self._lost: str | None = None
+        self._last_error = ""
         self._stop = threading.Event()
-        self._renewer: threading.Thread | None = None
-
-    def claim(self) -> None:
-        """Renew the lease until the process ends (or drops the lock)."""
-        self.claimed = True
+        # Renewed from the start: setting up a run (a checkpoint read from the bucket) may outlast the lease.
         self._renewer = threading.Thread(target=self._renew_until_stopped, name="run-lock-lease", daemon=True)
         self._renewer.start()
+
+    def claim(self) -> None:
+        """Keep the lock until the process ends (or drops it)."""
+        self.claimed = True
         atexit.register(self.drop)
 
+    def lost(self) -> str | None:
+        """Why this run no longer holds the lock (one line naming it), or None while it does. Once lost, lost
+        for good, even if a late renewal gets through."""
+        if self._lost is None and time.monotonic() - self.written_at >= LEASE_SECONDS:
+            error = f" ({self._last_error})" if self._last_error else ""
+            self._lose(
+                f"could not renew the run lock {self.uri} for {LEASE_SECONDS:.0f} s{error}, so another run "
+                "may have taken it over"
+            )
+        return self._lost
+
+    def _lose(self, why: str) -> None:
+        if self._lost is None:
+            self._lost = why
+            log.error("%s: stopping at the end of this batch, without saving", why)
+
     def _renew_until_stopped(self) -> None:
-        while not self._stop.wait(LEASE_SECONDS / 5):
+        while not self._stop.wait(LEASE_SECONDS / 5) and self.lost() is None:
             # A new version each time (the count): a run waiting on the lock sees the holder is alive.
             self.holder["renewals"] = self.holder.get("renewals", 0) + 1
+            sent = time.monotonic()
             try:
                 etag = storage.put_if(self.uri, json.dumps(self.holder).encode(), self.etag)
+                if etag is None:  # not the version this run wrote last
+                    self._look_at_refused_lock()
+                    continue
             except storage.StorageError as e:  # the bucket unreachable for a while: the lease still runs
+                self._last_error = str(e)
                 log.warning("could not renew the run lock %s: %s", self.uri, e)
                 continue
-            if etag is None:
-                log.error(
-                    "lost the run lock %s: another run took it over (this run's renewals failed for %.0f s); "
-                    "two runs may now write to this save_folder",
-                    self.uri,
-                    LEASE_SECONDS,
-                )
-                return
+            self.etag, self.written_at = etag, sent
+
+    def _look_at_refused_lock(self) -> None:
+        """Still this run's lock when the version there names this process (a renewal that reached the bucket
+        but whose answer did not reach us): renewed from that version on (the lease still counted from the
+        last renewal known to have landed). Otherwise lost, to the holder it names, or deleted."""
+        current = storage.read_versioned(self.uri)
+        if current is None:
+            self._lose(f"lost the run lock {self.uri}: it was deleted while this run held it")
+            return
+        data, etag, _ = current
+        holder = _parse(data.decode(errors="replace"))
+        if all(holder.get(key) == self.holder[key] for key in ("host", "pid", "started")):
             self.etag = etag
+            return
+        self._lose(f"lost the run lock {self.uri} to another run ({_describe(holder)})")
 
     def drop(self) -> None:
         """Stop renewing and delete the lock, if it is still this run's version."""
         self._stop.set()
-        if self._renewer is not None:
-            self._renewer.join()
+        self._renewer.join()
         if self.claimed:
             atexit.unregister(self.drop)
         with contextlib.suppress(storage.StorageError):
@@ -185,9 +242,10 @@ def _hold_bucket_lock(folder: str) -> BucketRunLock | None:
     first_seen = None
     deadline = time.monotonic() + 2 * LEASE_SECONDS  # at most: a lease just renewed, then run out
     while time.monotonic() < deadline:
+        sent = time.monotonic()
         etag = storage.put_if(uri, body)
         if etag is not None:
-            return BucketRunLock(uri, mine, etag)
+            return BucketRunLock(uri, mine, etag, sent)
         current = storage.read_versioned(uri)
         if current is None:
             continue  # released between the two calls
@@ -195,6 +253,7 @@ def _hold_bucket_lock(folder: str) -> BucketRunLock | None:
         holder = _parse(data.decode(errors="replace"))
         dead_here = _dead_here(holder)
         if dead_here or age >= LEASE_SECONDS:
+            sent = time.monotonic()
             etag = storage.put_if(uri, body, seen)  # only over that stale version: one taker wins
             if etag is not None:
                 how = "whose process is gone" if dead_here else f"that stopped renewing it {age:.0f} s ago"
@@ -203,7 +262,7 @@ def _hold_bucket_lock(folder: str) -> BucketRunLock | None:
                     f"({_describe(holder)})",
                     file=sys.stderr,
                 )
-                return BucketRunLock(uri, mine, etag)
+                return BucketRunLock(uri, mine, etag, sent)
             continue
         if first_seen is None:
             # Alive, or dead on another machine: a live holder writes a new version every LEASE_SECONDS / 5.
