@@ -373,3 +373,19 @@ def test_the_saver_prunes_its_bucket_after_each_batch_once_uploads_finished(s3_b
         assert storage.list_files(run) == ["ep0-ba3-rank0.pt", "ep0-ba3-rank0.pt.sha256"]
     finally:
         saver.post_close()
+
+
+def test_a_saver_that_lost_its_bucket_lock_prunes_nothing(s3_bucket):
+    """Once the run lock is lost the save folder may be another run's: its checkpoints stay."""
+    run = storage.join(s3_bucket, "taken")
+    for batch in (1, 2):
+        storage.write_text(storage.join(run, f"ep0-ba{batch}-rank0.pt"), "checkpoint")
+    lost = [None]
+    saver = AtomicCheckpointSaver(run, "1ba", False, num_checkpoints_to_keep=1, lock_lost=lambda: lost[0])
+    try:
+        lost[0] = "lost the run lock to another run"
+        saver.uploading = [Upload((0, 2), [finished(), finished()])]
+        saver.batch_end(None, None)
+        assert storage.list_files(run) == ["ep0-ba1-rank0.pt", "ep0-ba2-rank0.pt"]
+    finally:
+        saver.post_close()

@@ -161,7 +161,14 @@ class AtomicCheckpointSaver(CheckpointSaver):
     newer one is complete, in a bucket once it is uploaded. Composer's own count applies only to the copies
     staged locally for a bucket."""
 
-    def __init__(self, folder: str, save_interval, overwrite: bool, num_checkpoints_to_keep: int):
+    def __init__(
+        self,
+        folder: str,
+        save_interval,
+        overwrite: bool,
+        num_checkpoints_to_keep: int,
+        lock_lost: Callable[[], str | None] = lambda: None,
+    ):
         # The names the Trainer would give its own saver for `save_folder`.
         filename, latest = "ep{epoch}-ba{batch}-rank{rank}.pt", "latest-rank{rank}.pt"
         remote_folder = parse_uri(folder)[2]
@@ -178,6 +185,9 @@ class AtomicCheckpointSaver(CheckpointSaver):
         self.bucket = folder if storage.is_uri(folder) and num_checkpoints_to_keep >= 0 else None
         self.prunes_locally = not storage.is_uri(folder) and num_checkpoints_to_keep >= 0
         self.uploading: list[Upload] = []  # rank 0's uploads to the bucket, in the order they started
+        # Rank 0's run lock (train/run_lock.py): once lost, the folder may be another run's, whose
+        # checkpoints pruning would delete.
+        self.lock_lost = lock_lost
 
     def init(self, state: State, logger: Logger) -> None:
         super().init(state, logger)
@@ -199,7 +209,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
 
     def _prune_uploaded(self) -> None:
         newest = newest_uploaded(self.uploading)
-        if newest is not None and self.bucket is not None:
+        if newest is not None and self.bucket is not None and self.lock_lost() is None:
             prune_checkpoints(self.bucket, self.num_checkpoints_to_keep, newest)
 
     def _save_checkpoint(self, state: State, logger: Logger) -> None:

@@ -229,7 +229,9 @@ def build_run(
     if config.save_folder:
         overwrite = not config.autoresume
         keep = config.save_num_checkpoints_to_keep
-        callbacks.append(AtomicCheckpointSaver(config.save_folder, sigterm.save_interval, overwrite, keep))
+        callbacks.append(
+            AtomicCheckpointSaver(config.save_folder, sigterm.save_interval, overwrite, keep, lock_lost)
+        )
     if config.export.interval:
         callbacks.append(
             periodic_export(
