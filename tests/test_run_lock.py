@@ -158,6 +158,46 @@ OTHER = {"host": "elsewhere", "pid": 4242, "started": 1.7e9}  # another run's lo
 OTHER_DESCRIBED = "host elsewhere, pid 4242 since 2023-11-14 22:13:20 UTC"
 
 
+def test_a_waiting_run_judges_the_holder_by_the_holders_own_lease(s3_bucket, monkeypatch, capsys):
+    """The lock names its lease: a run with a long lease takes over a short-leased holder's stale lock once
+    that lease ran out, and a run with a short lease waits out a long-leased holder's instead of taking its
+    lock over while it is alive (and is refused once it renews)."""
+    import threading
+
+    from modernbert_train import storage
+    from modernbert_train.train import run_lock
+
+    monkeypatch.setattr(run_lock, "LEASE_SECONDS", 600.0)
+    folder = storage.join(s3_bucket, "runs", "short")
+    uri = storage.join(folder, LOCK_FILE)
+    storage.write_text(uri, json.dumps({**OTHER, "lease_seconds": 1.0}))
+    began = time.monotonic()
+    lock = hold_run_lock(folder)
+    assert time.monotonic() - began < 30 and "from a run that stopped renewing it" in capsys.readouterr().err
+    lock.drop()
+
+    monkeypatch.setattr(run_lock, "LEASE_SECONDS", 1.0)
+    folder = storage.join(s3_bucket, "runs", "long")
+    uri = storage.join(folder, LOCK_FILE)
+    storage.write_text(uri, json.dumps({**OTHER, "lease_seconds": 600.0}))
+    results: list = []
+    waiter = threading.Thread(target=lambda: results.append(_attempt(folder)), daemon=True)
+    waiter.start()
+    time.sleep(3)  # three of the waiter's own leases
+    assert waiter.is_alive() and json.loads(storage.read_text(uri))["pid"] == OTHER["pid"]
+    storage.write_text(uri, json.dumps({**OTHER, "lease_seconds": 600.0, "renewals": 1}))
+    waiter.join(30)
+    assert len(results) == 1 and isinstance(results[0], RunLockError), results
+    assert "is in use by another run" in str(results[0])
+
+
+def _attempt(folder: str):
+    try:
+        return hold_run_lock(folder)
+    except RunLockError as error:
+        return error
+
+
 def test_a_bucket_lock_replaced_or_deleted_under_its_holder_is_lost(s3_bucket, monkeypatch):
     """A renewal refused because another version is there: lost, naming the new holder (or the deletion);
     the loser's drop() leaves the other holder's lock in place."""

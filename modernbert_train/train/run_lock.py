@@ -200,7 +200,21 @@ def hold_run_lock(folder: str | Path) -> RunLock | BucketRunLock | None:
 def _holder() -> dict:
     """Who holds a lock: host and pid to tell the user, and where that pid means this process (the kernel's
     boot and the pid namespace), so a run on the same machine can see that a holder is dead at once."""
-    return {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "scope": _pid_scope()}
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": time.time(),
+        "scope": _pid_scope(),
+        "lease_seconds": LEASE_SECONDS,  # a waiting run judges this holder by its own lease, not the waiter's
+    }
+
+
+def _lease_of(holder: dict) -> float:
+    """The lease the holder renews within (written since leases became settable), else this run's."""
+    lease = holder.get("lease_seconds")
+    if isinstance(lease, int | float) and not isinstance(lease, bool) and lease > 0:
+        return float(lease)
+    return LEASE_SECONDS
 
 
 def _pid_scope() -> str | None:
@@ -251,8 +265,9 @@ def _hold_bucket_lock(folder: str) -> BucketRunLock | None:
             continue  # released between the two calls
         data, seen, age = current
         holder = _parse(data.decode(errors="replace"))
+        lease = _lease_of(holder)
         dead_here = _dead_here(holder)
-        if dead_here or age >= LEASE_SECONDS:
+        if dead_here or age >= lease:
             sent = time.monotonic()
             etag = storage.put_if(uri, body, seen)  # only over that stale version: one taker wins
             if etag is not None:
@@ -265,11 +280,12 @@ def _hold_bucket_lock(folder: str) -> BucketRunLock | None:
                 return BucketRunLock(uri, mine, etag, sent)
             continue
         if first_seen is None:
-            # Alive, or dead on another machine: a live holder writes a new version every LEASE_SECONDS / 5.
+            # Alive, or dead on another machine: a live holder writes a new version every fifth of its lease.
             first_seen = seen
+            deadline = max(deadline, time.monotonic() + 2 * lease)
             print(
                 f"modernbert-train: {folder} is locked by {_describe(holder)}, renewed {age:.0f} s ago: "
-                f"waiting up to {LEASE_SECONDS - age:.0f} s to see whether that run is alive",
+                f"waiting up to {lease - age:.0f} s to see whether that run is alive",
                 file=sys.stderr,
             )
         elif seen != first_seen:
@@ -277,7 +293,7 @@ def _hold_bucket_lock(folder: str) -> BucketRunLock | None:
                 f"save_folder {folder} is in use by another run ({_describe(holder)}, renewing its lock); "
                 "wait for it to end or use another save_folder"
             )
-        time.sleep(min(5.0, LEASE_SECONDS / 20))
+        time.sleep(min(5.0, lease / 20))
     raise RunLockError(f"save_folder {folder}: its lock kept changing hands for {2 * LEASE_SECONDS:.0f} s")
 
 
