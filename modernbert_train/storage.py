@@ -221,20 +221,26 @@ def check(path: str | os.PathLike, what: str) -> None:
 
 def list_files(folder: str | os.PathLike) -> list[str]:
     """The files below `folder`, as sorted relative names (`a/b.json`); [] when there is none."""
+    return sorted(list_sizes(folder))
+
+
+def list_sizes(folder: str | os.PathLike) -> dict[str, int | None]:
+    """The files below `folder` (relative names, as `list_files`) and their sizes in bytes, from the one
+    listing; a size is None where the scheme's client does not list it (the streaming schemes)."""
     if not is_uri(folder):
         root = Path(folder)
         if not root.is_dir():
-            return []
-        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+            return {}
+        return {str(p.relative_to(root)): p.stat().st_size for p in root.rglob("*") if p.is_file()}
     uri = parse(str(folder))
     prefix = f"{uri.key}/" if uri.key else ""
     if uri.scheme != "s3":
-        return sorted(name[len(prefix) :] for name in _streaming_list(uri) if name.startswith(prefix))
-    names = []
+        return {name[len(prefix) :]: None for name in _streaming_list(uri) if name.startswith(prefix)}
+    sizes = {}
     pages = _s3().get_paginator("list_objects_v2").paginate(Bucket=uri.bucket, Prefix=prefix)
     for page in _s3_call(uri, "list", lambda: list(pages)):
-        names.extend(item["Key"][len(prefix) :] for item in page.get("Contents", []))
-    return sorted(names)
+        sizes.update((item["Key"][len(prefix) :], item["Size"]) for item in page.get("Contents", []))
+    return sizes
 
 
 def exists(path: str | os.PathLike) -> bool:

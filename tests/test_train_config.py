@@ -133,9 +133,8 @@ def test_cli_exits_2_with_one_line_before_importing_composer(tmp_path):
     assert imported.stdout.strip() == "False"
 
 
-def test_sharded_checkpoints_in_a_bucket_are_refused_rather_than_missed_on_resume(tmp_path):
+def test_sharded_checkpoints_in_a_bucket_can_be_autoresumed(tmp_path, s3_bucket):
+    # train/start.py finds sharded folders in a bucket too (tests/test_sharded_bucket.py).
     recipe = write(tmp_path, GOOD + "parallelism:\n  fsdp:\n    state_dict_type: sharded\n")
-    overrides = ("run_name=r", "save_folder=s3://bucket/run", "autoresume=true")
-    assert "'parallelism.fsdp.state_dict_type' sharded checkpoints in a bucket" in error_of(
-        recipe, *overrides
-    )
+    config = load_config(recipe, ["run_name=r", f"save_folder={s3_bucket}/run", "autoresume=true"])
+    assert (config.parallelism.fsdp.state_dict_type, config.autoresume) == ("sharded", True)

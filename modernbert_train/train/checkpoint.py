@@ -7,6 +7,7 @@ elsewhere come in through `modernbert_train.hf.from_hf` (safetensors).
 
 import hashlib
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import torch.distributed.checkpoint as dcp
 from composer.core import Callback, State
 from composer.loggers import Logger
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata
 
 from modernbert_train.model import ModernBertConfig
 from modernbert_train.train.run_metadata import RunMetadata, decode, metadata_from_checkpoint
@@ -111,6 +113,55 @@ def checkpoint_summary(path: str | Path) -> CheckpointSummary:
 
 def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+# What `checkpoint_summary` reads of a sharded checkpoint, as torch.distributed.checkpoint names the keys.
+SUMMARY_KEYS = ("state.timestamp.", f"state.callbacks.{RunMetadata.__qualname__}.")
+
+
+def sharded_metadata(folder: str | Path) -> Metadata:
+    """The `.metadata` of a sharded checkpoint folder (a pickle too: read only your own)."""
+    try:
+        return dcp.FileSystemReader(str(folder)).read_metadata()
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {folder} cannot be read (its .metadata): {reason}") from None
+
+
+def sharded_files(metadata: Metadata) -> dict[str, int]:
+    """Every file a sharded checkpoint's metadata refers to (relative to its folder), with the bytes it must
+    hold at least (the end of the last value stored in it)."""
+    needed: dict[str, int] = {}
+    for stored in (metadata.storage_data or {}).values():
+        end = stored.offset + stored.length
+        needed[stored.relative_path] = max(needed.get(stored.relative_path, 0), end)
+    return needed
+
+
+def sharded_summary_files(metadata: Metadata) -> list[str]:
+    """The files of a sharded checkpoint that hold what `checkpoint_summary` reads: its clock and run
+    metadata, values every rank has, which torch writes once (Composer has them go to rank 0's file, with
+    rank 0's shard of the tensors)."""
+    storage_data = metadata.storage_data or {}
+    return sorted(
+        {stored.relative_path for index, stored in storage_data.items() if index.fqn.startswith(SUMMARY_KEYS)}
+    )
+
+
+def why_incomplete_sharded(files: Mapping[str, int | None], metadata: Metadata | None) -> str | None:
+    """Why a sharded checkpoint folder holding `files` (relative names -> sizes in bytes, None where unknown)
+    is not whole, or None when it is: its `.metadata` is there (`metadata`, read from it) and so is every file
+    it refers to, each with at least the bytes it refers to. Every rank writes its own files, so a save cut
+    short (or one rank's upload lost) leaves some missing."""
+    if ".metadata" not in files or metadata is None:
+        return "is incomplete (no .metadata)"
+    for name, needed in sorted(sharded_files(metadata).items()):
+        if name not in files:
+            return f"is incomplete ({name} is missing; its .metadata refers to it)"
+        size = files[name]
+        if size is not None and size < needed:
+            return f"is incomplete ({name} holds {size} bytes; its .metadata refers to {needed})"
+    return None
 
 
 def _load_sharded(state: dict[str, Any], folder: Path) -> None:

@@ -182,6 +182,9 @@ class AtomicCheckpointSaver(CheckpointSaver):
             overwrite=overwrite,
             num_checkpoints_to_keep=num_checkpoints_to_keep,
         )
+        # Composer looks every 30 s for all ranks' files of a sharded checkpoint in the bucket, and the run's
+        # end (a preemption's too) waits for that look: 1 s costs one request a second while a save uploads.
+        self._symlink_upload_wait_before_next_try_in_seconds = 1.0
         self.bucket = folder if storage.is_uri(folder) and num_checkpoints_to_keep >= 0 else None
         self.prunes_locally = not storage.is_uri(folder) and num_checkpoints_to_keep >= 0
         self.uploading: list[Upload] = []  # rank 0's uploads to the bucket, in the order they started

@@ -17,7 +17,6 @@ from omegaconf.errors import OmegaConfBaseException
 from modernbert_train.model.config import ATTN_BACKENDS
 from modernbert_train.optim.schedules import DECAY_SHAPES
 from modernbert_train.optim.stable_adamw import IMPLS
-from modernbert_train.storage import is_uri
 from modernbert_train.train.schema import TrainConfig
 
 _TIME_RE = re.compile(r"^(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?(ep|ba|sp|tok|dur)$")
@@ -252,14 +251,6 @@ def _check_values(c: TrainConfig, path: Path) -> None:
     fsdp = c.parallelism.fsdp
     if fsdp is not None and fsdp.state_dict_type not in ("full", "sharded"):
         fail("parallelism.fsdp.state_dict_type", f"must be full or sharded, got '{fsdp.state_dict_type}'")
-    if fsdp is not None and fsdp.state_dict_type == "sharded" and c.autoresume and is_uri(c.save_folder):
-        # The bucket lookup in train/start.py finds single-file checkpoints only: a sharded one would be
-        # missed and the run would silently start over.
-        fail(
-            "parallelism.fsdp.state_dict_type",
-            "sharded checkpoints in a bucket save_folder cannot be autoresumed yet; use full, or a "
-            "save_folder on a shared filesystem",
-        )
     if fsdp is not None and c.optimizer.impl == "optimi":
         fail(
             "optimizer.impl",

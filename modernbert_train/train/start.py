@@ -1,7 +1,8 @@
 """How a run starts, decided once before the Trainer is built.
 
 - resume: autoresume finds this run's own newest whole checkpoint below max_duration (load_path is then
-  ignored); damaged or incomplete newer ones are reported and moved aside;
+  ignored), a file or a sharded folder, locally or in a bucket; damaged or incomplete newer ones are
+  reported and moved aside;
 - complete: that checkpoint already reached max_duration: rerunning the command has nothing to do;
 - phase change: load_path with reset_time: another run's weights and moments, this recipe's clock;
 - load: load_path without reset_time: the checkpoint's clock goes on;
@@ -16,6 +17,7 @@ Rank 0 reads the files and broadcasts its answer, so all ranks start the same wa
 
 import math
 import sys
+import tempfile
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -29,6 +31,9 @@ from modernbert_train.train.checkpoint import (
     CheckpointError,
     CheckpointSummary,
     checkpoint_summary,
+    sharded_metadata,
+    sharded_summary_files,
+    why_incomplete_sharded,
 )
 from modernbert_train.train.checkpoint_files import (
     checkpoint_order,
@@ -231,34 +236,42 @@ def _newest_good_checkpoint(save_folder: str) -> Path | None:
 
 
 def _latest_remote_checkpoint(save_folder: str) -> tuple[str | None, CheckpointSummary | None]:
-    """The newest whole checkpoint in a bucket's save folder. An object appears whole or not at all, so every
-    listed one is complete; each is fetched (as reading its clock would) and checked against its uploaded
-    checksum, newest first. A damaged one is reported and skipped (objects are not moved); one uploaded
-    before its checksum, or before checksums were recorded, must at least read as a checkpoint. Returns the
-    checkpoint and its summary (so it is not fetched again to read it)."""
-    names = set(storage.list_files(save_folder))
+    """The newest whole checkpoint in a bucket's save folder, files and sharded folders alike (ordered by
+    epoch and batch), from one listing. An object appears whole or not at all, so every listed file is
+    complete; each is fetched (as reading its clock would) and checked against its uploaded checksum. A
+    sharded folder is whole once its `.metadata` and every file it refers to are listed, each at least as
+    long as it says (every rank uploads its own files, so a save cut short leaves some missing); only its
+    `.metadata` and the file holding its clock are fetched. A damaged or incomplete one is reported and moved
+    aside (`NAME.bad`, every object of a folder), newest first; one uploaded before its checksum, or before
+    checksums were recorded, must at least read as a checkpoint. Returns the checkpoint and its summary (so it
+    is not fetched again to read it)."""
+    listing = storage.list_sizes(save_folder)
+    folders: dict[str, dict[str, int | None]] = {}
+    for name, size in listing.items():
+        top, slash, member = name.partition("/")
+        if slash:
+            folders.setdefault(top, {})[member] = size
     candidates = sorted(
-        (name for name in names if checkpoint_order(Path(name))), key=lambda n: checkpoint_order(Path(n))
+        {top for top in (name.partition("/")[0] for name in listing) if checkpoint_order(Path(top))},
+        key=lambda name: (checkpoint_order(Path(name)), name),
     )
     damaged = []
     for name in reversed(candidates):
         uri = storage.join(save_folder, name)
         recorded = f"{name}.sha256"
-        expected = (
-            storage.read_text(storage.join(save_folder, recorded)).split()[:1] if recorded in names else []
-        )
-        with storage.local_file(uri) as local:
-            if expected and expected[0] != sha256(local):
-                reason = f"its bytes do not match the checksum in {recorded} (damaged)"
-            else:
-                try:
-                    summary, reason = checkpoint_summary(local), None
-                except CheckpointError:
-                    reason = "cannot be read (truncated or not a checkpoint)"
+        if name in folders:
+            summary, reason = _sharded_summary(uri, folders[name])
+            # `.metadata` first: a move cut short leaves a folder that is still incomplete, moved next time.
+            objects = [f"{name}/{member}" for member in sorted(folders[name], key=lambda m: m != ".metadata")]
+        else:
+            summary, reason = _file_summary(save_folder, name, recorded in listing)
+            objects = [name]
         if reason is None:
             return uri, summary
-        # Moved aside, as locally: the resumed run saves under this name again.
-        for moved in (name, recorded) if recorded in names else (name,):
+        # Moved aside, as locally: the resumed run saves under this name again, and Composer refuses to
+        # upload over an object that is there (save_overwrite is off when autoresuming); a folder's stale
+        # files would also sit among the new ones.
+        for moved in objects + [recorded] * (recorded in listing):
             target = storage.join(save_folder, moved.replace(name, f"{name}.bad", 1))
             try:
                 storage.move(storage.join(save_folder, moved), target)
@@ -277,9 +290,52 @@ def _latest_remote_checkpoint(save_folder: str) -> tuple[str | None, CheckpointS
     return None, None
 
 
+def _file_summary(save_folder: str, name: str, checksum: bool) -> tuple[CheckpointSummary | None, str | None]:
+    """The checkpoint file `name` in a bucket's save folder, fetched: its summary, or why it cannot be used
+    (its bytes do not match its uploaded `NAME.sha256`, where there is one, or it does not read as one)."""
+    recorded = f"{name}.sha256"
+    expected = storage.read_text(storage.join(save_folder, recorded)).split()[:1] if checksum else []
+    with storage.local_file(storage.join(save_folder, name)) as local:
+        if expected and expected[0] != sha256(local):
+            return None, f"its bytes do not match the checksum in {recorded} (damaged)"
+        try:
+            return checkpoint_summary(local), None
+        except CheckpointError:
+            return None, "cannot be read (truncated or not a checkpoint)"
+
+
+def _sharded_summary(uri: str, files: dict[str, int | None]) -> tuple[CheckpointSummary | None, str | None]:
+    """A sharded checkpoint folder in a bucket holding `files` (from a listing: relative names -> sizes): its
+    summary, or why it cannot be used (incomplete, or unreadable). Only its `.metadata` and the file(s) that
+    hold the clock and run metadata are fetched, not every rank's shard."""
+    if ".metadata" not in files:
+        return None, why_incomplete_sharded(files, None)
+    with tempfile.TemporaryDirectory(prefix="modernbert-checkpoint-") as staging:
+        storage.download_file(storage.join(uri, ".metadata"), Path(staging, ".metadata"))
+        try:
+            metadata = sharded_metadata(staging)
+        except CheckpointError:
+            return None, "cannot be read (its .metadata is truncated or not a checkpoint's)"
+        reason = why_incomplete_sharded(files, metadata)
+        if reason is not None:
+            return None, reason
+        for name in sharded_summary_files(metadata):
+            storage.download_file(storage.join(uri, name), Path(staging, name))
+        try:
+            return checkpoint_summary(staging), None
+        except CheckpointError:
+            return None, "cannot be read (truncated or not a checkpoint)"
+
+
 def _summary(checkpoint: str | Path) -> CheckpointSummary:
+    if storage.is_uri(checkpoint) and (files := storage.list_sizes(checkpoint)):  # a sharded folder
+        summary, reason = _sharded_summary(str(checkpoint), files)
+        if reason is not None:
+            raise CheckpointError(f"checkpoint {checkpoint} {reason}")
+        return summary
     try:
-        with storage.local_file(checkpoint) as local:  # a bucket's checkpoint is fetched whole to read it
+        # A bucket's checkpoint file is fetched whole to read it.
+        with storage.local_file(checkpoint) as local:
             return checkpoint_summary(local)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {checkpoint}") from None
