@@ -163,3 +163,23 @@ def test_shards_of_another_tokenizer(write_recipe, tiny_data, tmp_path, capsys):
     assert (
         f"data.eval.0.local: {shards} was tokenized with another tokenizer (vocab_size=50368 there" in message
     )
+
+
+def test_a_bucket_checkpoint_of_another_model_shape_is_named_as_such(
+    pretrained, write_recipe, s3_bucket, capsys
+):
+    """It was reported as "checkpoint not found" (a URI is no local path), hiding the mismatch."""
+    from modernbert_train import storage
+
+    uri = storage.join(s3_bucket, "pretrain", "ep0-ba8-rank0.pt")
+    storage.upload_file(pretrained / "ep0-ba8-rank0.pt", uri)
+    with pytest.raises(SystemExit) as exited:
+        main([str(write_recipe()), f"load_path={uri}", "model.overrides.hidden_size=32"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "Traceback" not in err  # above the line: Composer's download progress
+    assert err.strip().splitlines()[-1] == (
+        f"modernbert-train: error: checkpoint {uri} holds another model: hidden_size=64 there, 32 here"
+    )
+    gone = storage.join(s3_bucket, "pretrain", "gone.pt")
+    message = error_from_main([write_recipe(), f"load_path={gone}", "reset_time=true"], capsys)
+    assert message.endswith(f"checkpoint not found: {gone}")

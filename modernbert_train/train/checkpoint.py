@@ -177,9 +177,13 @@ def model_weights(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {k[len(prefix) :]: v for k, v in checkpoint["state"]["model"].items() if k.startswith(prefix)}
 
 
-def explain_mismatch(path: str | Path, model: torch.nn.Module, config: ModernBertConfig) -> str | None:
-    """Why the checkpoint at `path` does not fit `model` (a ModernBertForMaskedLM), or None if it does."""
+def explain_mismatch(
+    path: str | Path, model: torch.nn.Module, config: ModernBertConfig, shown: str | None = None
+) -> str | None:
+    """Why the checkpoint at `path` does not fit `model` (a ModernBertForMaskedLM), or None if it does; it is
+    named `shown` (where it was fetched from), else `path`."""
     checkpoint = read_checkpoint(path)
+    path = shown or path
     saved_config = (metadata_from_checkpoint(checkpoint) or {}).get("model_config")
     if saved_config:
         differing = [

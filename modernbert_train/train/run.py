@@ -181,6 +181,23 @@ def _check_tokenizer(start: RunStart, tokenizer_file: Path) -> None:
         )
 
 
+def _why_not_loaded(load_path: str, model: ModernBertMLM) -> str | None:
+    """Why the Trainer could not load `load_path` (a checkpoint of another model, or none there), in one
+    line; None when it is not the checkpoint's fault (the Trainer's own error is then raised). A bucket's
+    checkpoint file is fetched to compare; a sharded folder is not compared."""
+    if storage.is_uri(load_path):
+        if storage.exists(load_path):
+            with storage.local_file(load_path) as local:
+                try:
+                    return explain_mismatch(local, model.model, model.config, shown=load_path)
+                except CheckpointError as e:  # unreadable: named as the bucket's, not the download's
+                    return str(e).replace(str(local), load_path)
+        return None if storage.list_files(load_path) else f"checkpoint not found: {load_path}"
+    if Path(load_path).is_file():
+        return explain_mismatch(load_path, model.model, model.config)
+    return None if Path(load_path).exists() else f"checkpoint not found: {load_path}"
+
+
 def build_run(
     config: TrainConfig, start: RunStart | None = None, lock: RunLock | BucketRunLock | None = None
 ) -> Run:
@@ -297,11 +314,7 @@ def build_run(
     except Exception as e:
         if load_path is None:
             raise
-        problem = (
-            explain_mismatch(load_path, model.model, model.config) if Path(load_path).is_file() else None
-        )
-        if problem is None and not Path(load_path).exists():
-            problem = f"checkpoint not found: {load_path}"
+        problem = _why_not_loaded(load_path, model)
         if problem is None:
             raise
         raise CheckpointError(problem) from e
