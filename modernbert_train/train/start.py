@@ -16,6 +16,7 @@ Rank 0 reads the files and broadcasts its answer, so all ranks start the same wa
 """
 
 import math
+import pickle
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -80,16 +81,26 @@ def decide_start(config: TrainConfig) -> RunStart:
         return _decide(config)
     # The Trainer would initialize the process group with these same arguments, and reuses this one.
     dist.initialize_dist(get_device(None), config.dist_timeout)
-    decision: list[RunStart | CheckpointError | None] = [None]
+    decision: list[RunStart | Exception | None] = [None]
     if dist.get_global_rank() == 0:
         try:
             decision[0] = _decide(config)
-        except CheckpointError as e:  # every rank reports it, rather than waiting for rank 0
-            decision[0] = e
+        except Exception as e:
+            # Every rank raises it (a bad checkpoint, or the bucket failing mid-look), rather than waiting
+            # for rank 0 until dist_timeout.
+            decision[0] = e if _picklable(e) else RuntimeError(f"{type(e).__name__}: {e}")
     dist.broadcast_object_list(decision, src=0)
-    if isinstance(decision[0], CheckpointError):
+    if isinstance(decision[0], Exception):
         raise decision[0]
     return decision[0]
+
+
+def _picklable(error: Exception) -> bool:
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:
+        return False
+    return True
 
 
 def _decide(config: TrainConfig) -> RunStart:
