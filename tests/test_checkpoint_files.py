@@ -7,11 +7,13 @@ attempt's included."""
 import logging
 import os
 import subprocess
+import warnings
 from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from composer.utils.remote_uploader import RemoteFilesExistingCheckStatus
 
 from modernbert_train import storage
@@ -133,11 +135,12 @@ def test_read_only_folder_is_one_line(small_tmpfs):
 def sharded(folder: Path, batch: int, complete: bool = True) -> Path:
     """A torch.distributed.checkpoint folder as two ranks leave it: a shard each, `.metadata` written last."""
     path = folder / f"ep0-ba{batch}"
-    path.mkdir()
-    for rank in range(2):
-        torch.save({"w": torch.randn(256)}, path / f"__{rank}_0.distcp")
-    if complete:
-        (path / ".metadata").write_bytes(os.urandom(64))
+    with warnings.catch_warnings():  # one process saving on purpose
+        warnings.simplefilter("ignore")
+        dcp.save({"w": torch.randn(256)}, storage_writer=dcp.FileSystemWriter(str(path)), no_dist=True)
+    torch.save({"w": torch.randn(256)}, path / "__1_0.distcp")  # the other rank's shard
+    if not complete:
+        (path / ".metadata").unlink()
     return path
 
 
@@ -176,6 +179,26 @@ def test_sharded_folders_checksums_catch_a_damaged_or_missing_shard(tmp_path):
     legacy_only.mkdir()
     legacy.rename(legacy_only / legacy.name)
     assert newest_good_checkpoint(legacy_only) == (legacy_only / legacy.name, [])
+
+
+def test_a_sharded_folder_without_checksums_must_hold_what_its_metadata_refers_to(tmp_path):
+    """Saved before checksums were recorded, or stopped before they were: its .metadata says which files,
+    and how long, make it whole."""
+    whole, missing, short, unreadable = (sharded(tmp_path, b) for b in (2, 4, 6, 8))
+    (missing / "__0_0.distcp").unlink()
+    data = (short / "__0_0.distcp").read_bytes()
+    (short / "__0_0.distcp").write_bytes(data[: len(data) // 2])
+    (unreadable / ".metadata").write_bytes(os.urandom(64))
+
+    chosen, skipped = newest_good_checkpoint(tmp_path)
+
+    assert chosen == whole
+    assert {s.name: s.reason.split("; moved aside")[0] for s in skipped} == {
+        "ep0-ba8": "cannot be read (its .metadata is truncated or not a checkpoint's)",
+        "ep0-ba6": f"sharded checkpoint is incomplete (__0_0.distcp holds {len(data) // 2} bytes; its "
+        f".metadata refers to {len(data)})",
+        "ep0-ba4": "sharded checkpoint is incomplete (__0_0.distcp is missing; its .metadata refers to it)",
+    }
 
 
 # A bucket's save folder as it is listed: the run's checkpoints (one uploaded before checksums were recorded,

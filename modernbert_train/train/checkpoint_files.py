@@ -422,7 +422,23 @@ def why_unusable(path: Path) -> str | None:
     if path.is_dir():
         if not (path / ".metadata").is_file():
             return "incomplete sharded checkpoint (no .metadata)"
-        return _folder_damage(path, recorded) if recorded.is_file() else None
+        if recorded.is_file():
+            return _folder_damage(path, recorded)
+        # No checksums (saved before they were recorded, or stopped before they were): every file its
+        # .metadata refers to must be there, at full length.
+        from modernbert_train.train.checkpoint import (
+            CheckpointError,
+            sharded_metadata,
+            why_incomplete_sharded,
+        )
+
+        try:
+            metadata = sharded_metadata(path)
+        except CheckpointError:
+            return "cannot be read (its .metadata is truncated or not a checkpoint's)"
+        sizes = {str(p.relative_to(path)): p.stat().st_size for p in path.rglob("*") if p.is_file()}
+        reason = why_incomplete_sharded(sizes, metadata)
+        return f"sharded checkpoint {reason}" if reason else None
     if not recorded.is_file():
         # Written before checksums were recorded: it must at least open as a checkpoint.
         from modernbert_train.train.checkpoint import CheckpointError, checkpoint_clock
