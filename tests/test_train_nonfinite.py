@@ -34,8 +34,8 @@ POISONED_MAIN = textwrap.dedent(
 
     build_run = run_module.build_run
 
-    def build_poisoned_run(config, start=None):
-        run = build_run(config, start)
+    def build_poisoned_run(config, start=None, lock=None):
+        run = build_run(config, start, lock)
         run.trainer.state.callbacks.insert(0, PoisonLoss())  # before the guard sees the loss
         return run
 
