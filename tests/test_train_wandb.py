@@ -1,11 +1,21 @@
-"""W&B through Composer's WandBLogger, offline: the run's records hold the resolved recipe and the metrics."""
+"""W&B through Composer's WandBLogger, offline: the run's records hold the resolved recipe and the metrics; a
+resumed run (autoresume after a crash or preemption) continues the W&B run its checkpoint logged to, whose id
+the checkpoint keeps; a fresh run or a phase change gets a new one."""
 
 import json
+import shutil
+import sys
+import warnings
+from types import SimpleNamespace
 
 import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+import yaml
 from conftest import run_train
 
-pytestmark = pytest.mark.slow
+from modernbert_train.train.checkpoint import checkpoint_summary
+from modernbert_train.train.run_metadata import RunMetadata
 
 
 def read_records(path):
@@ -20,6 +30,18 @@ def read_records(path):
         yield record
 
 
+def offline_run(wandb_dir):
+    """The one offline W&B run under `wandb_dir`: its run record, and the steps of its train losses (Composer
+    logs batch k's loss at step k - 1, before its clock counts the batch)."""
+    (run_dir,) = (wandb_dir / "wandb").glob("offline-run-*")
+    records = list(read_records(next(run_dir.glob("run-*.wandb"))))
+    (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    history = [r.history for r in records if r.WhichOneof("record_type") == "history"]
+    steps = [h.step.num for h in history if any("/".join(i.nested_key) == "loss/train/total" for i in h.item)]
+    return run, steps
+
+
+@pytest.mark.slow
 def test_wandb_offline_run_has_config_and_metrics(write_recipe, tmp_path):
     recipe = write_recipe(
         max_duration="3ba",
@@ -38,3 +60,101 @@ def test_wandb_offline_run_has_config_and_metrics(write_recipe, tmp_path):
     history = [r.history for r in records if r.WhichOneof("record_type") == "history"]
     logged = {"/".join(item.nested_key) or item.key for h in history for item in h.item}
     assert "loss/train/total" in logged
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_checkpoint_keeps_the_wandb_run_id(tmp_path, monkeypatch, sharded):
+    tokenizer = tmp_path / "tokenizer.json"
+    tokenizer.write_text("{}")
+    for run_id in ("abc123", None):  # a run that logs to W&B, and one that does not
+        wandb_run = SimpleNamespace(id=run_id, disabled=False) if run_id else None
+        monkeypatch.setitem(sys.modules, "wandb", SimpleNamespace(run=wandb_run))
+        metadata = RunMetadata({}, str(tokenizer), {})
+        metadata.fit_start(None, None)
+        clock = {"epoch": 0, "batch": 3, "sample": 24, "token": 1536}
+        state = {
+            "timestamp": {"Timestamp": clock},
+            "model": {"model.w": torch.zeros(2)},
+            "callbacks": {"RunMetadata": metadata.state_dict()},
+        }
+        path = tmp_path / str(run_id) / ("ep0-ba3" if sharded else "ep0-ba3-rank0.pt")
+        path.parent.mkdir()
+        if sharded:
+            with warnings.catch_warnings():  # one process saves on purpose; torch warns that it does
+                warnings.simplefilter("ignore")
+                dcp.save({"state": state}, storage_writer=dcp.FileSystemWriter(str(path)), no_dist=True)
+        else:
+            torch.save({"state": state}, path)
+        assert checkpoint_summary(path).wandb_run_id == run_id
+
+
+@pytest.fixture(scope="module")
+def first_attempt(tmp_path_factory, tiny_data):
+    """A 3-batch autoresume run logging to W&B offline: its recipe, save folder and W&B run id."""
+    folder = tmp_path_factory.mktemp("wandb")
+    recipe = folder / "recipe.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "run_name": "attempts",
+                "max_duration": "3ba",
+                "global_train_batch_size": 8,
+                "model": {"preset": "tiny"},
+                "data": {"train": [{"local": str(tiny_data / "train")}], "max_seq_len": 64, "lookahead": 16},
+                "optimizer": {"lr": 3e-3},
+                "scheduler": {"t_warmup": "2ba", "t_decay": "0ba"},
+                "log_interval": "1ba",
+                "save_folder": str(folder / "run"),
+                "save_interval": "3ba",
+                "autoresume": True,
+                "progress_bar": False,
+                "loggers": {"wandb": {"project": "mbt-test", "mode": "offline"}},
+            }
+        )
+    )
+    run_train(recipe, WANDB_DIR=str(folder))
+    run, steps = offline_run(folder)
+    assert steps == [0, 1, 2]
+    assert checkpoint_summary(folder / "run" / "ep0-ba3-rank0.pt").wandb_run_id == run.run_id
+    return recipe, folder / "run", run.run_id
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("wandb")
+def test_resumed_run_continues_the_wandb_run(first_attempt, tmp_path):
+    recipe, folder, run_id = first_attempt
+    shutil.copytree(folder, tmp_path / "run", symlinks=True)
+    done = run_train(recipe, f"save_folder={tmp_path / 'run'}", "max_duration=5ba", WANDB_DIR=str(tmp_path))
+    assert f"modernbert-train: continuing W&B run {run_id} of checkpoint" in done.stderr
+    assert "`resume` will be ignored since W&B syncing is set to `offline`" in done.stderr  # W&B's own word
+    run, steps = offline_run(tmp_path)
+    assert run.run_id == run_id and run.display_name == "attempts"
+    assert steps == [3, 4]  # the clock went on
+    assert checkpoint_summary(tmp_path / "run" / "ep0-ba5-rank0.pt").wandb_run_id == run_id  # and on
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("wandb")
+def test_fresh_run_with_the_same_name_gets_a_new_wandb_run(first_attempt, tmp_path):
+    recipe, _, run_id = first_attempt
+    done = run_train(recipe, f"save_folder={tmp_path / 'run'}", "max_duration=2ba", WANDB_DIR=str(tmp_path))
+    run, _ = offline_run(tmp_path)
+    assert run.display_name == "attempts" and run.run_id != run_id
+    assert "continuing W&B run" not in done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("wandb")
+def test_phase_change_gets_a_new_wandb_run(first_attempt, tmp_path):
+    recipe, folder, run_id = first_attempt
+    done = run_train(
+        recipe,
+        f"save_folder={tmp_path / 'run'}",
+        f"load_path={folder / 'ep0-ba3-rank0.pt'}",
+        "reset_time=true",
+        "max_duration=2ba",
+        WANDB_DIR=str(tmp_path),
+    )
+    run, steps = offline_run(tmp_path)
+    assert run.run_id != run_id and steps == [0, 1]
+    assert "continuing W&B run" not in done.stderr

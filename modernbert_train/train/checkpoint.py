@@ -73,6 +73,7 @@ class CheckpointSummary:
     # The recipe of the run that saved it (None: saved before checkpoints kept their recipe).
     recipe: dict[str, Any] | None
     tokenizer_sha256: str | None = None  # of the tokenizer.json it was trained with (as read as text)
+    wandb_run_id: str | None = None  # the W&B run it logged to (None: none, or saved before ids were kept)
 
 
 def checkpoint_clock(path: str | Path) -> dict[str, int]:
@@ -81,8 +82,8 @@ def checkpoint_clock(path: str | Path) -> dict[str, int]:
 
 
 def checkpoint_summary(path: str | Path) -> CheckpointSummary:
-    """A checkpoint's clock and recipe: a .pt file is memory-mapped, of a sharded one (a folder) only these
-    keys are read. One that cannot be read is a one-line CheckpointError."""
+    """A checkpoint's clock and run metadata: a .pt file is memory-mapped, of a sharded one (a folder) only
+    these keys are read. One that cannot be read is a one-line CheckpointError."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -108,7 +109,12 @@ def checkpoint_summary(path: str | Path) -> CheckpointSummary:
         ) from None
     metadata = metadata or {}
     tokenizer = metadata.get("tokenizer_json")
-    return CheckpointSummary(clock, metadata.get("recipe"), text_sha256(tokenizer) if tokenizer else None)
+    return CheckpointSummary(
+        clock,
+        metadata.get("recipe"),
+        text_sha256(tokenizer) if tokenizer else None,
+        metadata.get("wandb_run_id"),
+    )
 
 
 def text_sha256(text: str) -> str:

@@ -4,6 +4,7 @@ Each component is built by its own package; this file only connects them and cho
 """
 
 import logging
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -143,7 +144,9 @@ def parallelism(config: TrainConfig) -> dict | None:
     return {"fsdp": FSDP2Config(**asdict(config.parallelism.fsdp))}
 
 
-def loggers(config: TrainConfig, lock_lost: Callable[[], str | None] = lambda: None) -> list:
+def loggers(
+    config: TrainConfig, lock_lost: Callable[[], str | None] = lambda: None, start: RunStart | None = None
+) -> list:
     destinations = []
     if config.save_folder:
         every = Time.from_timestring(config.log_interval)
@@ -155,6 +158,14 @@ def loggers(config: TrainConfig, lock_lost: Callable[[], str | None] = lambda: N
         init_kwargs = {"config": to_dict(config)}
         if wandb.mode:
             init_kwargs["mode"] = wandb.mode
+        run_id = wandb_run_id_for(config, start)
+        if run_id is not None:  # W&B creates it where it has no run of that id
+            init_kwargs.update(id=run_id, resume="allow")
+            if start is not None and run_id == start.wandb_run_id and dist.get_global_rank() == 0:
+                print(
+                    f"modernbert-train: continuing W&B run {run_id} of checkpoint {start.checkpoint}",
+                    file=sys.stderr,
+                )
         destinations.append(
             WandBLogger(
                 project=wandb.project,
@@ -167,6 +178,17 @@ def loggers(config: TrainConfig, lock_lost: Callable[[], str | None] = lambda: N
             )
         )
     return destinations
+
+
+def wandb_run_id_for(config: TrainConfig, start: RunStart | None) -> str | None:
+    """The W&B run to log to: the recipe's `loggers.wandb.id`; else WANDB_RUN_ID's, which W&B reads itself
+    (None here); else, for a resume or a clock-continuing load, the one its checkpoint logged to, so restarts
+    after a crash or preemption continue one run; else None: W&B creates a new one."""
+    if config.loggers.wandb.id:
+        return config.loggers.wandb.id
+    if os.environ.get("WANDB_RUN_ID") or start is None:
+        return None
+    return start.wandb_run_id
 
 
 def _check_tokenizer(start: RunStart, tokenizer_file: Path) -> None:
@@ -232,7 +254,7 @@ def build_run(
 
     lock_lost = lock.lost if lock is not None else lambda: None
     sigterm = SaveOnSigterm(config.save_interval, saves=bool(config.save_folder), lock_lost=lock_lost)
-    destinations = loggers(config, lock_lost)
+    destinations = loggers(config, lock_lost, start)
     callbacks = [
         SpeedMonitor(window_size=config.speed_window),
         LRMonitor(),
@@ -300,8 +322,10 @@ def build_run(
         save_interval=sigterm.save_interval,
         save_num_checkpoints_to_keep=config.save_num_checkpoints_to_keep,
         save_overwrite=not config.autoresume,
-        # A bucket's run resumes from the checkpoint decide_start found, loaded like a load_path.
-        autoresume=config.autoresume and not remote_resume,
+        # A bucket's run resumes from the checkpoint decide_start found, loaded like a load_path. Composer's
+        # autoresume only where decide_start found one to resume: without one it would ask every logger for a
+        # `latest` checkpoint, and W&B's fails offline (no entity) or searches the project's artifacts.
+        autoresume=start.kind is StartKind.RESUME and not remote_resume,
         load_path=start.checkpoint if remote_resume else config.load_path,
         load_weights_only=config.load_weights_only and not remote_resume,
         load_ignore_keys=phase_change.ignore_keys if phase_change else None,

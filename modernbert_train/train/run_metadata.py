@@ -1,10 +1,14 @@
-"""Keeps what export and later phases need inside every checkpoint: model config, tokenizer, recipe."""
+"""Keeps what export and later phases need inside every checkpoint: model config, tokenizer, recipe, and the
+W&B run it logged to (a resume continues that run)."""
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
-from composer.core import Callback
+from composer.core import Callback, State
+from composer.loggers import Logger
+from composer.utils import dist
 
 
 class RunMetadata(Callback):
@@ -26,6 +30,14 @@ class RunMetadata(Callback):
         }
         self.loaded: dict[str, Any] | None = None
 
+    def fit_start(self, state: State, logger: Logger) -> None:
+        # Composer's WandBLogger starts the W&B run on rank 0 only (at INIT, before this). Its id goes to
+        # every rank, so all save the same metadata: a sharded save writes this state once, from one rank.
+        run_id = [wandb_run_id() if dist.get_global_rank() == 0 else None]
+        dist.broadcast_object_list(run_id, src=0)
+        if run_id[0] is not None:
+            self.metadata["wandb_run_id"] = run_id[0]
+
     def state_dict(self) -> dict[str, Any]:
         return {"json": json.dumps(self.metadata)}
 
@@ -41,3 +53,9 @@ def decode(state: dict[str, Any]) -> dict[str, Any]:
 def metadata_from_checkpoint(checkpoint: dict) -> dict[str, Any] | None:
     state = checkpoint.get("state", {}).get("callbacks", {}).get(RunMetadata.__qualname__)
     return decode(state) if state is not None else None
+
+
+def wandb_run_id() -> str | None:
+    """The id of the W&B run this process logs to; None without one (wandb is not imported to ask)."""
+    run = getattr(sys.modules.get("wandb"), "run", None)
+    return run.id if run is not None and not getattr(run, "disabled", False) else None

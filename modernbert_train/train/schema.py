@@ -100,6 +100,9 @@ class WandbConfig:
     tags: list[str] = field(default_factory=list)
     mode: str | None = None  # online | offline | disabled; default: WANDB_MODE or online
     log_artifacts: bool = False  # upload checkpoints as W&B artifacts
+    # The W&B run to log to (created or continued). Default: a resume or clock-continuing load goes on with
+    # the run its checkpoint logged to; any other start gets a new one (or WANDB_RUN_ID's).
+    id: str | None = None
 
 
 @dataclass

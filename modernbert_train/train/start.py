@@ -12,6 +12,9 @@ A resume or a load continues the checkpoint's optimizer, data stream and RNG: a 
 the keys those fix is refused here (train/recipe_changes.py rules which), and so is one whose schedule
 would give another lr at the batch it goes on from (unless allow_schedule_change).
 
+A resume and a clock-continuing load also continue the W&B run the checkpoint logged to; the other starts get
+a new one.
+
 Rank 0 reads the files and broadcasts its answer, so all ranks start the same way, or all exit.
 """
 
@@ -63,6 +66,8 @@ class RunStart:
     elapsed: Time | None = None  # its training time in max_duration's unit, where it was read
     # A resume's or load's checkpoint: the sha256 of the tokenizer it was trained with, where it records it
     tokenizer_sha256: str | None = None
+    # and the W&B run it logged to, which this run continues (None: a new one)
+    wandb_run_id: str | None = None
 
     @property
     def reset_time(self) -> bool:
@@ -162,7 +167,9 @@ def _choose(config: TrainConfig) -> RunStart:
             return RunStart(StartKind.COMPLETE, str(checkpoint), elapsed)
         _check_recipe(summary, config, str(checkpoint), load=False)
         _check_schedule(summary, config, str(checkpoint))
-        return RunStart(StartKind.RESUME, str(checkpoint), elapsed, summary.tokenizer_sha256)
+        return RunStart(
+            StartKind.RESUME, str(checkpoint), elapsed, summary.tokenizer_sha256, summary.wandb_run_id
+        )
     if not config.load_path:
         return RunStart(StartKind.FRESH)
     if config.reset_time:
@@ -178,7 +185,7 @@ def _choose(config: TrainConfig) -> RunStart:
         )
     _check_recipe(summary, config, config.load_path, load=True)
     _check_schedule(summary, config, config.load_path)
-    return RunStart(StartKind.LOAD, config.load_path, elapsed, summary.tokenizer_sha256)
+    return RunStart(StartKind.LOAD, config.load_path, elapsed, summary.tokenizer_sha256, summary.wandb_run_id)
 
 
 def _check_recipe(summary: CheckpointSummary, config: TrainConfig, checkpoint: str, load: bool) -> None:
