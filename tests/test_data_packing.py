@@ -154,6 +154,38 @@ def test_batch_size_warmup_schedule():
     assert fresh.rows(25) == sizes[25]  # no dependence on the order of queries
 
 
+def test_batch_schedule_counts_rows_and_continues_from_the_rows_trained():
+    def schedule():
+        return BatchSizeSchedule(
+            global_rows=64,
+            max_seq_len=100,
+            micro_batch_size=2,
+            world_size=4,
+            start_rows=8,
+            warmup_tokens=20_000,
+        )
+
+    sizes = [schedule().rows(i) for i in range(60)]
+    before = [sum(sizes[:i]) for i in range(60)]
+    assert [schedule().rows_before(i) for i in range(60)] == before
+    for rows in (0, 1, 8, 9, 100, before[30], before[30] + 1, before[59]):
+        k = schedule().batches_until(rows)
+        assert before[k] >= rows and (k == 0 or before[k - 1] < rows), rows
+    # placed at the rows the straight run trained, the sizes are the straight run's
+    placed = schedule()
+    placed.continue_from(7, before[7])
+    assert [placed.rows(i) for i in range(7, 60)] == sizes[7:]
+    assert placed.rows_before(59) == before[59] and placed.batches_until(before[40]) == 40
+    # placed at fewer rows (the earlier batches were smaller), the warmup goes on from there
+    placed.continue_from(20, 80)
+    assert placed.rows(20) == 8 + int(56 * 80 * 100 / 20_000) // 8 * 8 == 24 < sizes[20]
+    with pytest.raises(ValueError, match="batch 19 is before batch 20, where it continues"):
+        placed.rows(19)
+    flat = BatchSizeSchedule(global_rows=16, max_seq_len=8)
+    flat.continue_from(10, 100)
+    assert (flat.rows(10), flat.rows_before(12), flat.batches_until(130)) == (16, 132, 12)
+
+
 def test_batch_schedule_rejects_bad_sizes():
     with pytest.raises(ValueError, match="global_batch_size=10 must be a positive multiple of world_size=4"):
         BatchSizeSchedule(global_rows=10, max_seq_len=8, world_size=4)

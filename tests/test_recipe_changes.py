@@ -327,3 +327,64 @@ def test_a_load_without_reset_time_has_its_schedule_checked(write_recipe, tmp_pa
         decide_start(load)
     phase = load_config(write_recipe(load_path=str(checkpoint), max_duration="24ba", reset_time=True))
     assert decide_start(phase).kind is StartKind.PHASE_CHANGE
+
+
+MIXED = {"schedule": "linear", "start": 0.3, "end": 0.1, "t_start": "2ba", "t_end": "4096tok"}
+
+
+def test_the_batch_size_is_free_unless_the_masking_schedule_mixes_batches_with_rows(recipe):
+    bigger = changed(recipe, global_train_batch_size=16, device_train_microbatch_size=2)
+    assert recipe_changes(recipe, bigger) == ([], [])
+    for masking in (
+        {"schedule": "step", "values": [0.3, 0.2], "milestones": ["4096tok"]},  # rows only
+        {"schedule": "linear", "start": 0.3, "end": 0.1, "t_start": "0ba", "t_end": "64sp"},  # 0 has no unit
+        {"schedule": "step", "values": [0.3, 0.2], "milestones": ["0.5dur"]},  # max_duration 12ba: batches
+    ):
+        saved, resumed = (
+            changed(recipe, data__mlm_probability=masking),
+            changed(bigger, data__mlm_probability=masking),
+        )
+        assert recipe_changes(saved, resumed) == ([], []), masking
+    refusal_of = (
+        "{}={} there, {} here (data.mlm_probability mixes ba and sp/tok times: give them in one unit)"
+    )
+    for masking in (
+        MIXED,
+        {"schedule": "linear", "start": 0.3, "end": 0.1, "t_start": "64sp"},
+    ):  # t_end 1dur = 12ba
+        saved, resumed = (
+            changed(recipe, data__mlm_probability=masking),
+            changed(bigger, data__mlm_probability=masking),
+        )
+        assert recipe_changes(saved, resumed) == ([refusal_of.format("global_train_batch_size", 8, 16)], [])
+    # the micro-batch size places the sizes of a batch-size warmup only
+    mixed = changed(recipe, data__mlm_probability=MIXED)
+    assert recipe_changes(mixed, changed(mixed, device_train_microbatch_size=2)) == ([], [])
+    warm = changed(mixed, data__batch_size_warmup={"start": 2, "tokens": "4096tok"})
+    refused, _ = recipe_changes(warm, changed(warm, device_train_microbatch_size=2))
+    assert refused == [refusal_of.format("device_train_microbatch_size", "null", 2)]
+
+
+def test_a_resume_changing_the_batch_size_under_a_mixed_masking_schedule_is_refused_in_one_line(
+    write_recipe, tmp_path
+):
+    config = resumed_schedule(
+        write_recipe, tmp_path, {"data": {"mlm_probability": MIXED}}, global_train_batch_size=16
+    )
+    before = listing(tmp_path / "run")
+    with pytest.raises(CheckpointError) as refused:
+        decide_start(config)
+    checkpoint = tmp_path / "run" / "ep0-ba4-rank0.pt"
+    assert str(refused.value) == (
+        f"recipe changed since checkpoint {checkpoint}: global_train_batch_size=8 there, 16 here "
+        "(data.mlm_probability mixes ba and sp/tok times: give them in one unit); a resumed run continues "
+        "its optimizer, data stream and RNG, so these keys cannot change: put them back, or start a new "
+        f"phase with load_path={checkpoint} reset_time=true (in another save_folder when autoresuming)"
+    )
+    assert listing(tmp_path / "run") == before
+    shutil.rmtree(tmp_path / "run")
+    rows = {"schedule": "linear", "start": 0.3, "end": 0.1, "t_end": "4096tok"}
+    config = resumed_schedule(
+        write_recipe, tmp_path, {"data": {"mlm_probability": rows}}, global_train_batch_size=16
+    )
+    assert decide_start(config).kind is StartKind.RESUME

@@ -19,17 +19,27 @@ def test_a_number_is_a_constant_ratio(tmp_path):
     assert schedule_of(tmp_path, "data.mlm_probability=0.25") == MaskingSchedule((0.25,))
 
 
-def test_times_in_every_unit_become_batch_indices(tmp_path):
+def test_times_become_batch_indices_or_rows_trained(tmp_path):
     # GOOD: max_duration 10ba, 8 rows of 64 slots per batch
     linear = schedule_of(
         tmp_path, "data.mlm_probability={schedule: linear, start: 0.3, end: 0.15, t_start: 0.5dur}"
     )
     assert linear == MaskingSchedule((0.3, 0.15), (5, 10), "linear")
+    # sp and tok count rows trained (2048 slots = 32 rows), which a resume with another batch size keeps
     step = schedule_of(
         tmp_path,
         "data.mlm_probability={schedule: step, values: [0.3, 0.2, 0.1], milestones: [16sp, 2048tok]}",
     )
-    assert step == MaskingSchedule((0.3, 0.2, 0.1), (2, 4), "step")  # 16 rows = 2 batches; 2048 slots = 4
+    assert step == MaskingSchedule((0.3, 0.2, 0.1), (16, 32), "step", "row")
+    rows = schedule_of(
+        tmp_path, "max_duration=6400tok", "data.mlm_probability={schedule: linear, start: 0.3, end: 0.1}"
+    )
+    assert rows == MaskingSchedule((0.3, 0.1), (0, 100), "linear", "row")  # 0ba is 0 rows; 1dur 6400 slots
+    # ba mixed with sp/tok: batch indices of this recipe's batch sizes (16 rows = 2 batches)
+    mixed = schedule_of(
+        tmp_path, "data.mlm_probability={schedule: step, values: [0.3, 0.2, 0.1], milestones: [1ba, 16sp]}"
+    )
+    assert mixed == MaskingSchedule((0.3, 0.2, 0.1), (1, 2), "step")
     assert schedule_of(tmp_path, "data.mlm_probability={schedule: constant, value: 0.2}").rate(7) == 0.2
 
 

@@ -20,11 +20,17 @@ under torch.distributed); `load_state_dict` stages them, and the next iteration 
 producer from its snapshot, handing producer (k + w) % W to worker w so the round robin goes on
 where it stopped. The state format is documented in docs/internals.md.
 
+Batch size. The state also counts the rows trained (all ranks), and each iteration places the
+batch-size schedule there (`BatchSizeSchedule.continue_from`): a run resumed with another global
+batch size, micro-batch size or world size goes on with this recipe's sizes from the rows it really
+trained (the batch-size warmup included), and a masking schedule over rows (`MaskingSchedule`
+unit "row") masks each batch at the ratio of the rows trained before it.
+
 Another topology. A state saved by another number of ranks or workers cannot restart its producers
 (the epoch's partition depends on both). The rest of the epoch is then read as this topology's
 partition without the documents the old producers had read (each old producer's order up to its
 cursor, recomputed from streaming's partition); the chunks that waited in the old packers' lookahead
-are skipped, and logged. The batch size and the global batch index go on unchanged. A state keeps
+are skipped, and logged. The global batch index and the rows trained go on. A state keeps
 these earlier topologies (`history`) until its epoch ends, so a later change still knows them.
 """
 
@@ -100,6 +106,7 @@ class PackedMLMDataset(IterableDataset):
         self._iterated = False  # an iteration of self.epoch has begun
         self._batches_seen = 0  # batches observed since training began, all epochs
         self._batches_in_epoch = 0
+        self._rows_seen = 0  # rows (all ranks) of those batches
         self._num_producers = 1
         self._observed: dict[int, dict[str, Any]] = {}  # producer -> latest pack_state
         self._pending: dict[str, Any] | None = None  # this rank's state from load_state_dict
@@ -131,6 +138,10 @@ class PackedMLMDataset(IterableDataset):
         plan = {**plan, "num_producers": num_producers}
         self.epoch = plan["epoch"]
         self._batches_seen = plan["batches_before_epoch"] + plan["batches_in_epoch"]
+        if plan.get("rows_trained") is None:  # a state saved before rows were counted: this recipe's sizes
+            plan["rows_trained"] = self.schedule.rows_before(self._batches_seen)
+        self._rows_seen = plan["rows_trained"]
+        self.schedule.continue_from(self._batches_seen, self._rows_seen)
         self._batches_in_epoch = plan["batches_in_epoch"]
         self._observed = dict(plan["producers"])
         self._num_producers = num_producers
@@ -145,6 +156,7 @@ class PackedMLMDataset(IterableDataset):
         if state is None:
             return
         self.last_mlm_probability = state.pop("mlm_probability")
+        self._rows_seen += state.pop("global_rows")
         self._observed[state["producer"]] = state
         self._batches_seen += 1
         self._batches_in_epoch += 1
@@ -190,6 +202,7 @@ class PackedMLMDataset(IterableDataset):
             "epoch": epoch,
             "batches_before_epoch": self._batches_seen,
             "batches_in_epoch": 0,
+            "rows_trained": self._rows_seen,
             "num_producers": None,
             "producers": {},
             "history": [],
@@ -203,6 +216,7 @@ class PackedMLMDataset(IterableDataset):
         plan = {
             **self._fresh_state(saved["epoch"]),
             "batches_before_epoch": saved["batches_before_epoch"] + saved["batches_in_epoch"],
+            "rows_trained": saved.get("rows_trained"),
             "history": list(saved.get("history", [])),
         }
         if not saved["producers"]:  # nothing read since the epoch (or the last topology) began
@@ -266,6 +280,7 @@ class PackedMLMDataset(IterableDataset):
             "epoch": self.epoch,
             "batches_before_epoch": self._batches_seen - self._batches_in_epoch,
             "batches_in_epoch": self._batches_in_epoch,
+            "rows_trained": self._rows_seen,
             "num_producers": self._num_producers,
             "producers": dict(self._observed),
             "num_nodes": self.num_nodes,
@@ -316,7 +331,9 @@ class PackedMLMDataset(IterableDataset):
                     rows.append(packer.next_row(starts))
                 if not rows or (len(rows) < wanted and self.drop_last):
                     return
-                rate = self.masking.rate(batch_index)
+                rate = self.masking.rate(
+                    batch_index if self.masking.unit == "batch" else self.schedule.rows_before(batch_index)
+                )
                 batch = rows_to_batch(
                     rows,
                     self.max_seq_len,
@@ -331,7 +348,8 @@ class PackedMLMDataset(IterableDataset):
                     "cursor": cursor,
                     "buffer": packer.buffered_keys(),
                     "batches_emitted": emitted,
-                    "mlm_probability": rate,  # popped by observe (not part of the saved snapshot)
+                    "mlm_probability": rate,  # popped by observe with global_rows (not saved in the snapshot)
+                    "global_rows": self.schedule.rows(batch_index),
                 }
                 yield batch
         finally:

@@ -1,9 +1,9 @@
 """BERT-style MLM masking of a document's chunk, vectorized, at a ratio that may follow a schedule.
 
-A chunk is masked when its batch is emitted, at the ratio the batch's global index gets from the
-`MaskingSchedule`, with a generator keyed by which piece of which document it is (`chunk_rng`): the
-masks depend on no worker count, topology or resume, and the ratio can change over the run (Ettin
-and mmBERT lower it through the decay phase).
+A chunk is masked when its batch is emitted, at the ratio the `MaskingSchedule` gives the batch's
+global index (or the rows trained before it), with a generator keyed by which piece of which document
+it is (`chunk_rng`): the masks depend on no worker count, topology or resume, and the ratio can change
+over the run (Ettin and mmBERT lower it through the decay phase).
 """
 
 import bisect
@@ -16,23 +16,29 @@ from modernbert_train.data.tokens import TokenizerInfo
 
 IGNORE_INDEX = -100
 SCHEDULE_SHAPES = ("constant", "linear", "step")
+SCHEDULE_UNITS = ("batch", "row")
 
 
 @dataclass(frozen=True)
 class MaskingSchedule:
-    """The masking ratio of global batch k, a pure function of k.
+    """The masking ratio of a batch, a pure function of its position: with unit "batch" its global index,
+    with unit "row" the rows (samples, all ranks) trained before it, which a run resumed with another batch
+    size still counts right (times in samples or tokens).
 
     constant: `values=(p,)`. linear: `values=(start, end)`, `milestones=(first, last)`: `start` up to
-    batch `first`, `end` from batch `last`, linear in between. step: `values[i]` from batch
+    position `first`, `end` from position `last`, linear in between. step: `values[i]` from position
     `milestones[i - 1]` on (one value more than milestones)."""
 
     values: tuple[float, ...]
     milestones: tuple[int, ...] = ()
     shape: str = "constant"
+    unit: str = "batch"
 
     def __post_init__(self):
         if self.shape not in SCHEDULE_SHAPES:
             raise ValueError(f"masking schedule: shape must be one of {', '.join(SCHEDULE_SHAPES)}")
+        if self.unit not in SCHEDULE_UNITS:
+            raise ValueError(f"masking schedule: unit must be one of {', '.join(SCHEDULE_UNITS)}")
         wanted = {"constant": (1, 0), "linear": (2, 2)}.get(self.shape, (len(self.milestones) + 1, None))
         if len(self.values) != wanted[0] or (wanted[1] is not None and len(self.milestones) != wanted[1]):
             raise ValueError(
@@ -44,20 +50,21 @@ class MaskingSchedule:
                 raise ValueError(f"masking schedule: every ratio must be in (0, 1), got {value}")
         if list(self.milestones) != sorted(self.milestones) or any(m < 0 for m in self.milestones):
             raise ValueError(
-                f"masking schedule: milestones must be ascending batch indices, got {self.milestones}"
+                f"masking schedule: milestones must be ascending {self.unit} positions, got {self.milestones}"
             )
 
-    def rate(self, batch_index: int) -> float:
+    def rate(self, position: int) -> float:
+        """The ratio at `position`: a global batch index, or rows trained before the batch (see `unit`)."""
         if self.shape == "constant":
             return self.values[0]
         if self.shape == "step":
-            return self.values[bisect.bisect_right(self.milestones, batch_index)]
+            return self.values[bisect.bisect_right(self.milestones, position)]
         (start, end), (first, last) = self.values, self.milestones
-        if batch_index <= first:
+        if position <= first:
             return start
-        if batch_index >= last:
+        if position >= last:
             return end
-        return start + (end - start) * (batch_index - first) / (last - first)
+        return start + (end - start) * (position - first) / (last - first)
 
 
 def chunk_rng(seed: int, epoch: int, sample_id: int, chunk_index: int) -> np.random.Generator:

@@ -201,45 +201,63 @@ def build_data(config: TrainConfig) -> TrainData:
 
 
 def masking_schedule(config: TrainConfig, rows: BatchSizeSchedule) -> MaskingSchedule:
-    """data.mlm_probability (checked in shape by train/config.py) as a schedule over global batch indices.
-    Times in sp and tok count rows and row slots (as batch_size_warmup does), so every time is a batch index
-    known before the run starts: a resumed run masks each batch as the straight run did."""
+    """data.mlm_probability (checked in shape by train/config.py) as a schedule over the run, every time
+    known before the run starts, so a resumed run masks each batch as the straight run did. Times in ba (and
+    'dur' of a max_duration in ba) are global batch indices; times in sp and tok (tok counts row slots, as
+    batch_size_warmup does; 'dur' of a max_duration in sp or tok) are rows trained, which stay right when a
+    resumed run changes the batch size. A schedule mixing both places its sp and tok times at batch indices
+    of this recipe's batch sizes (`rows`); recipe_changes.py refuses a resume that changes those sizes."""
     spec = config.data.mlm_probability
     if not isinstance(spec, dict):
         return MaskingSchedule((float(spec),))
     key = "data.mlm_probability"
     data_len = config.data.max_seq_len
 
-    def batch_index(name: str, text: str) -> int:
+    def place(name: str, text: str) -> tuple[str, int]:
+        """(unit, position): a batch index ("batch") or rows trained ("row")."""
         amount, unit = time_value(text), time_unit(text)
         if unit == "ba":
-            return round(amount)
+            return "batch", round(amount)
         if unit in ("sp", "tok"):
-            return rows.batches_until(math.ceil(amount / (data_len if unit == "tok" else 1)))
+            return "row", math.ceil(amount / (data_len if unit == "tok" else 1))
         if unit == "dur":
             if time_unit(config.max_duration) == "ep":
                 raise ConfigError(
                     f"{key}.{name}: a 'dur' time needs max_duration in ba, sp or tok, "
                     f"got {config.max_duration}"
                 )
-            return round(amount * batch_index("max_duration", config.max_duration))
+            total_unit, total = place("max_duration", config.max_duration)
+            return total_unit, round(amount * total)
         raise ConfigError(f"{key}.{name}: must be a time in ba, sp, tok or dur, got '{text}'")
+
+    def positions(times: dict[str, str]) -> tuple[str, list[int]]:
+        placed = [place(name, text) for name, text in times.items()]
+        units = {unit for unit, position in placed if position}  # a zero time is the same in every unit
+        if units == {"row"}:
+            return "row", [position for _, position in placed]
+        return "batch", [rows.batches_until(p) if unit == "row" else p for unit, p in placed]
+
+    def shown(unit: str, position: int) -> str:
+        return f"batch {position}" if unit == "batch" else f"{position} rows"
 
     shape = spec["schedule"]
     if shape == "constant":
         return MaskingSchedule((float(spec["value"]),))
     if shape == "linear":
-        first = batch_index("t_start", spec.get("t_start", "0ba"))
-        last = batch_index("t_end", spec.get("t_end", "1dur"))
+        unit, (first, last) = positions(
+            {"t_start": spec.get("t_start", "0ba"), "t_end": spec.get("t_end", "1dur")}
+        )
         if first > last:
-            raise ConfigError(f"{key}.t_start: comes after t_end (batch {first} > batch {last})")
-        return MaskingSchedule((float(spec["start"]), float(spec["end"])), (first, last), "linear")
-    milestones = [batch_index(f"milestones.{i}", text) for i, text in enumerate(spec["milestones"])]
+            raise ConfigError(
+                f"{key}.t_start: comes after t_end ({shown(unit, first)} > {shown(unit, last)})"
+            )
+        return MaskingSchedule((float(spec["start"]), float(spec["end"])), (first, last), "linear", unit)
+    unit, milestones = positions({f"milestones.{i}": text for i, text in enumerate(spec["milestones"])})
     for i in range(1, len(milestones)):
         if milestones[i] < milestones[i - 1]:
-            raise ConfigError(f"{key}.milestones.{i}: comes before the milestone ahead of it (batch "
-                              f"{milestones[i]} < {milestones[i - 1]})")  # fmt: skip
-    return MaskingSchedule(tuple(float(v) for v in spec["values"]), tuple(milestones), "step")
+            ahead = f"{shown(unit, milestones[i])} < {shown(unit, milestones[i - 1])}"
+            raise ConfigError(f"{key}.milestones.{i}: comes before the milestone ahead of it ({ahead})")
+    return MaskingSchedule(tuple(float(v) for v in spec["values"]), tuple(milestones), "step", unit)
 
 
 def device_microbatch_size(config: TrainConfig) -> int:

@@ -13,10 +13,18 @@ content is compared separately, in run.py).
 
 A key is ruled by its longest listed dotted prefix (a data.train source's fields as `data.train.local`). A key
 no rule covers counts as fixed; tests/test_recipe_changes.py checks that every schema key is covered.
+
+The batch size is free because the data state counts the rows trained: the stream goes on where it stopped
+with the new size, the batch-size warmup goes on from the rows really trained, and masking times in sp or
+tok count rows (data/batch_schedule.py, train/data.py). One combination is refused: a data.mlm_probability
+schedule mixing ba and sp/tok times places the latter at batch indices of the batch sizes it is built with,
+so global_train_batch_size (and, during a batch-size warmup, device_train_microbatch_size) cannot change.
 """
 
 import json
 from typing import Any
+
+from modernbert_train.train.config import time_unit, time_value
 
 FIXED, FREE, PATH = "fixed", "free", "path"
 
@@ -95,7 +103,43 @@ def recipe_changes(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list
             refused.append(change)
         elif kind == PATH:
             moved.append(change)
+    refused += _batch_size_changes_under_mixed_masking(saved, current)
     return refused, moved
+
+
+def _batch_size_changes_under_mixed_masking(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The batch-size keys that changed, when this recipe's masking schedule mixes ba and sp/tok times."""
+    if not _masking_mixes_units(current):
+        return []
+    keys = ["global_train_batch_size"]
+    if (current.get("data", {}).get("batch_size_warmup") or {}).get("start"):
+        keys.append("device_train_microbatch_size")  # it rounds the warmup's sizes
+    return [
+        f"{key}={show_value(saved[key])} there, {show_value(current[key])} here (data.mlm_probability mixes "
+        "ba and sp/tok times: give them in one unit)"
+        for key in keys
+        if key in saved and key in current and saved[key] != current[key]
+    ]
+
+
+def _masking_mixes_units(recipe: dict[str, Any]) -> bool:
+    """Whether data.mlm_probability has nonzero times both in batches (ba) and in rows (sp, tok), each 'dur'
+    counting in max_duration's unit (as train/data.masking_schedule places them)."""
+    spec = recipe.get("data", {}).get("mlm_probability")
+    if not isinstance(spec, dict):
+        return False
+    if spec.get("schedule") == "linear":
+        times = [spec.get("t_start", "0ba"), spec.get("t_end", "1dur")]
+    else:
+        times = list(spec.get("milestones") or [])
+    units = set()
+    for text in times:
+        unit = time_unit(text)
+        if unit == "dur":
+            unit = time_unit(recipe["max_duration"])
+        if time_value(text):
+            units.add("ba" if unit == "ba" else "rows")
+    return units == {"ba", "rows"}
 
 
 def refusal(refused: list[str], checkpoint: str, load: bool) -> str:
