@@ -388,3 +388,29 @@ def test_a_resume_changing_the_batch_size_under_a_mixed_masking_schedule_is_refu
         write_recipe, tmp_path, {"data": {"mlm_probability": rows}}, global_train_batch_size=16
     )
     assert decide_start(config).kind is StartKind.RESUME
+
+
+def test_a_longer_run_whose_dur_relative_masking_ramp_had_begun_is_refused(write_recipe, tmp_path):
+    # The masking ratio falls from 0.3 to 0.15 between 0.25dur and 0.5dur: batches 3 to 6 of 12, so 0.25 at
+    # batch 4. Under 24 batches the ramp would start at batch 6: the ratio would jump back to 0.3.
+    ramp = {"schedule": "linear", "start": 0.3, "end": 0.15, "t_start": "0.25dur", "t_end": "0.5dur"}
+    config = resumed_schedule(
+        write_recipe, tmp_path, {"data": {"mlm_probability": ramp}}, max_duration="24ba"
+    )
+    with pytest.raises(CheckpointError) as refused:
+        decide_start(config)
+    checkpoint = tmp_path / "run" / "ep0-ba4-rank0.pt"
+    assert str(refused.value) == (
+        f"masking schedule changed since checkpoint {checkpoint}: max_duration=12ba there, 24ba here; at its "
+        "batch 4 the masking ratio was 0.25 and would jump to 0.3: put them back (a 'dur' time moves with "
+        "max_duration), or set allow_schedule_change=true to change it there on purpose"
+    )
+    config.allow_schedule_change = True
+    assert decide_start(config).kind is StartKind.RESUME
+    # A ramp that had not begun moves later unchanged at batch 4; a ramp in batches does not move at all.
+    for later in ({**ramp, "t_start": "0.5dur", "t_end": "1dur"}, {**ramp, "t_start": "3ba", "t_end": "6ba"}):
+        shutil.rmtree(tmp_path / "run")
+        config = resumed_schedule(
+            write_recipe, tmp_path, {"data": {"mlm_probability": later}}, max_duration="24ba"
+        )
+        assert decide_start(config).kind is StartKind.RESUME

@@ -156,18 +156,8 @@ def build_data(config: TrainConfig) -> TrainData:
             f"global_train_batch_size={config.global_train_batch_size} is not divisible by the "
             f"{world_size} ranks"
         )
-    warmup = None
-    if data.batch_size_warmup.start:
-        warmup = {
-            "start": data.batch_size_warmup.start,
-            "tokens": int(time_value(data.batch_size_warmup.tokens)),
-        }
-    rows = batch_size_schedule(
-        global_batch_size=config.global_train_batch_size,
-        max_seq_len=data.max_seq_len,
-        micro_batch_size=device_microbatch_size(config),
-        batch_size_warmup=warmup,
-    )
+    warmup = _warmup(config)
+    rows = rows_schedule(config)
     train = build_train_dataset(
         sources(data.train),
         tokenizer=info,
@@ -198,6 +188,29 @@ def build_data(config: TrainConfig) -> TrainData:
     return TrainData(
         build_dataloader(train, num_workers=data.num_workers), eval_loader, path, info, per_device
     )
+
+
+def _warmup(config: TrainConfig) -> dict[str, int] | None:
+    warmup = config.data.batch_size_warmup
+    return {"start": warmup.start, "tokens": int(time_value(warmup.tokens))} if warmup.start else None
+
+
+def rows_schedule(config: TrainConfig) -> BatchSizeSchedule:
+    """The rows of every global batch under `config` on this world size."""
+    return batch_size_schedule(
+        global_batch_size=config.global_train_batch_size,
+        max_seq_len=config.data.max_seq_len,
+        micro_batch_size=device_microbatch_size(config),
+        batch_size_warmup=_warmup(config),
+    )
+
+
+def masking_rate_at(config: TrainConfig, clock: dict[str, int]) -> float:
+    """The masking ratio of the first batch after a checkpoint saved at `clock` ({"batch": ..., "sample":
+    ...}): a schedule over batch indices reads the batch count, one over rows the rows trained (Composer's
+    samples: rows, all ranks)."""
+    schedule = masking_schedule(config, rows_schedule(config))
+    return schedule.rate(clock["batch"] if schedule.unit == "batch" else clock["sample"])
 
 
 def masking_schedule(config: TrainConfig, rows: BatchSizeSchedule) -> MaskingSchedule:

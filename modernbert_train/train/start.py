@@ -18,6 +18,7 @@ a new one.
 Rank 0 reads the files and broadcasts its answer, so all ranks start the same way, or all exit.
 """
 
+import copy
 import math
 import pickle
 import sys
@@ -46,6 +47,7 @@ from modernbert_train.train.checkpoint_files import (
     sha256,
 )
 from modernbert_train.train.config import to_dict
+from modernbert_train.train.data import masking_rate_at
 from modernbert_train.train.recipe_changes import recipe_changes, refusal, show_value
 from modernbert_train.train.schedulers import multiplier_at
 from modernbert_train.train.schema import TrainConfig
@@ -167,6 +169,7 @@ def _choose(config: TrainConfig) -> RunStart:
             return RunStart(StartKind.COMPLETE, str(checkpoint), elapsed)
         _check_recipe(summary, config, str(checkpoint), load=False)
         _check_schedule(summary, config, str(checkpoint))
+        _check_masking(summary, config, str(checkpoint))
         return RunStart(
             StartKind.RESUME, str(checkpoint), elapsed, summary.tokenizer_sha256, summary.wandb_run_id
         )
@@ -185,6 +188,7 @@ def _choose(config: TrainConfig) -> RunStart:
         )
     _check_recipe(summary, config, config.load_path, load=True)
     _check_schedule(summary, config, config.load_path)
+    _check_masking(summary, config, config.load_path)
     return RunStart(StartKind.LOAD, config.load_path, elapsed, summary.tokenizer_sha256, summary.wandb_run_id)
 
 
@@ -228,6 +232,45 @@ def _check_schedule(summary: CheckpointSummary, config: TrainConfig, checkpoint:
         f"{summary.clock['batch']} the lr multiplier was {before:.4g} and would jump to {after:.4g}: put "
         "them back (a 'dur'-relative decay that has begun moves with max_duration), or set "
         "allow_schedule_change=true to change the lr there on purpose"
+    )
+
+
+def _check_masking(summary: CheckpointSummary, config: TrainConfig, checkpoint: str) -> None:
+    """As `_check_schedule`, for the masking ratio: `data.mlm_probability` is free, but its 'dur' times move
+    with max_duration, so a longer run (or a new schedule) could jump the ratio at the resumed batch."""
+    saved = summary.recipe
+    if saved is None or config.allow_schedule_change:
+        return
+    data = saved.get("data")
+    if (
+        not isinstance(data, dict)
+        or "mlm_probability" not in data
+        or not isinstance(saved.get("max_duration"), str)
+    ):
+        return
+    before_config = copy.deepcopy(config)
+    before_config.max_duration = saved["max_duration"]
+    before_config.data.mlm_probability = data["mlm_probability"]
+    try:
+        before = masking_rate_at(before_config, summary.clock)
+        after = masking_rate_at(config, summary.clock)
+    except (ValueError, TypeError, KeyError):  # a schedule the data builder will report itself
+        return
+    if math.isclose(before, after, rel_tol=1e-6, abs_tol=1e-9):
+        return
+    changes = [
+        f"{key}={show_value(there)} there, {show_value(here)} here"
+        for key, there, here in (
+            ("max_duration", saved["max_duration"], config.max_duration),
+            ("data.mlm_probability", data["mlm_probability"], config.data.mlm_probability),
+        )
+        if there != here
+    ]
+    raise CheckpointError(
+        f"masking schedule changed since checkpoint {checkpoint}: {'; '.join(changes)}; at its batch "
+        f"{summary.clock['batch']} the masking ratio was {before:.4g} and would jump to {after:.4g}: put "
+        "them back (a 'dur' time moves with max_duration), or set allow_schedule_change=true to change it "
+        "there on purpose"
     )
 
 
