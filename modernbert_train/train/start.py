@@ -26,6 +26,7 @@ import tempfile
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 from composer.core import Time
 from composer.utils import dist, get_device
@@ -219,20 +220,16 @@ def _check_schedule(summary: CheckpointSummary, config: TrainConfig, checkpoint:
     here = to_dict(config)["scheduler"]
     before = multiplier_at(saved["scheduler"], saved["max_duration"], summary.clock)
     after = multiplier_at(here, config.max_duration, summary.clock)
-    if before is None or after is None or math.isclose(before, after, rel_tol=1e-6, abs_tol=1e-9):
+    if before is None or after is None:
         return
-    changes = [
-        f"{key}={show_value(_saved_value(saved, key))} there, {show_value(value)} here"
-        for key, value in [("max_duration", config.max_duration)]
-        + [(f"scheduler.{name}", value) for name, value in here.items()]
-        if _saved_value(saved, key) != value
+    compared = [("max_duration", saved["max_duration"], config.max_duration)] + [
+        (f"scheduler.{name}", saved["scheduler"].get(name), value) for name, value in here.items()
     ]
-    raise CheckpointError(
-        f"schedule changed since checkpoint {checkpoint}: {'; '.join(changes)}; at its batch "
-        f"{summary.clock['batch']} the lr multiplier was {before:.4g} and would jump to {after:.4g}: put "
-        "them back (a 'dur'-relative decay that has begun moves with max_duration), or set "
-        "allow_schedule_change=true to change the lr there on purpose"
-    )
+    _refuse_a_jump(
+        summary, checkpoint, before, after, compared, "schedule", "lr multiplier",
+        "(a 'dur'-relative decay that has begun moves with max_duration), or set allow_schedule_change=true "
+        "to change the lr there on purpose",
+    )  # fmt: skip
 
 
 def _check_masking(summary: CheckpointSummary, config: TrainConfig, checkpoint: str) -> None:
@@ -256,27 +253,39 @@ def _check_masking(summary: CheckpointSummary, config: TrainConfig, checkpoint: 
         after = masking_rate_at(config, summary.clock)
     except (ValueError, TypeError, KeyError):  # a schedule the data builder will report itself
         return
+    compared = [
+        ("max_duration", saved["max_duration"], config.max_duration),
+        ("data.mlm_probability", data["mlm_probability"], config.data.mlm_probability),
+    ]
+    _refuse_a_jump(
+        summary, checkpoint, before, after, compared, "masking schedule", "masking ratio",
+        "(a 'dur' time moves with max_duration), or set allow_schedule_change=true to change it there on "
+        "purpose",
+    )  # fmt: skip
+
+
+def _refuse_a_jump(
+    summary: CheckpointSummary,
+    checkpoint: str,
+    before: float,
+    after: float,
+    compared: list[tuple[str, Any, Any]],
+    what: str,
+    quantity: str,
+    way_on: str,
+) -> None:
+    """One line refusing a resume where `quantity` would jump from `before` (the checkpoint's recipe) to
+    `after` (this one) at the resumed batch, naming the keys of `compared` ((key, there, here)) that
+    changed; nothing when the two agree."""
     if math.isclose(before, after, rel_tol=1e-6, abs_tol=1e-9):
         return
-    changes = [
-        f"{key}={show_value(there)} there, {show_value(here)} here"
-        for key, there, here in (
-            ("max_duration", saved["max_duration"], config.max_duration),
-            ("data.mlm_probability", data["mlm_probability"], config.data.mlm_probability),
-        )
-        if there != here
-    ]
+    changes = [f"{key}={show_value(there)} there, {show_value(here)} here" for key, there, here in compared
+               if there != here]  # fmt: skip
     raise CheckpointError(
-        f"masking schedule changed since checkpoint {checkpoint}: {'; '.join(changes)}; at its batch "
-        f"{summary.clock['batch']} the masking ratio was {before:.4g} and would jump to {after:.4g}: put "
-        "them back (a 'dur' time moves with max_duration), or set allow_schedule_change=true to change it "
-        "there on purpose"
+        f"{what} changed since checkpoint {checkpoint}: {'; '.join(changes)}; at its batch "
+        f"{summary.clock['batch']} the {quantity} was {before:.4g} and would jump to {after:.4g}: put them "
+        f"back {way_on}"
     )
-
-
-def _saved_value(saved: dict, key: str):
-    section, _, name = key.partition(".")
-    return saved.get(section, {}).get(name) if name else saved.get(section)
 
 
 def _newest_good_checkpoint(save_folder: str) -> Path | None:
