@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-import yaml
 from conftest import run_train
+from test_train_start import write_recipe as finished_recipe
 
 from modernbert_train.train.checkpoint import checkpoint_summary
 from modernbert_train.train.run_metadata import RunMetadata
@@ -92,26 +92,10 @@ def test_checkpoint_keeps_the_wandb_run_id(tmp_path, monkeypatch, sharded):
 def first_attempt(tmp_path_factory, tiny_data):
     """A 3-batch autoresume run logging to W&B offline: its recipe, save folder and W&B run id."""
     folder = tmp_path_factory.mktemp("wandb")
-    recipe = folder / "recipe.yaml"
-    recipe.write_text(
-        yaml.safe_dump(
-            {
-                "run_name": "attempts",
-                "max_duration": "3ba",
-                "global_train_batch_size": 8,
-                "model": {"preset": "tiny"},
-                "data": {"train": [{"local": str(tiny_data / "train")}], "max_seq_len": 64, "lookahead": 16},
-                "optimizer": {"lr": 3e-3},
-                "scheduler": {"t_warmup": "2ba", "t_decay": "0ba"},
-                "log_interval": "1ba",
-                "save_folder": str(folder / "run"),
-                "save_interval": "3ba",
-                "autoresume": True,
-                "progress_bar": False,
-                "loggers": {"wandb": {"project": "mbt-test", "mode": "offline"}},
-            }
-        )
-    )
+    recipe = finished_recipe(
+        folder / "recipe.yaml", tiny_data, folder / "run", run_name="attempts", max_duration="3ba",
+        save_interval="3ba", loggers={"wandb": {"project": "mbt-test", "mode": "offline"}},
+    )  # fmt: skip
     run_train(recipe, WANDB_DIR=str(folder))
     run, steps = offline_run(folder)
     assert steps == [0, 1, 2]
