@@ -113,14 +113,18 @@ def run(args) -> dict:
     inputs = dict(input_ids=input_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, labels=labels)
     labelled = labelled_index.numel()
 
-    def step(optimizer=optimizer, read_loss: bool = False):
+    def step(optimizer=optimizer, read_loss: bool = False, flag: bool = False):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             loss = model(**inputs, labelled_index=labelled_index, return_logits=False).loss
         loss.backward()
         if read_loss:
-            loss.item()  # as a Composer batch does before its optimizer step
+            loss.item()  # as the non-finite guard does before an optimi step
+        if flag:  # as the guard hands its verdict to a foreach step: on the device, a masked step
+            optimizer.skip_next_step_if(~torch.isfinite(loss.detach()))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if flag:
+            optimizer.settle_skip()
 
     def timed_step(**kwargs) -> float:
         if cuda:
@@ -183,26 +187,32 @@ def run(args) -> dict:
 
 def compare_optimizers(model, timed_step, rounds: int, steps: int) -> dict:
     """Median step time per optimizer implementation, with and without the host read before the optimizer
-    step, from `rounds` alternating rounds of `steps` steps (each optimizer warmed up first: its state made,
-    its kernels compiled). Times in seconds; `ratio_*` is foreach's time over optimi's."""
+    step, and foreach with the non-finite verdict handed over on the device (`foreach_flag_s`), from
+    `rounds` alternating rounds of `steps` steps (each optimizer warmed up first: its state made, its
+    kernels compiled). Times in seconds; `ratio_*` is foreach's time over optimi's. `ratio_composer` is the
+    choice a Composer batch makes: optimi with the guard's read before its step, or foreach with the flag
+    and no read (train.nonfinite_guard); below 1, `optimizer.impl: foreach` is the faster on this device."""
     impls = ("optimi", "foreach")
     optimizers = {impl: build_optimizer(model, lr=8e-4, impl=impl) for impl in impls}
-    variants = [(impl, read) for impl in impls for read in (False, True)]
-    for impl, read in variants:
+    variants = [(impl, read, False) for impl in impls for read in (False, True)] + [("foreach", False, True)]
+
+    def timed(variant):
+        return timed_step(optimizer=optimizers[variant[0]], read_loss=variant[1], flag=variant[2])
+
+    for variant in variants:
         for _ in range(2):
-            timed_step(optimizer=optimizers[impl], read_loss=read)
+            timed(variant)
     times = {variant: [] for variant in variants}
     for _ in range(rounds):
         for variant in variants:
-            times[variant] += [
-                timed_step(optimizer=optimizers[variant[0]], read_loss=variant[1]) for _ in range(steps)
-            ]
+            times[variant] += [timed(variant) for _ in range(steps)]
     medians = {variant: statistics.median(values) for variant, values in times.items()}
     result = {"rounds": rounds, "steps_per_round": steps}
-    for impl, read in variants:
-        result[f"{impl}{'_read_loss' if read else ''}_s"] = medians[impl, read]
-    result["ratio"] = medians["foreach", False] / medians["optimi", False]
-    result["ratio_read_loss"] = medians["foreach", True] / medians["optimi", True]
+    for impl, read, flag in variants:
+        result[f"{impl}{'_read_loss' if read else ''}{'_flag' if flag else ''}_s"] = medians[impl, read, flag]
+    result["ratio"] = medians["foreach", False, False] / medians["optimi", False, False]
+    result["ratio_read_loss"] = medians["foreach", True, False] / medians["optimi", True, False]
+    result["ratio_composer"] = medians["foreach", False, True] / medians["optimi", True, False]
     return result
 
 

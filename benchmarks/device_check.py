@@ -268,9 +268,16 @@ def print_summary(result: dict) -> None:
         print(f"  bench {run['attention_backend']} {mode}: {run['status']}  {figures(run)}")
         optimizers = run.get("optimizers")
         if optimizers:
+            composer = optimizers.get("ratio_composer")  # absent from results before 2026-12-07
             print(
-                f"    optimizer foreach/optimi step time: {optimizers['ratio']:.3f}, "
-                f"with the loss read before the step (as Composer does) {optimizers['ratio_read_loss']:.3f}"
+                f"    optimizer foreach/optimi step time: {optimizers['ratio']:.3f}, with a read before the "
+                f"step {optimizers['ratio_read_loss']:.3f}"
+                + (
+                    f", as a Composer batch takes each (foreach: the guard's flag, optimi: its read) "
+                    f"{composer:.3f}"
+                    if composer
+                    else ""
+                )
             )
     train = result["train"]
     loss = f"loss {train['loss_first']:.3f} -> {train['loss_last']:.3f}" if "loss_last" in train else ""

@@ -191,6 +191,57 @@ def test_a_step_without_gradients_changes_nothing(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kahan", [False, True])
+def test_a_step_skipped_by_a_device_flag_changes_nothing(impl, kahan):
+    """The non-finite guard's verdict handed over unread (`skip_next_step_if`): a batch whose gradients are
+    non-finite, flagged, moves no weight, moment or Kahan compensation, and once settled its step is not
+    counted: the run then goes on as if that batch had never come. A flag that is false changes nothing
+    either. `foreach` reads no value back for it (optimi's kernels take no mask: there the flag is read)."""
+    grads = gradient_steps(TinyNet())
+    dtype = torch.bfloat16 if kahan else torch.float32
+
+    def train(bad_after: int | None, flag_every_step: bool):
+        torch.manual_seed(0)
+        net = TinyNet().to(dtype)
+        opt = build_optimizer(net, lr=1e-2, weight_decay=1e-4, impl=impl, kahan_sum=None if kahan else False)
+        reads = FloatReads()
+        for i, step_grads in enumerate(grads):
+            batches = [(step_grads, False)]
+            if i == bad_after:
+                poison = [torch.full_like(g, float("nan")) if j % 2 else torch.full_like(g, float("inf"))
+                          for j, g in enumerate(step_grads)]  # fmt: skip
+                batches.append((poison, True))
+            for batch_grads, bad in batches:
+                for p, g in zip(net.parameters(), batch_grads):
+                    p.grad = g.clone().to(dtype)
+                if flag_every_step or bad:
+                    opt.skip_next_step_if(torch.tensor(bad))
+                    with reads:
+                        opt.step()
+                    assert opt.settle_skip() is (bad if impl == "foreach" else None)  # optimi: read at once
+                else:
+                    opt.step()
+        state = opt.state_dict()
+        return [p.detach().clone() for p in net.parameters()], state, reads.count
+
+    unflagged, _, _ = train(None, flag_every_step=False)
+    for flag_every_step in (False, True):
+        straight, straight_state, _ = train(None, flag_every_step)
+        skipped, skipped_state, reads = train(1, flag_every_step)
+        if impl == "foreach":
+            assert reads == 0
+        for a, b, c in zip(straight, skipped, unflagged):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+            # A flag's masked arithmetic rounds otherwise (m(1 - w) + wg for lerp): bf16 moments by an ulp.
+            torch.testing.assert_close(a, c, rtol=1e-2 if kahan else 1e-6, atol=0)
+        assert [int(g["step"]) for g in skipped_state["param_groups"]] == [len(grads)] * 2
+        for key, state in straight_state["state"].items():
+            for name in ("exp_avg", "exp_avg_sq") + (("kahan_comp",) if kahan else ()):
+                want, got = state[name], skipped_state["state"][key][name]
+                torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_bf16_parameters_use_kahan_summation(impl):
     """Steps of 1e-3 vanish against a bf16 weight of 1.0 (spacing 2^-7) unless compensated."""
     steps, lr = 100, 1e-3

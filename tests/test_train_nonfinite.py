@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 from conftest import REPO, free_port, read_metrics, run_env
 from torch import nn
 from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from modernbert_train.train.nonfinite_guard import grad_norm
 
@@ -46,12 +47,14 @@ POISONED_MAIN = textwrap.dedent(
 
 
 @pytest.mark.slow
-def test_bad_batches_are_skipped_and_too_many_in_a_row_stop_the_run(write_recipe, tmp_path):
+@pytest.mark.parametrize("impl", ["optimi", "foreach"])  # the verdict read before the step / on the device
+def test_bad_batches_are_skipped_and_too_many_in_a_row_stop_the_run(write_recipe, tmp_path, impl):
     script = tmp_path / "poisoned_main.py"
     script.write_text(POISONED_MAIN.replace("{BATCHES}", "{3, 6, 7}"))
     recipe = write_recipe(
-        max_duration="12ba", save_interval="4ba", max_nonfinite_batches=2, data={"eval": []}
-    )
+        max_duration="12ba", save_interval="4ba", max_nonfinite_batches=2, data={"eval": []},
+        optimizer={"impl": impl},
+    )  # fmt: skip
     done = subprocess.run(
         [sys.executable, str(script), str(recipe)], cwd=REPO, env=run_env(), capture_output=True, text=True,
         timeout=300,
@@ -134,3 +137,78 @@ def test_grad_norm_of_whole_gradients_both_ways(device):
     for foreach in (False, True):
         assert grad_norm(parameters, foreach=foreach).item() == pytest.approx(exact, rel=1e-6)
     assert grad_norm(parameters).item() == pytest.approx(exact, rel=1e-6)
+
+
+class HostReads(TorchDispatchMode):
+    """Counts what reads a tensor's value back to the host (on a GPU each waits for every kernel before it):
+    item/bool/int/float (aten._local_scalar_dense), nonzero, and tolist, which on a CPU dispatches nothing and
+    is counted by a patch. `host_tensors()` are read freely: they stay on the host on a GPU too."""
+
+    def __init__(self, host_tensors=lambda: ()):
+        super().__init__()
+        self.reads: list[str] = []
+        self.host_tensors = host_tensors
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        host = any(args[0] is tensor for tensor in self.host_tensors())
+        if name in ("_local_scalar_dense", "nonzero", "is_nonzero", "equal") and not host:
+            self.reads.append(name)
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        self._tolist = torch.Tensor.tolist
+        reads, tolist = self.reads, self._tolist
+
+        def counted(tensor):
+            reads.append("tolist")
+            return tolist(tensor)
+
+        torch.Tensor.tolist = counted
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
+
+
+@pytest.mark.parametrize("impl", ["foreach", "optimi"])
+def test_nothing_is_read_back_between_the_loss_and_the_optimizer_step(write_recipe, impl):
+    """On a GPU a host read before the optimizer step makes its launches wait for the whole backward. In a
+    real Composer batch under `foreach`, nothing from the loss to the end of the optimizer step reads a value
+    back (Composer's closure would read the loss; the guard hands its verdict over on the device); optimi's
+    step (a per-tensor loop on a CPU, and the guard's verdict read before it) does, which shows the probe
+    sees them."""
+    from composer.core import Callback
+
+    from modernbert_train.train.config import load_config
+    from modernbert_train.train.run import build_run
+
+    run = build_run(
+        load_config(write_recipe(max_duration="3ba", data={"eval": []}, optimizer={"impl": impl}))
+    )
+    optimizer = run.trainer.state.optimizers[0]
+    probe, reads = HostReads(lambda: [group.get("step") for group in optimizer.param_groups]), []
+
+    class Probe(Callback):
+        def after_loss(self, state, logger):
+            probe.reads.clear()
+            probe.__enter__()
+
+    plain_step = optimizer.step
+
+    def step(*args, **kwargs):
+        result = plain_step(*args, **kwargs)
+        probe.__exit__(None, None, None)
+        reads.append(list(probe.reads))
+        return result
+
+    optimizer.step = step
+    run.trainer.state.callbacks.insert(0, Probe())
+    run.trainer.fit()
+    run.trainer.close()
+    assert len(reads) == 3 and [int(g["step"]) for g in optimizer.param_groups] == [3, 3]
+    if impl == "foreach":
+        assert reads == [[], [], []]
+    else:
+        assert all("tolist" in batch for batch in reads), reads  # the guard's verdict

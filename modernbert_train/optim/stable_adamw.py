@@ -49,6 +49,13 @@ class StableAdamW(optimi.StableAdamW):
     checkpoint resumes under either. A step with no gradients at all is skipped whole: moments and step count
     stay as they were. Under `foreach` the gradients are used as scratch (as optimi's own foreach path does):
     read them before the step.
+
+    A step can also be skipped by a flag still on the device (`skip_next_step_if`, the non-finite guard's
+    verdict), so that nobody waits for the backward to end before the step is launched: `foreach` then takes
+    a masked step (non-finite gradients are zeroed, and a skipped step moves no weight, moment or Kahan
+    compensation), counts it, and `settle_skip` takes the count back once the host reads the flag (after the
+    batch, when Composer has read its loss and the device is idle anyway). optimi's kernels take no mask: for
+    it the flag is read at the step. A state_dict is never taken with a skip unsettled.
     """
 
     def __init__(self, params, *args, impl: str = "auto", triton: bool | None = None, **kwargs):
@@ -57,6 +64,37 @@ class StableAdamW(optimi.StableAdamW):
         super().__init__(params, *args, triton=triton, **kwargs)
         self.impl = impl
         self.triton = triton  # under optimi: None chooses by device at each step
+        self._skip_next: torch.Tensor | None = None  # skip_next_step_if's flag, for the next step
+        self._unsettled: torch.Tensor | None = None  # the flag of a masked step already counted
+
+    def _sharded(self) -> bool:
+        return any(isinstance(p, DTensor) for group in self.param_groups for p in group["params"])
+
+    def skips_on_device(self) -> bool:
+        """Whether a step skipped by `skip_next_step_if` needs no host read before it (the `foreach` step)."""
+        return self.impl == "foreach" or self._sharded()
+
+    def skip_next_step_if(self, flag: torch.Tensor) -> None:
+        """Skip the next step when `flag` (a boolean scalar, on the device) is true: weights, moments and step
+        count stay as they were. Under `foreach` nothing is read back to the host for it before the step;
+        call `settle_skip` after it."""
+        self._skip_next = flag.detach().reshape(())
+
+    def settle_skip(self) -> bool | None:
+        """Whether the last step skipped by a device flag was skipped (None: none is unsettled). Reads the
+        flag (a sync, free once the device is idle) and takes a skipped step's count back."""
+        flag, self._unsettled = self._unsettled, None
+        if flag is None:
+            return None
+        skipped = bool(flag)
+        if skipped:
+            for group in self.param_groups:
+                group["step"].sub_(1)
+        return skipped
+
+    def state_dict(self):
+        self.settle_skip()
+        return super().state_dict()
 
     def step(self, closure=None, param=None):
         if param is not None:
@@ -65,16 +103,21 @@ class StableAdamW(optimi.StableAdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.settle_skip()  # the previous step's, where nobody settled it
+        skip, self._skip_next = self._skip_next, None
         if all(p.grad is None for group in self.param_groups for p in group["params"]):
             # No gradient at all (the non-finite guard dropped a bad batch's): no step. optimi would still
             # count one, which shifts the bias correction of every later step.
             return loss
-        sharded = any(isinstance(p, DTensor) for group in self.param_groups for p in group["params"])
+        sharded = self._sharded()
         if sharded and self.impl == "optimi":
             raise ValueError("optimizer impl='optimi' cannot step FSDP-sharded parameters; use auto")
         if self.impl == "foreach" or sharded:
             for group in self.param_groups:
-                self._multi_tensor_step(group)
+                self._multi_tensor_step(group, skip)
+            self._unsettled = skip
+            return loss
+        if skip is not None and bool(skip):  # optimi's kernels take no mask: read here
             return loss
         for group in self.param_groups:
             on_gpu = all(p.is_cuda for p in group["params"]) and torch.cuda.is_bf16_supported()
@@ -98,12 +141,16 @@ class StableAdamW(optimi.StableAdamW):
                 state["kahan_comp"] = torch.zeros(1, dtype=torch.uint8, device=p.device)
 
     @torch.no_grad()
-    def _multi_tensor_step(self, group: dict) -> None:
+    def _multi_tensor_step(self, group: dict, skip: torch.Tensor | None = None) -> None:
         """optimi 0.3.3's update (`_single_param_stableadamw`) over a whole group in multi-tensor ops. The
         clipped learning rate stays a device tensor per parameter (optimi reads each RMS back to the host: a
         sync per tensor on a GPU). The mean of g^2 / v_hat is each tensor's sum over its shards (one
         all-reduce for the group) divided by the whole tensor's size: a DTensor's `.mean()` all-reduces with
-        AVG, which gloo lacks, and averages unequal shards' means as if equal."""
+        AVG, which gloo lacks, and averages unequal shards' means as if equal.
+
+        With `skip` (a device boolean) the step is masked: the gradients are zeroed where it is true (a bad
+        batch's may be non-finite), and every factor that would move a moment or a weight is multiplied by
+        `go` (0 or 1), which costs one more pass over the gradients and one over the first moments."""
         group["triton"] = False  # our state needs no Triton scratch (optimi's path adds it when it runs)
         params, grads, exp_avgs, exp_avg_sqs, eps_sqs, kahan_comps = [], [], [], [], [], []
         self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, eps_sqs, kahan_comps, mean_squares=[])
@@ -118,8 +165,19 @@ class StableAdamW(optimi.StableAdamW):
         exp_avgs = [_local(m) for m in exp_avgs]
         exp_avg_sqs = [_local(v) for v in exp_avg_sqs]
 
-        torch._foreach_lerp_(exp_avgs, grads, beta1_comp)
-        torch._foreach_mul_(exp_avg_sqs, beta2_hat)
+        go = None
+        if skip is None:
+            torch._foreach_lerp_(exp_avgs, grads, beta1_comp)
+            torch._foreach_mul_(exp_avg_sqs, beta2_hat)
+        else:
+            skip = skip.to(exp_avgs[0].device)
+            go = (~skip).to(torch.float32)
+            for grad in grads:
+                grad.masked_fill_(skip, 0.0)
+            # lerp as m * (1 - w) + w * g, w masked (a zero gradient would still pull m towards 0)
+            torch._foreach_mul_(exp_avgs, 1 - beta1_comp * go)
+            torch._foreach_add_(exp_avgs, grads, alpha=beta1_comp)
+            torch._foreach_mul_(exp_avg_sqs, 1 - (1 - beta2_hat) * go)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2_hat)
         # Each tensor's RMS of g / sqrt(max(v_hat, eps^2)), the gradients as scratch.
         torch._foreach_mul_(grads, grads)
@@ -128,6 +186,8 @@ class StableAdamW(optimi.StableAdamW):
         sums = _sum_over_shards(sums, params)
         mean_squares = torch._foreach_div(list(sums.unbind(0)), [p.numel() for p in params])
         lrs = group["lr"] / torch.stack(mean_squares).sqrt().clamp(min=1.0)
+        if go is not None:
+            lrs = lrs * go  # no decay; the step's denominators become inf, so m moves no weight
 
         if group["weight_decay"] != 0:
             scale = group["weight_decay"] / group["max_lr"] if group["decouple_lr"] else group["weight_decay"]
@@ -155,7 +215,9 @@ class StableAdamW(optimi.StableAdamW):
             compensations = [_local(k) for k in pick(kahan_comps)]
             torch._foreach_addcdiv_(compensations, pick(exp_avgs), pick(grads), value=-1.0)
             before = torch._foreach_add(pick(local), 0.0)  # a copy
-            torch._foreach_add_(pick(local), compensations)
+            # Skipped: the pending compensation stays pending (added, the weight would round anew).
+            pending = compensations if go is None else torch._foreach_mul(compensations, go)
+            torch._foreach_add_(pick(local), pending)
             torch._foreach_sub_(before, pick(local))
             torch._foreach_add_(compensations, before)
 

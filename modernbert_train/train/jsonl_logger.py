@@ -64,6 +64,7 @@ class JSONLLogger(LoggerDestination):
         self.row: dict[str, float] = {}
         self.average_throughput: dict[str, float] = {}
         self.final = False
+        self.batch_in_progress = 0  # the batch being trained (counted from 1), its clock not yet advanced
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         for key, value in metrics.items():
@@ -80,6 +81,7 @@ class JSONLLogger(LoggerDestination):
 
     def batch_start(self, state: State, logger: Logger) -> None:
         self._flush()
+        self.batch_in_progress = state.timestamp.batch.value + 1
 
     def batch_checkpoint(self, state: State, logger: Logger) -> None:
         self._flush()  # done already by `writer_before_save()` when the run lists it
@@ -109,8 +111,9 @@ class JSONLLogger(LoggerDestination):
 
     def close(self, state: State, logger: Logger) -> None:
         if "batch" not in self.row and self.row:
-            # The batch that stopped the run before its end (the non-finite guard): its row still goes in.
-            self.row["batch"] = state.timestamp.batch.value + 1
+            # The batch that stopped the run before its end (the non-finite guard, before or after the clock
+            # moved on): its row still goes in.
+            self.row["batch"] = self.batch_in_progress
             self.final = True
         self._flush()
         self._upload()

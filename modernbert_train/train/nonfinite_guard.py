@@ -10,6 +10,8 @@ from composer.loggers import Logger
 from composer.utils import dist
 from torch.distributed.tensor import DTensor
 
+from modernbert_train.optim.stable_adamw import StableAdamW
+
 log = logging.getLogger(__name__)
 
 
@@ -47,10 +49,17 @@ def _sum_of_squares(tensors: list[torch.Tensor], device: torch.device, foreach: 
 
 
 class NonFiniteGuard(Callback):
-    """A batch with a non-finite loss on any rank, or a non-finite gradient, has its gradients dropped before
-    the optimizer steps: the optimizer (ours skips a step with no gradients) keeps weights, moments and step
-    count, while the clock and the schedule move on. `max_in_a_row` such batches in a row stop the run with
-    `NonFiniteStop`, before the last one's checkpoint: the latest checkpoint stays the last good one.
+    """A batch with a non-finite loss on any rank, or a non-finite gradient, takes no optimizer step: the
+    optimizer keeps weights, moments and step count, while the clock and the schedule move on.
+    `max_in_a_row` such batches in a row stop the run with `NonFiniteStop`, before the last one's
+    checkpoint: the latest checkpoint stays the last good one.
+
+    The verdict is made on the device. Where the optimizer can skip a step by a flag still there
+    (StableAdamW's `foreach` step: `optimizer.impl: foreach`, and FSDP-sharded weights), it is handed over
+    as such, and read at the batch's end, where Composer has read the batch's loss and the device is idle
+    anyway: nothing waits for the backward before the optimizer step is launched, so its launches overlap
+    the backward's kernels. Otherwise (optimi's kernels take no mask) it is read before the step, and a bad
+    batch's gradients are dropped (ours skips a step with no gradients).
 
     Under amp_fp16 the loss scaler owns gradient overflow (it skips those steps itself and lowers the
     scale), so there only the loss is checked.
@@ -64,6 +73,8 @@ class NonFiniteGuard(Callback):
         self.skipped = 0
         self._bad_loss = torch.zeros(())  # this batch's non-finite micro-batch losses on this rank
         self._metrics: dict[str, float] = {}
+        # The optimizer given the verdict unread, and [gradient norm, bad losses] to read at the batch's end.
+        self._unread: tuple[StableAdamW, torch.Tensor] | None = None
 
     def before_train_batch(self, state: State, logger: Logger) -> None:
         self._bad_loss = torch.zeros(())
@@ -71,7 +82,7 @@ class NonFiniteGuard(Callback):
     def after_loss(self, state: State, logger: Logger) -> None:
         losses = state.loss.values() if isinstance(state.loss, dict) else [state.loss]
         for loss in losses:
-            # Kept on the device: one host read per batch, in after_train_batch.
+            # Kept on the device: read once per batch.
             self._bad_loss = self._bad_loss.to(loss.device) + (~torch.isfinite(loss.detach())).sum()
 
     def after_train_batch(self, state: State, logger: Logger) -> None:
@@ -80,43 +91,64 @@ class NonFiniteGuard(Callback):
         bad_loss = self._bad_loss.to(norm.device, torch.float32)
         if dist.get_world_size() > 1:
             dist.all_reduce(bad_loss)  # a loss that is bad on any rank is bad everywhere
-        norm_value, bad_loss_count = torch.stack([norm, bad_loss]).tolist()
-        check_grads = state.precision != Precision.AMP_FP16
-        bad_grad = check_grads and not math.isfinite(norm_value)
+        values = torch.stack([norm, bad_loss])
+        optimizer = state.optimizers[0] if len(state.optimizers) == 1 else None
+        if isinstance(optimizer, StableAdamW) and optimizer.skips_on_device():
+            bad = bad_loss > 0
+            if state.precision != Precision.AMP_FP16:
+                bad |= ~torch.isfinite(norm)
+            optimizer.skip_next_step_if(bad)
+            self._unread = (optimizer, values)
+            return
+        norm_value, bad_loss_count = values.tolist()
         batch = int(state.timestamp.batch) + 1  # the clock advances after the optimizer step
-        if bad_loss_count or bad_grad:
+        if self._judge(state, logger, batch, norm_value, bad_loss_count, loss_logged=False):
             for param in parameters:
                 param.grad = None
-            self.in_a_row += 1
-            self.skipped += 1
-            what = "loss" if bad_loss_count else "gradient"
-            log.warning(
-                "batch %d: non-finite %s (gradient norm %s): optimizer step skipped (%d in a row, limit %d)",
-                batch, what, norm_value, self.in_a_row, self.max_in_a_row,
-            )  # fmt: skip
-            if self.in_a_row >= self.max_in_a_row:
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        if self._unread is not None:
+            (optimizer, values), self._unread = self._unread, None
+            norm_value, bad_loss_count = values.tolist()
+            optimizer.settle_skip()  # the same verdict: takes a skipped step's count back
+            # The clock already names this batch, and Composer has logged its loss.
+            batch = int(state.timestamp.batch)
+            self._judge(state, logger, batch, norm_value, bad_loss_count, loss_logged=True)
+        # Logged here, where the clock already names this batch.
+        logger.log_metrics(self._metrics)
+
+    def _judge(
+        self, state: State, logger: Logger, batch: int, norm_value: float, bad_loss_count: float,
+        loss_logged: bool,
+    ) -> bool:  # fmt: skip
+        """Counts the batch as good or bad (its step skipped), from its gradient norm and its ranks' count of
+        non-finite losses; stops the run after `max_in_a_row` bad ones. Whether the batch is bad."""
+        bad_grad = state.precision != Precision.AMP_FP16 and not math.isfinite(norm_value)
+        self._metrics = {"train/grad_norm": norm_value, "train/skipped_steps": self.skipped}
+        if not (bad_loss_count or bad_grad):
+            self.in_a_row = 0
+            return False
+        self.in_a_row += 1
+        self.skipped += 1
+        self._metrics["train/skipped_steps"] = self.skipped
+        what = "loss" if bad_loss_count else "gradient"
+        log.warning(
+            "batch %d: non-finite %s (gradient norm %s): optimizer step skipped (%d in a row, limit %d)",
+            batch, what, norm_value, self.in_a_row, self.max_in_a_row,
+        )  # fmt: skip
+        if self.in_a_row >= self.max_in_a_row:
+            if not loss_logged:
                 # Composer logs a batch's loss only after this event: the stopping batch's row gets it here.
                 loss = (
                     float("nan")
                     if bad_loss_count
                     else float(state.total_loss_dict.get("loss/train/total", 0))
                 )
-                logger.log_metrics(
-                    {
-                        "loss/train/total": loss,
-                        "train/grad_norm": norm_value,
-                        "train/skipped_steps": self.skipped,
-                    }
-                )
-                raise NonFiniteStop(
-                    f"{self.in_a_row} batches in a row (the last: batch {batch}) had a non-finite loss or "
-                    f"gradient (max_nonfinite_batches={self.max_in_a_row}); stopped: the latest checkpoint "
-                    "is the last good one"
-                )
-        else:
-            self.in_a_row = 0
-        self._metrics = {"train/grad_norm": norm_value, "train/skipped_steps": self.skipped}
-
-    def batch_end(self, state: State, logger: Logger) -> None:
-        # Logged here, where the clock already names this batch.
-        logger.log_metrics(self._metrics)
+                logger.log_metrics({"loss/train/total": loss})
+            logger.log_metrics(self._metrics)
+            raise NonFiniteStop(
+                f"{self.in_a_row} batches in a row (the last: batch {batch}) had a non-finite loss or "
+                f"gradient (max_nonfinite_batches={self.max_in_a_row}); stopped: the latest checkpoint "
+                "is the last good one"
+            )
+        return True
