@@ -190,9 +190,13 @@ def test_a_step_without_gradients_changes_nothing(impl):
         torch.testing.assert_close(state["exp_avg"], skipped_state["state"][key]["exp_avg"], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs CUDA")])]
+)  # fmt: skip
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("kahan", [False, True])
-def test_a_step_skipped_by_a_device_flag_changes_nothing(impl, kahan):
+def test_a_step_skipped_by_a_device_flag_changes_nothing(impl, kahan, device):
     """The non-finite guard's verdict handed over unread (`skip_next_step_if`): a batch whose gradients are
     non-finite, flagged, moves no weight, moment or Kahan compensation, and once settled its step is not
     counted: the run then goes on as if that batch had never come. A flag that is false changes nothing
@@ -202,7 +206,7 @@ def test_a_step_skipped_by_a_device_flag_changes_nothing(impl, kahan):
 
     def train(bad_after: int | None, flag_every_step: bool):
         torch.manual_seed(0)
-        net = TinyNet().to(dtype)
+        net = TinyNet().to(device, dtype)
         opt = build_optimizer(net, lr=1e-2, weight_decay=1e-4, impl=impl, kahan_sum=None if kahan else False)
         reads = FloatReads()
         for i, step_grads in enumerate(grads):
@@ -213,9 +217,9 @@ def test_a_step_skipped_by_a_device_flag_changes_nothing(impl, kahan):
                 batches.append((poison, True))
             for batch_grads, bad in batches:
                 for p, g in zip(net.parameters(), batch_grads):
-                    p.grad = g.clone().to(dtype)
+                    p.grad = g.clone().to(device, dtype)
                 if flag_every_step or bad:
-                    opt.skip_next_step_if(torch.tensor(bad))
+                    opt.skip_next_step_if(torch.tensor(bad, device=device))
                     with reads:
                         opt.step()
                     assert opt.settle_skip() is (bad if impl == "foreach" else None)  # optimi: read at once
@@ -445,3 +449,16 @@ def test_a_checkpoint_resumes_under_the_other_implementation(first, then):
     for got, want in zip(net.parameters(), straight.parameters()):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
     assert [int(g["step"]) for g in resumed_opt.param_groups] == [4, 4]
+
+
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs CUDA")])]
+)  # fmt: skip
+def test_auto_takes_the_step_that_skips_on_the_device_on_a_gpu(device):
+    """`auto`: our multi-tensor step on a GPU (the guard's verdict then needs no host read before the step),
+    optimi's loop on a CPU; an explicit choice is kept."""
+    net = TinyNet().to(device)
+    assert build_optimizer(net, lr=1e-3).skips_on_device() is (device == "cuda")
+    assert build_optimizer(net, lr=1e-3, impl="optimi").skips_on_device() is False
+    assert build_optimizer(net, lr=1e-3, impl="foreach").skips_on_device() is True

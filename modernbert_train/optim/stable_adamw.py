@@ -43,7 +43,11 @@ class StableAdamW(optimi.StableAdamW):
       steps FSDP2-sharded parameters (DTensors) with the RMS of the whole tensor, for every tensor of a
       group in one all-reduce. Kernels read raw pointers, which a DTensor has not, so sharded parameters
       always take it.
-    - `auto`: `foreach` for sharded parameters, else `optimi`.
+    - `auto`: `foreach` for sharded parameters and on a GPU, else (a CPU) `optimi`. On a GPU a Composer batch
+      under optimi must read the non-finite guard's verdict before the step, and its launch span then
+      idles the device (8 ms for base on an H200), where `foreach` takes the verdict on the device and
+      its few launches hide behind the backward's kernels (`bench_gpu --compare-optimizers` times both:
+      `ratio_composer`).
 
     The state is optimi's in both (exp_avg, exp_avg_sq, eps_sq, kahan_comp per tensor; step per group), so a
     checkpoint resumes under either. A step with no gradients at all is skipped whole: moments and step count
@@ -70,9 +74,14 @@ class StableAdamW(optimi.StableAdamW):
     def _sharded(self) -> bool:
         return any(isinstance(p, DTensor) for group in self.param_groups for p in group["params"])
 
+    def _takes_foreach(self) -> bool:
+        if self.impl != "auto":
+            return self.impl == "foreach"
+        return self._sharded() or any(p.is_cuda for group in self.param_groups for p in group["params"])
+
     def skips_on_device(self) -> bool:
         """Whether a step skipped by `skip_next_step_if` needs no host read before it (the `foreach` step)."""
-        return self.impl == "foreach" or self._sharded()
+        return self._takes_foreach()
 
     def skip_next_step_if(self, flag: torch.Tensor) -> None:
         """Skip the next step when `flag` (a boolean scalar, on the device) is true: weights, moments and step
@@ -112,7 +121,7 @@ class StableAdamW(optimi.StableAdamW):
         sharded = self._sharded()
         if sharded and self.impl == "optimi":
             raise ValueError("optimizer impl='optimi' cannot step FSDP-sharded parameters; use auto")
-        if self.impl == "foreach" or sharded:
+        if self._takes_foreach():
             for group in self.param_groups:
                 self._multi_tensor_step(group, skip)
             self._unsettled = skip

@@ -74,7 +74,8 @@ class OptimizerConfig:
     decouple_lr: bool = True  # weight decay follows the schedule's multiplier, not the raw lr
     no_decay: str | None = None  # comma list of norms,biases,embeddings; default: all three
     # auto | optimi (its Triton kernels on a GPU) | foreach (ours, multi-tensor, no host reads); auto takes
-    # foreach for FSDP-sharded weights, else optimi. The state is the same: a run may change it on resume.
+    # foreach on a GPU and for FSDP-sharded weights (the non-finite guard's verdict then stays on the
+    # device), optimi on a CPU. The state is the same: a run may change it on resume.
     impl: str = "auto"
 
 
