@@ -55,8 +55,8 @@ class NonFiniteGuard(Callback):
     checkpoint: the latest checkpoint stays the last good one.
 
     The verdict is made on the device. Where the optimizer can skip a step by a flag still there
-    (StableAdamW's `foreach` step: `optimizer.impl: foreach`, and FSDP-sharded weights), it is handed over
-    as such, and read at the batch's end, where Composer has read the batch's loss and the device is idle
+    (StableAdamW's `foreach` step: `optimizer.impl` auto on a GPU or for FSDP-sharded weights, or foreach),
+    it is handed over as such, and read at the batch's end, where Composer has read the batch's loss and the device is idle
     anyway: nothing waits for the backward before the optimizer step is launched, so its launches overlap
     the backward's kernels. Otherwise (optimi's kernels take no mask) it is read before the step, and a bad
     batch's gradients are dropped (ours skips a step with no gradients).
