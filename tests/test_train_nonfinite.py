@@ -212,3 +212,43 @@ def test_nothing_is_read_back_between_the_loss_and_the_optimizer_step(write_reci
         assert reads == [[], [], []]
     else:
         assert all("tolist" in batch for batch in reads), reads  # the guard's verdict
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_gpu_batch_waits_for_nothing_between_its_loss_and_its_optimizer_step(write_recipe):
+    """On CUDA (`optimizer.impl` auto: our multi-tensor step), from each batch's loss to the end of its
+    optimizer step nothing waits for the device: torch.cuda's sync debug mode raises on any operation that
+    would. The first batch, whose step creates the optimizer's state, is left out."""
+    from composer.core import Callback
+
+    from modernbert_train.train.config import load_config
+    from modernbert_train.train.run import build_run
+
+    run = build_run(load_config(write_recipe(max_duration="3ba", data={"eval": []})))
+    optimizer = run.trainer.state.optimizers[0]
+    assert next(run.model.parameters()).is_cuda and optimizer.skips_on_device()
+    modes = []
+
+    class Probe(Callback):
+        def after_loss(self, state, logger):
+            if int(state.timestamp.batch) >= 1:
+                torch.cuda.set_sync_debug_mode("error")
+
+    plain_step = optimizer.step
+
+    def step(*args, **kwargs):
+        try:
+            return plain_step(*args, **kwargs)
+        finally:
+            modes.append(torch.cuda.get_sync_debug_mode())
+            torch.cuda.set_sync_debug_mode("default")
+
+    optimizer.step = step
+    run.trainer.state.callbacks.insert(0, Probe())
+    try:
+        run.trainer.fit()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        run.trainer.close()
+    assert modes == [0, 2, 2]  # the window was watched in batches 2 and 3 (2: "error")
