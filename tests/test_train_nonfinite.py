@@ -216,10 +216,11 @@ def test_nothing_is_read_back_between_the_loss_and_the_optimizer_step(write_reci
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_a_gpu_batch_waits_for_nothing_between_its_loss_and_its_optimizer_step(write_recipe):
-    """On CUDA (`optimizer.impl` auto: our multi-tensor step), from each batch's loss to the end of its
-    optimizer step nothing waits for the device: torch.cuda's sync debug mode raises on any operation that
-    would. The first batch, whose step creates the optimizer's state, is left out."""
+def test_a_gpu_batch_waits_for_nothing_from_its_forward_to_its_optimizer_step(write_recipe):
+    """On CUDA (`optimizer.impl` auto: our multi-tensor step), from each batch's forward to the end of its
+    optimizer step nothing waits for the device (a read back, or a copy from pageable host memory): torch's
+    sync debug mode raises on any operation that would. The first batch, whose step creates the optimizer's
+    state, is left out."""
     from composer.core import Callback
 
     from modernbert_train.train.config import load_config
@@ -231,7 +232,7 @@ def test_a_gpu_batch_waits_for_nothing_between_its_loss_and_its_optimizer_step(w
     modes = []
 
     class Probe(Callback):
-        def after_loss(self, state, logger):
+        def before_forward(self, state, logger):
             if int(state.timestamp.batch) >= 1:
                 torch.cuda.set_sync_debug_mode("error")
 

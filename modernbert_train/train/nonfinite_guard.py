@@ -56,10 +56,10 @@ class NonFiniteGuard(Callback):
 
     The verdict is made on the device. Where the optimizer can skip a step by a flag still there
     (StableAdamW's `foreach` step: `optimizer.impl` auto on a GPU or for FSDP-sharded weights, or foreach),
-    it is handed over as such, and read at the batch's end, where Composer has read the batch's loss and the device is idle
-    anyway: nothing waits for the backward before the optimizer step is launched, so its launches overlap
-    the backward's kernels. Otherwise (optimi's kernels take no mask) it is read before the step, and a bad
-    batch's gradients are dropped (ours skips a step with no gradients).
+    it is handed over as such, and read at the batch's end, where Composer has read the batch's loss and
+    the device is idle anyway: nothing waits for the backward before the optimizer step is launched, so its
+    launches overlap the backward's kernels. Otherwise (optimi's kernels take no mask) it is read before the
+    step, and a bad batch's gradients are dropped (ours skips a step with no gradients).
 
     Under amp_fp16 the loss scaler owns gradient overflow (it skips those steps itself and lowers the
     scale), so there only the loss is checked.
@@ -71,24 +71,29 @@ class NonFiniteGuard(Callback):
         self.max_in_a_row = max_in_a_row
         self.in_a_row = 0
         self.skipped = 0
-        self._bad_loss = torch.zeros(())  # this batch's non-finite micro-batch losses on this rank
+        # This batch's non-finite micro-batch losses on this rank, counted where the losses are: a host
+        # tensor copied to the GPU would be a copy that waits for the forward to end.
+        self._bad_loss: torch.Tensor | None = None
         self._metrics: dict[str, float] = {}
         # The optimizer given the verdict unread, and [gradient norm, bad losses] to read at the batch's end.
         self._unread: tuple[StableAdamW, torch.Tensor] | None = None
 
     def before_train_batch(self, state: State, logger: Logger) -> None:
-        self._bad_loss = torch.zeros(())
+        self._bad_loss = None
 
     def after_loss(self, state: State, logger: Logger) -> None:
         losses = state.loss.values() if isinstance(state.loss, dict) else [state.loss]
         for loss in losses:
-            # Kept on the device: read once per batch.
-            self._bad_loss = self._bad_loss.to(loss.device) + (~torch.isfinite(loss.detach())).sum()
+            bad = (~torch.isfinite(loss.detach())).sum()  # kept on the device: read once per batch
+            self._bad_loss = bad if self._bad_loss is None else self._bad_loss + bad
 
     def after_train_batch(self, state: State, logger: Logger) -> None:
         parameters = [p for p in state.model.parameters() if p.requires_grad]
         norm = grad_norm(parameters)
-        bad_loss = self._bad_loss.to(norm.device, torch.float32)
+        if self._bad_loss is None:
+            bad_loss = torch.zeros((), dtype=torch.float32, device=norm.device)
+        else:
+            bad_loss = self._bad_loss.to(norm.device, torch.float32)
         if dist.get_world_size() > 1:
             dist.all_reduce(bad_loss)  # a loss that is bad on any rank is bad everywhere
         values = torch.stack([norm, bad_loss])
