@@ -19,6 +19,8 @@ Under autocast the matmuls run in the autocast dtype and the softmax in fp32, as
 `F.linear(...).float()` would; the weight's gradient is summed over chunks in fp32.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -61,8 +63,12 @@ def softmax_terms(
     return loss, grad_logits.to(logits.dtype), grad_logits.sum(dim=0)
 
 
-# Rows vary from chunk to chunk and batch to batch: dynamic from the first call, so it compiles once.
-compiled_softmax_terms = torch.compile(softmax_terms, dynamic=True)
+@functools.cache
+def compiled_softmax_terms():
+    """softmax_terms through torch.compile, made at its first use: torch.compile imports inductor, about 2 s
+    of every process's start (4 s where nothing else imports dynamo), which a CPU run never needs. Rows vary
+    from chunk to chunk and batch to batch: dynamic from the first call, so it compiles once."""
+    return torch.compile(softmax_terms, dynamic=True)
 
 
 def chunk_logits_on_cpu(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -115,7 +121,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h = hidden[rows].to(compute_dtype)
             target = targets[rows, None]
             if compiled:
-                loss, grad, column_sums = compiled_softmax_terms(
+                loss, grad, column_sums = compiled_softmax_terms()(
                     F.linear(h, w, b), target, softmax_dtype, training
                 )
             else:
