@@ -87,6 +87,10 @@ def parse_args(argv):
         "and without a host read before the optimizer step",
     )  # fmt: skip
     parser.add_argument(
+        "--with-compiled-optimizer", action="store_true",
+        help="the comparison also times foreach compiled (optimizer.compile: true), with the guard's flag",
+    )  # fmt: skip
+    parser.add_argument(
         "--output", type=Path, help="result file (default on a GPU: results/<device>-<date>.json; CPU: none)"
     )
     args = parser.parse_args(argv)
@@ -95,7 +99,9 @@ def parse_args(argv):
     return args
 
 
-def run(args) -> dict:
+def run(args, save=lambda result: None) -> dict:
+    """The benchmark's result; `save(result)` is called once the step is timed (and profiled), before the
+    optimizer comparison, so that a comparison cut short by its caller's time limit loses only itself."""
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     backend = resolve_backend(args.backend, device, dropout=False, backward=True)
@@ -148,13 +154,10 @@ def run(args) -> dict:
     step_time = statistics.median(times)
     profile = profile_steps(step, args.profile, cuda) if args.profile else None
     peak_memory = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None  # before more optimizers
-    optimizers = None
-    if args.compare_optimizers:
-        optimizers = compare_optimizers(model, timed_step, args.compare_optimizers, max(3, args.steps // 4))
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
     peak = peak_flops(name) if cuda else None
     flops = training_flops(config, args.seq_len, tokens, labelled)
-    return {
+    result = {
         "device": name,
         "model": args.preset,
         "seq_len": args.seq_len,
@@ -181,20 +184,32 @@ def run(args) -> dict:
         "mfu": flops / step_time / peak if peak else None,
         "peak_memory_gib": peak_memory,
         "profile": profile,
-        "optimizers": optimizers,
+        "optimizers": None,
     }
+    if args.compare_optimizers:
+        save(result)
+        torch._dynamo.config.error_on_recompile = False  # the compiled optimizer makes a graph per group
+        result["optimizers"] = compare_optimizers(
+            model, timed_step, args.compare_optimizers, max(3, args.steps // 4), args.with_compiled_optimizer
+        )
+    return result
 
 
-def compare_optimizers(model, timed_step, rounds: int, steps: int) -> dict:
+def compare_optimizers(model, timed_step, rounds: int, steps: int, with_compiled: bool = False) -> dict:
     """Median step time per optimizer implementation, with and without the host read before the optimizer
     step, and foreach with the non-finite verdict handed over on the device (`foreach_flag_s`), from
     `rounds` alternating rounds of `steps` steps (each optimizer warmed up first: its state made, its
     kernels compiled). Times in seconds; `ratio_*` is foreach's time over optimi's. `ratio_composer` is the
     choice a Composer batch makes: optimi with the guard's read before its step, or foreach with the flag
-    and no read (train.nonfinite_guard); below 1, `optimizer.impl: foreach` is the faster on this device."""
+    and no read (train.nonfinite_guard); below 1, `optimizer.impl: foreach` is the faster on this device.
+    `with_compiled`: foreach compiled too (`foreach_compiled_flag_s`; `ratio_compiled` is its time over
+    eager foreach's, both with the flag: below 1, `optimizer.compile: true` pays on this device)."""
     impls = ("optimi", "foreach")
     optimizers = {impl: build_optimizer(model, lr=8e-4, impl=impl) for impl in impls}
     variants = [(impl, read, False) for impl in impls for read in (False, True)] + [("foreach", False, True)]
+    if with_compiled:
+        optimizers["foreach_compiled"] = build_optimizer(model, lr=8e-4, impl="foreach", compile=True)
+        variants.append(("foreach_compiled", False, True))
 
     def timed(variant):
         return timed_step(optimizer=optimizers[variant[0]], read_loss=variant[1], flag=variant[2])
@@ -213,6 +228,8 @@ def compare_optimizers(model, timed_step, rounds: int, steps: int) -> dict:
     result["ratio"] = medians["foreach", False, False] / medians["optimi", False, False]
     result["ratio_read_loss"] = medians["foreach", True, False] / medians["optimi", True, False]
     result["ratio_composer"] = medians["foreach", False, True] / medians["optimi", True, False]
+    if with_compiled:
+        result["ratio_compiled"] = medians["foreach_compiled", False, True] / medians["foreach", False, True]
     return result
 
 
@@ -247,8 +264,18 @@ def main(argv=None) -> int:
             "bench_gpu: error: no CUDA device here (use --device cpu --preset tiny to check)", file=sys.stderr
         )
         return 2
+
+    # A CPU run is a check, not a GPU result: it is only written where --output says.
+    def save(result: dict) -> None:
+        output = args.output
+        if output is None and args.device != "cpu":
+            output = RESULTS / f"{device_slug(result['device'])}-{result['date']}.json"
+        if output is not None:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text(json.dumps(result, indent=2) + "\n")
+
     try:
-        result = run(args)
+        result = run(args, save)
     except ModelConfigError as e:
         print(f"bench_gpu: error: {e}", file=sys.stderr)
         return 2
@@ -260,13 +287,7 @@ def main(argv=None) -> int:
         )
         return 3
     print(json.dumps(result, indent=2))
-    output = args.output
-    # A CPU run is a check, not a GPU result: it is only written where --output says.
-    if output is None and args.device != "cpu":
-        output = RESULTS / f"{device_slug(result['device'])}-{result['date']}.json"
-    if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(result, indent=2) + "\n")
+    save(result)
     return 0
 
 

@@ -205,6 +205,20 @@ def train_summary(work: Path, stage: dict | None, env: dict) -> dict:
     return summary
 
 
+def optimizer_comparison(work: Path, stage: dict | None) -> dict:
+    """The optimizers stage: the StableAdamW implementations timed on the training configuration's step,
+    foreach compiled (`optimizer.compile`) among them (benchmarks.bench_gpu --with-compiled-optimizer)."""
+    if stage is None:
+        return {"status": "not run"}
+    path = work / "optimizers.json"
+    found = json.loads(path.read_text()).get("optimizers") if path.is_file() else None
+    summary = {"status": stage["status"], "seconds": stage["seconds"]}
+    if not found:
+        summary["error"] = log_tail(work, "optimizers")
+        return summary
+    return {**summary, **found}
+
+
 def versus_hf(work: Path, stage: dict | None) -> dict:
     """The vs-hf stage: our step against transformers' at its best, per shape (benchmarks.bench_hf_gpu)."""
     if stage is None:
@@ -243,6 +257,7 @@ def report(work: Path, out: Path, budget: int, elapsed: int) -> dict:
         "runs": runs,
         "train": train_summary(work, stages.get("train"), env),
         "versus_transformers": versus_hf(work, stages.get("vs-hf")),
+        "optimizers": optimizer_comparison(work, stages.get("optimizers")),
     }
     # Until `env` has named the device there is nothing to file the result under.
     if "result_name" in env:
@@ -302,6 +317,14 @@ def print_summary(result: dict) -> None:
         print(f"  vs transformers ({shape}): {speedups or 'no ratio'}  (theirs best: {best})")
     if versus.get("status") not in (None, "ok", "not run") or "error" in versus:
         print(f"  vs transformers: {versus.get('status')}")
+    optimizers = result.get("optimizers", {})
+    if "ratio_compiled" in optimizers:
+        print(
+            f"  optimizers: foreach (the guard's flag) / optimi (a read before its step) "
+            f"{optimizers['ratio_composer']:.3f}, foreach compiled / eager {optimizers['ratio_compiled']:.3f}"
+        )
+    elif optimizers.get("status") not in (None, "not run"):
+        print(f"  optimizers: {optimizers.get('status')}")
     tests = result["tests"]
     counts = (
         tests.get("passed", 0),

@@ -45,6 +45,9 @@ def test_cpu_dry_run_writes_the_result(tmp_path):
     [compared] = [run["optimizers"] for run in result["runs"] if run.get("optimizers")]
     assert compared["ratio"] > 0 and compared["ratio_read_loss"] > 0 and compared["foreach_read_loss_s"] > 0
     assert compared["ratio_composer"] > 0 and compared["foreach_flag_s"] > 0
+    # its own stage: foreach compiled among them
+    assert result["optimizers"]["status"] == "ok" and result["optimizers"]["ratio_compiled"] > 0
+    assert "foreach compiled / eager" in done.stdout
     assert "optimizer foreach/optimi step time" in done.stdout
     train = result["train"]
     assert (train["status"], train["batches"], train["model"], train["seq_len"]) == ("ok", 4, "tiny", 128)

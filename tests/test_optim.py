@@ -316,7 +316,9 @@ class FloatReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _sharded_steps(rank: int, world_size: int, port: int, out_file: str, start, steps, lrs) -> None:
+def _sharded_steps(
+    rank: int, world_size: int, port: int, out_file: str, start, steps, lrs, compile: bool = False
+) -> None:
     """One gloo rank: TinyNet's parameters sharded on dim 0 (5 rows over 2 ranks: 3 and 2) but one replicated,
     stepped."""
     # A timeout so a lost peer fails the test instead of hanging it.
@@ -335,7 +337,7 @@ def _sharded_steps(rank: int, world_size: int, port: int, out_file: str, start, 
         [net.proj, net.proj, net.norm, net.norm], ["weight", "bias", "weight", "bias"], start, placements
     ):
         setattr(module, name, nn.Parameter(distribute_tensor(value.clone(), mesh, placement)))
-    opt = build_optimizer(net, lr=lrs[0], betas=BETAS, eps=EPS, weight_decay=5e-4)
+    opt = build_optimizer(net, lr=lrs[0], betas=BETAS, eps=EPS, weight_decay=5e-4, compile=compile)
     reads = FloatReads()
     for grads, step_lr in zip(steps, lrs):
         for group in opt.param_groups:
@@ -351,8 +353,10 @@ def _sharded_steps(rank: int, world_size: int, port: int, out_file: str, start, 
     # whatever came before it (a barrier, every collective waited); the process exits anyway.
 
 
-def test_sharded_parameters_clip_by_the_whole_tensors_rms(tmp_path):
-    """FSDP2 shards as DTensors over gloo (no AVG all-reduce): the same weights as on one device."""
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_sharded_parameters_clip_by_the_whole_tensors_rms(tmp_path, compile):
+    """FSDP2 shards as DTensors over gloo (no AVG all-reduce): the same weights as on one device, also with
+    the compiled step (its halves on each rank's shards, the sums reduced between them)."""
     torch.manual_seed(0)
     net = TinyNet()
     start = [p.detach().clone() for p in net.parameters()]
@@ -360,7 +364,7 @@ def test_sharded_parameters_clip_by_the_whole_tensors_rms(tmp_path):
     lrs = [1e-2, 1e-2, 5e-3, 5e-3, 2.5e-3]
     out_file = tmp_path / "params.pt"
     torch.multiprocessing.spawn(
-        _sharded_steps, args=(2, free_port(), str(out_file), start, steps, lrs), nprocs=2
+        _sharded_steps, args=(2, free_port(), str(out_file), start, steps, lrs, compile), nprocs=2
     )
     kwargs = dict(weight_decay=5e-4, decay_mask=[True, False, False, False], decouple_lr=True, max_lr=1e-2)
     expected, largest_rms = reference_stable_adamw(start, steps, lrs, clip=True, **kwargs)
@@ -462,3 +466,46 @@ def test_auto_takes_the_step_that_skips_on_the_device_on_a_gpu(device):
     assert build_optimizer(net, lr=1e-3).skips_on_device() is (device == "cuda")
     assert build_optimizer(net, lr=1e-3, impl="optimi").skips_on_device() is False
     assert build_optimizer(net, lr=1e-3, impl="foreach").skips_on_device() is True
+    assert build_optimizer(net, lr=1e-3, compile=True).skips_on_device() is True  # compile implies foreach
+    with pytest.raises(ValueError, match="compiles the foreach step, not optimi's"):
+        build_optimizer(net, lr=1e-3, impl="optimi", compile=True)
+
+
+@pytest.mark.slow  # compiling both halves for both groups, masked and not: ~15 s on 2 cores
+def test_the_compiled_step_is_the_multi_tensor_step(monkeypatch):
+    """`compile=True`: the same weights, moments and step counts as the eager multi-tensor step, with and
+    without the guard's flag, a flagged bad batch skipped exactly; after the first steps nothing compiles
+    again (the scalars that change every step are tensors) and no value is read back."""
+    grads = gradient_steps(TinyNet())
+
+    def train(compile: bool, flagged: bool):
+        torch.manual_seed(0)
+        net = TinyNet()
+        opt = build_optimizer(net, lr=1e-2, weight_decay=1e-3, impl="foreach", compile=compile)
+        reads = FloatReads()
+        for i, step_grads in enumerate(grads):
+            # Every graph (both groups, masked or not) is made in the first two steps.
+            monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", i >= 2)
+            poisoned = [torch.full_like(g, float("nan")) for g in step_grads]
+            for batch_grads in [step_grads] + ([poisoned] if i == 1 else []):
+                for p, g in zip(net.parameters(), batch_grads):
+                    p.grad = g.clone()
+                bad = not torch.isfinite(batch_grads[0]).all()
+                if flagged or bad:
+                    opt.skip_next_step_if(torch.tensor(bad))
+                with reads:
+                    opt.step()
+                opt.settle_skip()
+        monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", False)
+        return net, opt, reads.count
+
+    for flagged in (False, True):
+        eager, eager_opt, _ = train(False, flagged)
+        compiled, compiled_opt, reads = train(True, flagged)
+        assert reads == 0
+        for got, want in zip(compiled.parameters(), eager.parameters()):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
+        for p_got, p_want in zip(compiled.parameters(), eager.parameters()):
+            for key in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(compiled_opt.state[p_got][key], eager_opt.state[p_want][key])
+        assert [int(g["step"]) for g in compiled_opt.param_groups] == [len(grads)] * 2

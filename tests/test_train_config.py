@@ -94,6 +94,10 @@ def test_missing_required_value(tmp_path):
             "parallelism.fsdp={} optimizer.impl=optimi",
             "'optimizer.impl' optimi cannot step FSDP-sharded weights",
         ),
+        (
+            "optimizer.compile=true optimizer.impl=optimi",
+            "'optimizer.compile' compiles our multi-tensor step (foreach), not optimi's; use impl auto",
+        ),
         ("model.overrides.hiden_size=8", "did you mean 'model.overrides.hidden_size'?"),
         ("model.preset=huge", "'model.preset' 'huge' with model.overrides is not a valid model"),
         ("data.mlm_probability=1.5", "'data.mlm_probability' must be between 0 and 1"),

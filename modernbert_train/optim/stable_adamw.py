@@ -17,6 +17,7 @@ We use torch-optimi's implementation. Its semantics, read from optimi 0.3.3:
   the same math; sharded parameters (FSDP2's DTensors) always take it.
 """
 
+import functools
 from collections.abc import Iterable
 
 import optimi
@@ -43,6 +44,10 @@ class StableAdamW(optimi.StableAdamW):
       steps FSDP2-sharded parameters (DTensors) with the RMS of the whole tensor, for every tensor of a
       group in one all-reduce. Kernels read raw pointers, which a DTensor has not, so sharded parameters
       always take it.
+    - `foreach` with `compile=True`: the same step in two compiled halves (moments and each tensor's RMS sum;
+      then the weights), each one fused pass over the state where the multi-tensor ops make about ten;
+      groups holding Kahan-compensated tensors stay eager (compiled code keeps bf16 intermediates in fp32,
+      which compensation cannot survive). Compiling costs its first steps (seconds on a CPU).
     - `auto`: `foreach` for sharded parameters and on a GPU, else (a CPU) `optimi`. On a GPU a Composer batch
       under optimi must read the non-finite guard's verdict before the step, and its launch span then
       idles the device (8 ms for base on an H200), where `foreach` takes the verdict on the device and
@@ -62,11 +67,16 @@ class StableAdamW(optimi.StableAdamW):
     it the flag is read at the step. A state_dict is never taken with a skip unsettled.
     """
 
-    def __init__(self, params, *args, impl: str = "auto", triton: bool | None = None, **kwargs):
+    def __init__(
+        self, params, *args, impl: str = "auto", triton: bool | None = None, compile: bool = False, **kwargs
+    ):
         if impl not in IMPLS:
             raise ValueError(f"optimizer impl={impl!r}: choose from {', '.join(IMPLS)}")
+        if compile and impl == "optimi":
+            raise ValueError("optimizer compile=True compiles the foreach step, not optimi's: use impl auto")
         super().__init__(params, *args, triton=triton, **kwargs)
         self.impl = impl
+        self.compile = compile  # the foreach step's two halves through torch.compile (_compiled_halves)
         self.triton = triton  # under optimi: None chooses by device at each step
         self._skip_next: torch.Tensor | None = None  # skip_next_step_if's flag, for the next step
         self._unsettled: torch.Tensor | None = None  # the flag of a masked step already counted
@@ -75,8 +85,8 @@ class StableAdamW(optimi.StableAdamW):
         return any(isinstance(p, DTensor) for group in self.param_groups for p in group["params"])
 
     def _takes_foreach(self) -> bool:
-        if self.impl != "auto":
-            return self.impl == "foreach"
+        if self.impl != "auto" or self.compile:
+            return self.impl != "optimi"
         return self._sharded() or any(p.is_cuda for group in self.param_groups for p in group["params"])
 
     def skips_on_device(self) -> bool:
@@ -173,6 +183,16 @@ class StableAdamW(optimi.StableAdamW):
         grads = [_local(g) for g in grads]
         exp_avgs = [_local(m) for m in exp_avgs]
         exp_avg_sqs = [_local(v) for v in exp_avg_sqs]
+        compensated = [
+            group["kahan_sum"] and p.dtype in (torch.float16, torch.bfloat16) and k is not None
+            and k.numel() == p.numel()
+            for p, k in zip(params, kahan_comps)
+        ]  # fmt: skip
+        if self.compile and not any(compensated):
+            self._compiled_step(
+                group, params, local, grads, exp_avgs, exp_avg_sqs, beta1_comp, beta2_hat, skip
+            )
+            return
 
         go = None
         if skip is None:
@@ -206,13 +226,8 @@ class StableAdamW(optimi.StableAdamW):
         torch._foreach_sqrt_(grads)
         torch._foreach_add_(grads, group["eps"])
         torch._foreach_div_(grads, list(lrs.unbind(0)))
-        # Kahan-compensated: low-precision tensors with a compensation buffer (a Triton state's 1-element
-        # placeholder is none).
-        compensated = [
-            group["kahan_sum"] and p.dtype in (torch.float16, torch.bfloat16) and k is not None
-            and k.numel() == p.numel()
-            for p, k in zip(params, kahan_comps)
-        ]  # fmt: skip
+        # Kahan-compensated (`compensated`): low-precision tensors with a compensation buffer (a Triton
+        # state's 1-element placeholder is none).
         kahan = [i for i, yes in enumerate(compensated) if yes]
         plain = [i for i, yes in enumerate(compensated) if not yes]
         if plain:
@@ -229,6 +244,69 @@ class StableAdamW(optimi.StableAdamW):
             torch._foreach_add_(pick(local), pending)
             torch._foreach_sub_(before, pick(local))
             torch._foreach_add_(compensations, before)
+
+    def _compiled_step(
+        self, group, params, local, grads, exp_avgs, exp_avg_sqs, beta1_comp, beta2_hat, skip
+    ) -> None:  # fmt: skip
+        """`_multi_tensor_step`'s math in two compiled halves. The scalars that change every step travel as
+        a device tensor (a Python float would be compiled in as a constant: a recompile per step), made by
+        fills, not by a copy from the host (which would wait for the stream)."""
+        moments_and_sums, update_weights = _compiled_halves()
+        device = local[0].device
+        go = (~skip.to(device)).to(torch.float32) if skip is not None else torch.ones((), device=device)
+        values = (beta1_comp, beta2_hat, group["eps"] ** 2)
+        scalars = torch.stack([*(torch.full((), v, device=device) for v in values), go])
+        sums = moments_and_sums(grads, exp_avgs, exp_avg_sqs, scalars, skip is not None)
+        sums = _sum_over_shards(sums, params)
+        mean_squares = torch._foreach_div(list(sums.unbind(0)), [p.numel() for p in params])
+        lrs = group["lr"] / torch.stack(mean_squares).sqrt().clamp(min=1.0) * go
+        decay = 0.0
+        if group["weight_decay"] != 0:
+            decay = group["weight_decay"] / group["max_lr"] if group["decouple_lr"] else group["weight_decay"]
+        update_weights(local, exp_avgs, exp_avg_sqs, lrs, torch.stack(
+            [torch.full((), decay, device=device), torch.full((), group["eps"], device=device)]
+        ))  # fmt: skip
+
+
+def _moments_and_sums(grads, exp_avgs, exp_avg_sqs, scalars: torch.Tensor, masked: bool) -> torch.Tensor:
+    """The compiled step's first half: each tensor's moments in place, and its sum of g^2 / max(v, eps^2)
+    (the RMS's square times its size), in fp32. `scalars`: (1 - debiased beta1, debiased beta2, eps^2, go),
+    go 0 when the step is skipped (`masked`: gradients may be non-finite, and every factor is masked)."""
+    beta1_comp, beta2_hat, eps_sq, go = scalars.unbind(0)
+    sums = []
+    for grad, exp_avg, exp_avg_sq in zip(grads, exp_avgs, exp_avg_sqs):
+        g = grad.float()
+        if masked:
+            g = torch.where(go > 0, g, 0.0)
+            m = exp_avg.float() * (1 - beta1_comp * go) + beta1_comp * g
+            v = exp_avg_sq.float() * (1 - (1 - beta2_hat) * go) + (1 - beta2_hat) * g * g
+        else:
+            m = torch.lerp(exp_avg.float(), g, beta1_comp)
+            v = exp_avg_sq.float() * beta2_hat + (1 - beta2_hat) * g * g
+        exp_avg.copy_(m)
+        exp_avg_sq.copy_(v)
+        sums.append((g * g / v.clamp_min(eps_sq)).sum())
+    return torch.stack(sums)
+
+
+def _update_weights(params, exp_avgs, exp_avg_sqs, lrs: torch.Tensor, scalars: torch.Tensor) -> None:
+    """The compiled step's second half: w = w (1 - lr_i decay) - lr_i m / (sqrt(v) + eps), with each tensor's
+    clipped lr (0 for a skipped step). `scalars`: (decay, eps)."""
+    decay, eps = scalars.unbind(0)
+    for i, (weight, exp_avg, exp_avg_sq) in enumerate(zip(params, exp_avgs, exp_avg_sqs)):
+        lr = lrs[i]
+        step = lr * exp_avg.float() / (exp_avg_sq.float().sqrt() + eps)
+        weight.copy_(weight.float() * (1 - lr * decay) - step)
+
+
+@functools.cache
+def _compiled_halves():
+    """Both halves through torch.compile, made at first use. Lists of a group's tensors: one graph per group
+    (and per masked or not), stable from step to step, as the scalars are tensors."""
+    return (
+        torch.compile(_moments_and_sums, fullgraph=True, dynamic=False),
+        torch.compile(_update_weights, fullgraph=True, dynamic=False),
+    )
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -276,6 +354,7 @@ def build_optimizer(
     kahan_sum: bool | None = None,
     triton: bool | None = None,
     impl: str = "auto",
+    compile: bool = False,
 ) -> StableAdamW:
     """StableAdamW over `model`'s trainable parameters, without weight decay on the `no_decay` categories.
 
@@ -302,4 +381,5 @@ def build_optimizer(
         kahan_sum=kahan_sum,
         triton=triton,
         impl=impl,
+        compile=compile,
     )

@@ -222,6 +222,8 @@ def _check_values(c: TrainConfig, path: Path) -> None:
         fail("model.attn_backend", f"must be one of {', '.join(ATTN_BACKENDS)}, got '{c.model.attn_backend}'")
     if c.optimizer.impl not in IMPLS:
         fail("optimizer.impl", f"must be one of {', '.join(IMPLS)}, got '{c.optimizer.impl}'")
+    if c.optimizer.compile and c.optimizer.impl == "optimi":
+        fail("optimizer.compile", "compiles our multi-tensor step (foreach), not optimi's; use impl auto")
     if c.scheduler.decay_shape not in (None, *DECAY_SHAPES):
         fail("scheduler.decay_shape", f"must be one of {', '.join(DECAY_SHAPES)}")
     if c.device_train_microbatch_size is not None and c.device_train_microbatch_size <= 0:

@@ -32,6 +32,7 @@ RULES = {
     "seed": FIXED,
     "optimizer": FIXED,
     "optimizer.impl": FREE,  # the same state under either implementation
+    "optimizer.compile": FREE,  # the same math
     "data.train": FIXED,  # the mixture's sources: their number, names, splits and shares
     "data.train.local": PATH,
     "data.train.remote": PATH,

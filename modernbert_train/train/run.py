@@ -263,6 +263,7 @@ def build_run(
         weight_decay=config.optimizer.weight_decay,
         decouple_lr=config.optimizer.decouple_lr,
         impl=config.optimizer.impl,
+        compile=config.optimizer.compile,
         **({"no_decay": config.optimizer.no_decay} if config.optimizer.no_decay is not None else {}),
     )
     scheduler = build_scheduler({k: v for k, v in to_dict(config)["scheduler"].items() if v is not None})

@@ -77,6 +77,9 @@ class OptimizerConfig:
     # foreach on a GPU and for FSDP-sharded weights (the non-finite guard's verdict then stays on the
     # device), optimi on a CPU. The state is the same: a run may change it on resume.
     impl: str = "auto"
+    # The foreach step through torch.compile: about three passes over the optimizer state where the
+    # multi-tensor ops make about ten, for a compilation at the first steps. Implies foreach (under auto too).
+    compile: bool = False
 
 
 @dataclass
