@@ -18,6 +18,7 @@ We use torch-optimi's implementation. Its semantics, read from optimi 0.3.3:
 """
 
 import functools
+import logging
 from collections.abc import Iterable
 
 import optimi
@@ -29,6 +30,7 @@ from torch.distributed.tensor import DTensor, Partial
 from modernbert_train.optim.param_groups import NO_DECAY_CATEGORIES, param_groups
 
 IMPLS = ("auto", "optimi", "foreach")
+log = logging.getLogger(__name__)
 
 
 class StableAdamW(optimi.StableAdamW):
@@ -77,6 +79,7 @@ class StableAdamW(optimi.StableAdamW):
         super().__init__(params, *args, triton=triton, **kwargs)
         self.impl = impl
         self.compile = compile  # the foreach step's two halves through torch.compile (_compiled_halves)
+        self._warned_eager = False
         self.triton = triton  # under optimi: None chooses by device at each step
         self._skip_next: torch.Tensor | None = None  # skip_next_step_if's flag, for the next step
         self._unsettled: torch.Tensor | None = None  # the flag of a masked step already counted
@@ -188,6 +191,12 @@ class StableAdamW(optimi.StableAdamW):
             and k.numel() == p.numel()
             for p, k in zip(params, kahan_comps)
         ]  # fmt: skip
+        if self.compile and any(compensated) and not self._warned_eager:
+            self._warned_eager = True
+            log.warning(
+                "optimizer.compile: a parameter group holds Kahan-compensated (bf16) weights; it is "
+                "stepped eager (compiled code keeps bf16 intermediates in fp32: compensation would not hold)"
+            )
         if self.compile and not any(compensated):
             self._compiled_step(
                 group, params, local, grads, exp_avgs, exp_avg_sqs, beta1_comp, beta2_hat, skip
