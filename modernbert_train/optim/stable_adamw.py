@@ -220,16 +220,10 @@ class StableAdamW(optimi.StableAdamW):
         # Each tensor's RMS of g / sqrt(max(v_hat, eps^2)), the gradients as scratch.
         torch._foreach_mul_(grads, grads)
         torch._foreach_div_(grads, torch._foreach_clamp_min(exp_avg_sqs, group["eps"] ** 2))
-        sums = _sums(grads)
-        sums = _sum_over_shards(sums, params)
-        mean_squares = torch._foreach_div(list(sums.unbind(0)), [p.numel() for p in params])
-        lrs = group["lr"] / torch.stack(mean_squares).sqrt().clamp(min=1.0)
-        if go is not None:
-            lrs = lrs * go  # no decay; the step's denominators become inf, so m moves no weight
-
+        # A skipped step's lrs are 0: no decay, and the step's denominators become inf, so m moves no weight.
+        lrs = _clipped_lrs(group, _sums(grads), params, go)
         if group["weight_decay"] != 0:
-            scale = group["weight_decay"] / group["max_lr"] if group["decouple_lr"] else group["weight_decay"]
-            torch._foreach_mul_(local, list((1 - lrs * scale).unbind(0)))
+            torch._foreach_mul_(local, list((1 - lrs * _decay_scale(group)).unbind(0)))
         # The step m / (sqrt(v) + eps) * lr as m / ((sqrt(v) + eps) / lr), in the gradients' memory.
         torch._foreach_copy_(grads, exp_avg_sqs)
         torch._foreach_sqrt_(grads)
@@ -266,15 +260,26 @@ class StableAdamW(optimi.StableAdamW):
         values = (beta1_comp, beta2_hat, group["eps"] ** 2)
         scalars = torch.stack([*(torch.full((), v, device=device) for v in values), go])
         sums = moments_and_sums(grads, exp_avgs, exp_avg_sqs, scalars, skip is not None)
-        sums = _sum_over_shards(sums, params)
-        mean_squares = torch._foreach_div(list(sums.unbind(0)), [p.numel() for p in params])
-        lrs = group["lr"] / torch.stack(mean_squares).sqrt().clamp(min=1.0) * go
-        decay = 0.0
-        if group["weight_decay"] != 0:
-            decay = group["weight_decay"] / group["max_lr"] if group["decouple_lr"] else group["weight_decay"]
+        lrs = _clipped_lrs(group, sums, params, go)
         update_weights(local, exp_avgs, exp_avg_sqs, lrs, torch.stack(
-            [torch.full((), decay, device=device), torch.full((), group["eps"], device=device)]
+            [torch.full((), _decay_scale(group), device=device), torch.full((), group["eps"], device=device)]
         ))  # fmt: skip
+
+
+def _clipped_lrs(group: dict, sums: torch.Tensor, params: list, go: torch.Tensor | None) -> torch.Tensor:
+    """Each tensor's learning rate, lr / max(1, RMS), from its sum of g^2 / max(v_hat, eps^2) on this rank
+    (summed over the shards here), on the device; times `go` (0 for a skipped step)."""
+    sums = _sum_over_shards(sums, params)
+    mean_squares = torch._foreach_div(list(sums.unbind(0)), [p.numel() for p in params])
+    lrs = group["lr"] / torch.stack(mean_squares).sqrt().clamp(min=1.0)
+    return lrs if go is None else lrs * go
+
+
+def _decay_scale(group: dict) -> float:
+    """The weight decay per unit of lr: weight_decay / max_lr when fully decoupled (`decouple_lr`)."""
+    if group["weight_decay"] == 0:
+        return 0.0
+    return group["weight_decay"] / group["max_lr"] if group["decouple_lr"] else group["weight_decay"]
 
 
 def _moments_and_sums(grads, exp_avgs, exp_avg_sqs, scalars: torch.Tensor, masked: bool) -> torch.Tensor:
