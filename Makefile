@@ -24,9 +24,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# The whole suite, slow end-to-end tests included (CI runs this).
+# The whole suite, slow end-to-end tests included (CI runs this); the 15 slowest tests are named at the end.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=15
 
 # Everything but the slow end-to-end tests.
 test-fast: $(STAMP)
