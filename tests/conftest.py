@@ -26,6 +26,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def compiled_halves_unprobed():
+    """`stable_adamw._compiled_halves`, its compiled functions run with every TorchDispatchMode suspended.
+
+    The host-read probes of the tests are dispatch modes, and torch >= 2.12 refuses to run compiled code
+    under one ("non-infra torch dispatch mode present": seen on 2.14, not on 2.11). The compiled halves need
+    no watching: they are compiled with fullgraph=True, which refuses a graph that reads a value back (a
+    read is a graph break). Set it in place of `stable_adamw._compiled_halves` (monkeypatch, or in a child).
+    """
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    from modernbert_train.optim import stable_adamw
+
+    compiled_halves = stable_adamw._compiled_halves
+
+    def unprobed(fn):
+        def run(*args, **kwargs):
+            with _disable_current_modes():
+                return fn(*args, **kwargs)
+
+        return run
+
+    return lambda: tuple(unprobed(fn) for fn in compiled_halves())
+
+
 # The S3 server fixtures (s3_server, s3_bucket) for every test module.
 pytest_plugins = ["s3_server"]
 
