@@ -83,6 +83,43 @@ def test_checkpoints_carry_model_config_and_tokenizer(finished_run, tiny_data):
     assert metadata["tokenizer_json"] == (tiny_data / "train" / "tokenizer.json").read_text()
 
 
+def test_the_cpu_name_is_read_without_a_subprocess(finished_run):
+    """Composer records the host CPU's name in the Trainer's hyperparameters and every checkpoint; py-cpuinfo
+    would run a Python subprocess for it at every rank's start. The run reads /proc/cpuinfo instead, and
+    records the same name py-cpuinfo gives."""
+    import cpuinfo
+    from composer.utils import collect_env
+
+    from modernbert_train.train.run import cpu_model_without_a_subprocess
+
+    tmp_path, _ = finished_run
+    saved = read_checkpoint(tmp_path / "run" / "ep0-ba12-rank0.pt")["state"]["metadata"]["composer_env_info"]
+    expected = cpuinfo.get_cpu_info()["brand_raw"]
+    assert saved["cpu_model"] == expected
+    original = collect_env.get_cpu_model
+    try:
+        cpu_model_without_a_subprocess()
+        cpu_model_without_a_subprocess()  # once is enough: a second call changes nothing
+        assert collect_env.get_cpu_model.func.__name__ == "_cpu_model_from_proc"
+        started = []
+        real_popen = subprocess.Popen.__init__
+
+        def record(self, *args, **kwargs):
+            started.append(args)
+            real_popen(self, *args, **kwargs)
+
+        subprocess.Popen.__init__ = record
+        try:
+            assert collect_env.get_composer_env_dict()["cpu_model"] == expected
+        finally:
+            subprocess.Popen.__init__ = real_popen
+        with open("/proc/cpuinfo") as f:
+            kernel_names_it = any(line.startswith("model name") for line in f)
+        assert started == [] or not kernel_names_it  # ARM hosts: py-cpuinfo as before
+    finally:
+        collect_env.get_cpu_model = original
+
+
 def test_export_loads_in_transformers_with_identical_logits(finished_run, tmp_path):
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 

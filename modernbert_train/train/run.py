@@ -3,6 +3,7 @@
 Each component is built by its own package; this file only connects them and chooses Composer's options.
 """
 
+import functools
 import logging
 import os
 import sys
@@ -16,7 +17,7 @@ from composer.algorithms import GradientClipping
 from composer.callbacks import LRMonitor, SpeedMonitor
 from composer.core import Evaluator, Time, TimeUnit
 from composer.loggers import WandBLogger
-from composer.utils import FSDP2Config, dist, reproducibility
+from composer.utils import FSDP2Config, collect_env, dist, reproducibility
 
 from modernbert_train import storage
 from modernbert_train.hf import from_hf, read_hf_config
@@ -58,6 +59,34 @@ class StepTrainer(Trainer):
 
     def _use_closures(self) -> bool:
         return False
+
+
+@functools.cache
+def _cpu_model_from_proc(ask_cpuinfo: Callable[[], str]) -> str:
+    """The host CPU's name as the Linux kernel gives it (the brand string py-cpuinfo also reads); where
+    /proc/cpuinfo has no "model name" line (ARM hosts) or no such file, py-cpuinfo's answer."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return ask_cpuinfo()
+
+
+def cpu_model_without_a_subprocess() -> None:
+    """Composer's Trainer and every checkpoint it writes record the host CPU's name
+    (collect_env.get_composer_env_dict), which py-cpuinfo finds by running a Python subprocess: 1.1 s of
+    every rank's start, an eighth of a tiny CPU run (measured here). Read from /proc/cpuinfo instead, where
+    it is; with a Composer without that function, nothing changes."""
+    ask_cpuinfo = getattr(collect_env, "get_cpu_model", None)
+    if ask_cpuinfo is None or getattr(ask_cpuinfo, "reads_proc", False):
+        return
+    read = functools.partial(_cpu_model_from_proc, ask_cpuinfo)
+    read.reads_proc = True
+    collect_env.get_cpu_model = read
 
 
 @dataclass
@@ -349,6 +378,7 @@ def build_run(
         dist_timeout=config.dist_timeout,
     )
     load_path = start.checkpoint
+    cpu_model_without_a_subprocess()
     try:
         trainer = StepTrainer(**trainer_kwargs)
     except Exception as e:
