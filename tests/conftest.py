@@ -7,9 +7,12 @@ lock in the session's shared temp folder lets the first worker build it and the 
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,53 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def start_ranks(command: list[str], world_size: int, **env: str) -> list[subprocess.Popen]:
+    """`command` as `world_size` ranks of one job on this host (RANK, WORLD_SIZE, MASTER_PORT... set), each
+    with its stderr piped and Python's faulthandler on, for `wait_for_ranks`."""
+    port = str(free_port())
+    processes = []
+    for rank in range(world_size):
+        rank_env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), PYTHONFAULTHANDLER="1")
+        rank_env.update(WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
+        rank_env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **env)
+        processes.append(subprocess.Popen(command, env=rank_env, cwd=REPO, stderr=subprocess.PIPE))
+    return processes
+
+
+def wait_for_ranks(processes: list[subprocess.Popen], timeout: float) -> list[str]:
+    """Every rank's stderr once all have exited, the test failed with each one's stderr when one did not exit
+    0. A rank still running after `timeout` s is aborted (faulthandler prints where each thread was: a hang
+    names its place) and the test fails with every rank's stderr, not only the first rank's timeout."""
+    errors: list[bytes] = [b""] * len(processes)
+
+    def collect(i: int) -> None:
+        errors[i] = processes[i].communicate()[1] or b""
+
+    readers = [threading.Thread(target=collect, args=(i,), daemon=True) for i in range(len(processes))]
+    for reader in readers:
+        reader.start()
+    deadline = time.monotonic() + timeout
+    for reader in readers:
+        reader.join(max(0.0, deadline - time.monotonic()))
+    hung = [rank for rank, process in enumerate(processes) if process.poll() is None]
+    for rank in hung:
+        processes[rank].send_signal(signal.SIGABRT)
+    for reader in readers:
+        reader.join(30)
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+    texts = [error.decode(errors="replace") for error in errors]
+    failed = [rank for rank, process in enumerate(processes) if process.returncode != 0]
+    if hung or failed:
+        told = "\n".join(
+            f"---- rank {rank} (exit {processes[rank].returncode}):\n{texts[rank][-3000:]}" for rank in failed
+        )
+        what = f"rank(s) {hung} still running after {timeout:.0f} s" if hung else f"rank(s) {failed} failed"
+        pytest.fail(f"{what}\n{told}", pytrace=False)
+    return texts
 
 
 def compiled_halves_unprobed():

@@ -2,17 +2,15 @@
 
 import json
 import logging
-import os
 import pickle
 import re
-import socket
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import start_ranks, wait_for_ranks
 
 from modernbert_train.data import (
     MaskingSchedule,
@@ -277,11 +275,11 @@ def test_bad_batch_size_warmup_is_named(corpus):
 
 RANK_SCRIPT = textwrap.dedent(
     """
-    import json, sys
+    import json, os, sys
     import torch.distributed as dist
     from modernbert_train.data import TokenizerInfo, build_dataloader, build_eval_dataset, build_train_dataset
 
-    corpus, out = sys.argv[1], sys.argv[2]
+    corpus, out = sys.argv[1], sys.argv[2].format(os.environ["RANK"])
     dist.init_process_group("gloo")
     info = TokenizerInfo(pad_id=0, cls_id=1, sep_id=2, mask_id=3, vocab_size=1000)
     evaluation = build_eval_dataset([{"local": corpus}], tokenizer=info, max_seq_len=128, global_batch_size=4)
@@ -303,20 +301,10 @@ RANK_SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_two_ranks_see_disjoint_data_and_gather_state(corpus, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TMPDIR=str(tmp_path))
-        cmd = [sys.executable, str(script), corpus, str(tmp_path / f"rank{rank}.json")]
-        procs.append(subprocess.Popen(cmd, env=env, cwd=Path(__file__).parents[1], stderr=subprocess.PIPE))
-    for proc in procs:
-        _, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0, err.decode()[-2000:]
+    command = [sys.executable, str(script), corpus, str(tmp_path / "rank{}.json")]
+    wait_for_ranks(start_ranks(command, 2, TMPDIR=str(tmp_path)), timeout=120)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["ranks"] for r in results] == [[0, 1], [0, 1]]  # each rank's state gathered everywhere
     pieces = [{tuple(p) for p in r["pieces"]} for r in results]
@@ -357,22 +345,8 @@ RESHAPE_SCRIPT = textwrap.dedent(
 
 def run_ranks(script: Path, world_size: int, *args: str) -> str:
     """`script ARGS` as `world_size` gloo ranks; their stderr, joined."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for rank in range(world_size):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank))
-        env.update(WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TMPDIR=str(script.parent))
-        cmd = [sys.executable, str(script), *args]
-        procs.append(subprocess.Popen(cmd, env=env, cwd=Path(__file__).parents[1], stderr=subprocess.PIPE))
-    errors = []
-    for proc in procs:
-        _, err = proc.communicate(timeout=180)
-        assert proc.returncode == 0, err.decode()[-2000:]
-        errors.append(err.decode())
-    return "\n".join(errors)
+    processes = start_ranks([sys.executable, str(script), *args], world_size, TMPDIR=str(script.parent))
+    return "\n".join(wait_for_ranks(processes, timeout=180))
 
 
 def trained_pieces(out: Path, world_size: int) -> list:
