@@ -16,6 +16,7 @@ import argparse
 import datetime
 import importlib.metadata
 import json
+import os
 import re
 import shlex
 import shutil
@@ -60,6 +61,16 @@ def install_wheels(wheelhouse: Path, target: Path) -> int:
     return subprocess.call([*command, str(target), *map(str, missing)])
 
 
+def flash_attention_impls() -> dict | None:
+    """What torch.nn.attention says of its registered flash-attention implementations, where it can."""
+    import torch.nn.attention as attention
+
+    if not hasattr(attention, "list_flash_attention_impls"):
+        return None
+    current = getattr(attention, "current_flash_attention_impl", lambda: None)
+    return {"registered": list(attention.list_flash_attention_impls()), "active": current()}
+
+
 def describe_machine(work: Path, out: Path) -> int:
     import torch
 
@@ -79,6 +90,11 @@ def describe_machine(work: Path, out: Path) -> int:
         "date": datetime.date.today().isoformat(),
         "backends": available_backends(device, dropout=False, backward=True),
         "auto_backend": resolve_backend("auto", device, dropout=False, backward=True),
+        # Flash-attention kernels other than the built-in FA2 (FA3/FA4 providers) that torch could switch
+        # SDPA to (torch.nn.attention.activate_flash_attention_impl, newer torch): none registered is None
+        # or []. The attention kernels are about a quarter of base's step.
+        "flash_attention_impls": flash_attention_impls(),
+        "host_cpus": os.cpu_count(),
     }
     if cuda:
         props = torch.cuda.get_device_properties(0)
@@ -101,6 +117,9 @@ def describe_machine(work: Path, out: Path) -> int:
 
     distributions = sorted(f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions())
     lines = [json.dumps(env, indent=2), "", "== installed distributions (sys.path)", *distributions]
+    # The host's CPUs: every launch and the optimizer's multi-tensor calls run there while the GPU waits.
+    if shutil.which("lscpu"):
+        lines += ["", "== lscpu", subprocess.run(["lscpu"], capture_output=True, text=True).stdout]
     if shutil.which("nvidia-smi"):
         try:
             smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30)

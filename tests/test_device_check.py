@@ -40,6 +40,8 @@ def test_cpu_dry_run_writes_the_result(tmp_path):
     assert result["tokens_per_second_per_gpu"] > 0 and result["mfu"] is None  # no peak FLOP/s for a CPU
     assert result["check"]["problems"] == []
     assert {run["attention_backend"] for run in result["runs"]} == set(result["environment"]["backends"])
+    assert result["environment"]["host_cpus"] > 0 and "flash_attention_impls" in result["environment"]
+    assert "== lscpu" in (tmp_path / "env.txt").read_text()
     assert all(run["status"] == "ok" and run["labelled_tokens_per_step"] > 0 for run in result["runs"])
     # The training configuration's run also times the optimizer implementations against each other.
     [compared] = [run["optimizers"] for run in result["runs"] if run.get("optimizers")]
