@@ -403,10 +403,13 @@ def test_inspect_counts_and_histogram(tmp_path, capsys, tokenizer_dir, reference
 def test_shards_read_back_through_streaming_dataset(tmp_path, capsys, tokenizer_dir, reference_tokenizer):
     from streaming import StreamingDataset
 
+    from modernbert_train.data.shared_memory import registration_lock
+
     expected = make_all_formats(tmp_path / "docs")
     out = tmp_path / "shards"
     run_cli(capsys, "shard", "--input", tmp_path / "docs", "--output", out, "--tokenizer", tokenizer_dir)
-    dataset = StreamingDataset(local=str(out), batch_size=1, shuffle=False)
+    with registration_lock():  # as the data layer registers its datasets (see test_storage_parts)
+        dataset = StreamingDataset(local=str(out), batch_size=1, shuffle=False)
     ids = [dataset[i]["input_ids"].tolist() for i in range(dataset.num_samples)]
     assert ids == [reference_tokenizer.encode(text, add_special_tokens=False).ids for _, text in expected]
 

@@ -64,8 +64,13 @@ def test_three_tasks_and_merge_equal_one_task(s3_bucket, tiny_data, tmp_path, ca
 
     from streaming import StreamingDataset
 
+    from modernbert_train.data.shared_memory import registration_lock
+
     def streamed(**where) -> list[list[int]]:
-        dataset = StreamingDataset(**where, shuffle=False, batch_size=1)
+        # Registered under the host's lock, as the data layer does: a streaming dataset that picks its shared
+        # memory prefix at the same time as a job in another test worker could take that job's prefix.
+        with registration_lock():
+            dataset = StreamingDataset(**where, shuffle=False, batch_size=1)
         return [sample["input_ids"].tolist() for sample in dataset]
 
     from_single = streamed(local=str(tmp_path / "single"))
