@@ -62,13 +62,24 @@ def install_wheels(wheelhouse: Path, target: Path) -> int:
 
 
 def flash_attention_impls() -> dict | None:
-    """What torch.nn.attention says of its registered flash-attention implementations, where it can."""
+    """torch's flash-attention implementations besides its built-in FA2 (newer torch: FA3, FA4), each with
+    whether it activates here. torch 2.11 registers them by name on any machine; activating one imports its
+    provider package (FA3's flash_attn_interface, FA4's flash_attn), which an image may lack. Tried in this
+    process only (the env stage's), and put back to FA2 after."""
     import torch.nn.attention as attention
 
     if not hasattr(attention, "list_flash_attention_impls"):
         return None
-    current = getattr(attention, "current_flash_attention_impl", lambda: None)
-    return {"registered": list(attention.list_flash_attention_impls()), "active": current()}
+    found = {}
+    for impl in attention.list_flash_attention_impls():
+        try:
+            attention.activate_flash_attention_impl(impl)
+            found[impl] = "activates"
+        except Exception as e:  # the provider's import error, as a line
+            found[impl] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+    if getattr(attention, "current_flash_attention_impl", lambda: None)() is not None:
+        attention.restore_flash_attention_impl()
+    return found
 
 
 def describe_machine(work: Path, out: Path) -> int:
@@ -90,9 +101,9 @@ def describe_machine(work: Path, out: Path) -> int:
         "date": datetime.date.today().isoformat(),
         "backends": available_backends(device, dropout=False, backward=True),
         "auto_backend": resolve_backend("auto", device, dropout=False, backward=True),
-        # Flash-attention kernels other than the built-in FA2 (FA3/FA4 providers) that torch could switch
-        # SDPA to (torch.nn.attention.activate_flash_attention_impl, newer torch): none registered is None
-        # or []. The attention kernels are about a quarter of base's step.
+        # Flash-attention kernels other than the built-in FA2 that torch could switch its flash path to
+        # (torch.nn.attention.activate_flash_attention_impl): the attention kernels are about a quarter of
+        # base's step. None with a torch that has no such registry.
         "flash_attention_impls": flash_attention_impls(),
         "host_cpus": os.cpu_count(),
     }

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, run_env
 
-from benchmarks.device_check import HEADLINE, report, wheel_distribution
+from benchmarks.device_check import HEADLINE, flash_attention_impls, report, wheel_distribution
 
 
 @pytest.mark.slow
@@ -142,3 +142,17 @@ def test_profile_counts_each_kernel_once():
 def test_wheel_names_map_to_distributions():
     assert wheel_distribution(Path("ruamel_yaml-0.19.1-py3-none-any.whl")) == "ruamel-yaml"
     assert wheel_distribution(Path("torch_optimi-0.3.3-py3-none-any.whl")) == "torch-optimi"
+
+
+def test_flash_attention_implementations_are_tried_and_put_back():
+    """Each implementation torch registers (torch 2.11: FA3 and FA4, by name on any machine) is reported as
+    activating here or with the provider's error in one line; torch is left on its built-in FA2."""
+    import torch.nn.attention as attention
+
+    found = flash_attention_impls()
+    if not hasattr(attention, "list_flash_attention_impls"):
+        assert found is None  # torch 2.7
+        return
+    assert set(found) == set(attention.list_flash_attention_impls())
+    assert all(v == "activates" or ("Error" in v and "\n" not in v) for v in found.values())
+    assert attention.current_flash_attention_impl() is None
