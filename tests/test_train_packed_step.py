@@ -2,6 +2,7 @@
 loss and gradients as the real tokens alone, and no op that would make a GPU wait for the host."""
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -110,6 +111,27 @@ def test_split_micro_batches_carry_their_own_packed_inputs():
         assert micro["packed"].keys() == expected.keys()
         for key, value in expected.items():
             assert torch.equal(torch.as_tensor(micro["packed"][key]), torch.as_tensor(value)), key
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_every_tensor_copied_for_a_micro_batch_is_pinned(write_recipe):
+    """The loaders pin on CUDA, and split_batch pins the tensors it adds: Composer's non_blocking copy of each
+    micro-batch then waits for nothing queued on the stream (from pageable memory it would wait for the
+    previous micro-batch's backward)."""
+    from modernbert_train.train.config import load_config
+    from modernbert_train.train.data import build_data
+
+    data = build_data(load_config(write_recipe()))
+    assert data.train_loader.pin_memory and data.eval_loader.pin_memory
+    batch = next(iter(data.train_loader))
+    data.train_loader.dataset.observe(batch)  # takes its pack_state out, as before Composer splits it
+    micro_batches = split_batch(batch, microbatch_size=batch["input_ids"].shape[0] // 2)
+    assert len(micro_batches) == 2
+    for micro in micro_batches:
+        parts = (micro, micro["packed"])
+        tensors = [v for part in parts for v in part.values() if isinstance(v, torch.Tensor)]
+        assert len(tensors) > 5 and all(t.is_pinned() for t in tensors)
 
 
 def test_the_step_asks_the_device_for_nothing():

@@ -20,7 +20,9 @@ def packed_inputs(batch: dict[str, torch.Tensor]) -> dict:
     tokens alone, for under 1% more encoder work on rows packed over 99% full.
 
     Computed where the batch is: on the host, when Composer splits the batch (`split_batch`), so the
-    device is never asked for a maximum or a count (each would be a sync).
+    device is never asked for a maximum or a count (each would be a sync). A batch in pinned memory (the
+    loaders pin on CUDA) gets its new tensors pinned too, so that all of a micro-batch's copies to the device
+    are asynchronous.
     """
     input_ids, labels, seq_lens = batch["input_ids"], batch["labels"], batch["seq_lens"]
     seq_len = input_ids.shape[1]
@@ -28,12 +30,16 @@ def packed_inputs(batch: dict[str, torch.Tensor]) -> dict:
     lengths = torch.cat((seq_lens, padding), dim=1).flatten()
     lengths = lengths[lengths > 0]
     labels = labels.reshape(-1)
+    cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    labelled_index = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+    if input_ids.is_pinned():
+        cu_seqlens, labelled_index = cu_seqlens.pin_memory(), labelled_index.pin_memory()
     return {
-        "input_ids": input_ids.reshape(-1),
+        "input_ids": input_ids.reshape(-1),  # views: pinned when the batch is
         "labels": labels,
-        "cu_seqlens": F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0)),
+        "cu_seqlens": cu_seqlens,
         "max_seqlen": int(lengths.max()),
-        "labelled_index": (labels != IGNORE_INDEX).nonzero().squeeze(1),
+        "labelled_index": labelled_index,
     }
 
 

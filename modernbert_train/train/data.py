@@ -5,6 +5,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 from composer.utils import dist
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
@@ -184,10 +185,22 @@ def build_data(config: TrainConfig) -> TrainData:
             seed=config.seed,
             lookahead=data.lookahead,
         )
-        eval_loader = build_dataloader(evaluation, num_workers=data.num_workers)
+        eval_loader = build_dataloader(evaluation, num_workers=data.num_workers, pin_memory=pin_memory())
     return TrainData(
-        build_dataloader(train, num_workers=data.num_workers), eval_loader, path, info, per_device
+        build_dataloader(train, num_workers=data.num_workers, pin_memory=pin_memory()),
+        eval_loader,
+        path,
+        info,
+        per_device,
     )
+
+
+def pin_memory() -> bool:
+    """Whether the loaders put their batches in pinned host memory: on CUDA, where the Trainer runs then.
+    Composer copies each micro-batch to the device with non_blocking=True, which from pageable memory first
+    waits for everything queued on the stream: under gradient accumulation, every micro-batch after the first
+    would wait for the previous one's backward, and the GPU would idle while the host launches the next."""
+    return torch.cuda.is_available()
 
 
 def _warmup(config: TrainConfig) -> dict[str, int] | None:
