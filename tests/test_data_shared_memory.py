@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from conftest import free_port
+from conftest import start_ranks, wait_for_ranks
 
 from modernbert_train.data.mixture import build_sample_space
 from modernbert_train.data.shared_memory import (
@@ -99,7 +99,7 @@ for _ in range(int(sys.argv[2])):
     prefixes.append(both)
     dist.barrier()  # the other rank has read our prefix before we drop it
     del samples
-json.dump(prefixes, open(sys.argv[3], "w"))
+json.dump(prefixes, open(sys.argv[3].format(os.environ["RANK"]), "w"))
 """
 
 
@@ -111,32 +111,11 @@ def test_jobs_starting_together_agree_on_their_prefix(tiny_data, tmp_path):
     (seen: the FSDP2-vs-DDP test hanging in CI; this test failed 2 of 2 runs without the lock)."""
     script = tmp_path / "job.py"
     script.write_text(JOB)
-    processes = []
-    for job in range(3):
-        port = free_port()
-        for rank in range(2):
-            env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
-            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-            command = [
-                sys.executable,
-                str(script),
-                str(tiny_data / "train"),
-                "12",
-                str(tmp_path / f"{job}-{rank}"),
-            ]
-            processes.append(
-                subprocess.Popen(command, env=env, stderr=subprocess.PIPE, start_new_session=True)
-            )
-    errors = []
-    for process in processes:
-        try:
-            _, err = process.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            _, err = process.communicate()
-        if process.returncode != 0:
-            errors.append(err.decode()[-1500:])
-    assert not errors, errors[0]
+    command = [sys.executable, str(script), str(tiny_data / "train"), "12"]
+    processes = [
+        process for job in range(3) for process in start_ranks([*command, str(tmp_path / f"{job}-{{}}")], 2)
+    ]
+    wait_for_ranks(processes, timeout=240)
     for job in range(3):
         prefixes = json.loads((tmp_path / f"{job}-0").read_text())
         assert len(prefixes) == 12 and all(a == b for a, b in prefixes)
