@@ -82,11 +82,9 @@ def cpu_model_without_a_subprocess() -> None:
     every rank's start, an eighth of a tiny CPU run (measured here). Read from /proc/cpuinfo instead, where
     it is; with a Composer without that function, nothing changes."""
     ask_cpuinfo = getattr(collect_env, "get_cpu_model", None)
-    if ask_cpuinfo is None or getattr(ask_cpuinfo, "reads_proc", False):
-        return
-    read = functools.partial(_cpu_model_from_proc, ask_cpuinfo)
-    read.reads_proc = True
-    collect_env.get_cpu_model = read
+    if ask_cpuinfo is None or getattr(ask_cpuinfo, "func", None) is _cpu_model_from_proc:
+        return  # no such function, or replaced already
+    collect_env.get_cpu_model = functools.partial(_cpu_model_from_proc, ask_cpuinfo)
 
 
 @dataclass
