@@ -41,11 +41,22 @@ def config_from_hf(values: dict, mask_token_id: int | None = None) -> ModernBert
         raise HFCheckpointError("config.json: tie_word_embeddings is false; only tied decoders are supported")
     names = {f.name for f in dataclasses.fields(ModernBertConfig)} - {"attn_backend"}
     kwargs = {key: value for key, value in values.items() if key in names}
+    if "initializer_cutoff_factor" in kwargs and kwargs["initializer_cutoff_factor"] is None:
+        kwargs["initializer_cutoff_factor"] = 3.0  # transformers' meaning of null
     kwargs.update(_rope_thetas(values))
     kwargs.update(_layer_pattern(values))
-    # transformers' config has no mask token; the checkpoint's tokenizer knows it.
+    # transformers' config has no mask token; the checkpoint's tokenizer knows it. Without either,
+    # ModernBERT's own id stands, where the vocabulary holds it.
     if "mask_token_id" not in kwargs and mask_token_id is not None:
         kwargs["mask_token_id"] = mask_token_id
+    vocab_size = kwargs.get("vocab_size", ModernBertConfig.vocab_size)
+    default_mask = ModernBertConfig.mask_token_id
+    if "mask_token_id" not in kwargs and isinstance(vocab_size, int) and vocab_size <= default_mask:
+        raise HFCheckpointError(
+            "config.json has no mask_token_id, and no tokenizer.json with a [MASK] or <mask> token lies "
+            f"beside it; ModernBERT's own ({default_mask}) is outside vocab_size={vocab_size}. Add "
+            "mask_token_id to config.json, or the tokenizer.json the model was trained with"
+        )
     try:
         return ModernBertConfig(**kwargs)
     except ModelConfigError as error:
@@ -274,12 +285,28 @@ def _unk_token(tokenizer) -> str | None:
     return None
 
 
+def _check_vocabulary(size: int, config: ModernBertConfig) -> None:
+    if size > config.vocab_size:
+        raise HFCheckpointError(
+            f"tokenizer: its {size} tokens do not fit the model's vocab_size={config.vocab_size}; export the "
+            "tokenizer the model was trained with"
+        )
+
+
 def save_tokenizer(tokenizer, out_dir: Path, config: ModernBertConfig) -> None:
     """Save a tokenizer that AutoTokenizer.from_pretrained(out_dir) loads with ModernBERT's special tokens."""
     from tokenizers import Tokenizer, processors
     from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
     if isinstance(tokenizer, PreTrainedTokenizerBase):
+        _check_vocabulary(len(tokenizer), config)
+        for role in ("cls", "sep", "pad", "mask"):
+            theirs, ours = getattr(tokenizer, f"{role}_token_id"), getattr(config, f"{role}_token_id")
+            if theirs != ours:
+                raise HFCheckpointError(
+                    f"tokenizer: its {role}_token_id is {theirs}, the model config's {ours}; export the "
+                    "tokenizer the model was trained with"
+                )
         tokenizer.save_pretrained(out_dir)
         return
     if isinstance(tokenizer, str | Path):
@@ -290,6 +317,7 @@ def save_tokenizer(tokenizer, out_dir: Path, config: ModernBertConfig) -> None:
         tokenizer = Tokenizer.from_file(str(file))
     else:
         tokenizer = Tokenizer.from_str(tokenizer.to_str())  # a copy: the post-processor may be set below
+    _check_vocabulary(tokenizer.get_vocab_size(with_added_tokens=True), config)
     special = {}
     for role in ("cls", "sep", "pad", "mask"):
         token_id = getattr(config, f"{role}_token_id")

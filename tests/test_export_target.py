@@ -10,6 +10,7 @@ from modernbert_train.hf import from_hf, to_hf
 from modernbert_train.model import ModernBertConfig, ModernBertForMaskedLM
 from modernbert_train.train.export import check_export_target, cli, staged_export
 from modernbert_train.train.main import main
+from modernbert_train.train.run_metadata import RunMetadata
 
 
 def tiny_model(seed: int) -> ModernBertForMaskedLM:
@@ -108,3 +109,35 @@ def test_a_bucket_target_is_checked_like_a_folder_and_an_overwrite_leaves_no_sta
     check_export_target(other, overwrite=False)  # now an earlier export of ours: replaceable
     for key, value in from_hf(other).state_dict().items():
         assert torch.equal(value, tiny_model(1).state_dict()[key]), key
+
+
+def test_another_tokenizer_is_refused_and_a_reformatted_one_ships(tmp_path, capsys):
+    """--tokenizer may ship the checkpoint's own tokenizer in another file (reformatted, say), not another
+    tokenizer: its ids would name other tokens in the exported model's config."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    def tokenizer(vocab: list[str], path):
+        made = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token=vocab[4]))
+        made.pre_tokenizer = pre_tokenizers.Whitespace()
+        made.save(str(path), pretty=path.name.startswith("pretty"))
+        return path
+
+    trained = tokenizer(["[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]", "a", "b"], tmp_path / "trained.json")
+    model = tiny_model(0)
+    metadata = RunMetadata(model.config.to_dict(), str(trained), {}).state_dict()
+    weights = {f"model.{key}": value for key, value in model.state_dict().items()}
+    torch.save({"state": {"model": weights, "callbacks": {"RunMetadata": metadata}}}, tmp_path / "ck.pt")
+
+    other = tokenizer(["<s>", "<pad>", "</s>", "<unk>", "[UNK]", "a", "b"], tmp_path / "other.json")
+    code, err = export_cli(capsys, tmp_path / "ck.pt", tmp_path / "out", "--tokenizer", other)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"--tokenizer {other}: not the tokenizer checkpoint {tmp_path / 'ck.pt'} was trained with" in err
+    assert not (tmp_path / "out").exists()
+    missing = tmp_path / "none.json"
+    code, err = export_cli(capsys, tmp_path / "ck.pt", tmp_path / "out", "--tokenizer", missing)
+    assert code == 2 and f"--tokenizer {missing}: No such file or directory" in err
+
+    same = tokenizer(["[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]", "a", "b"], tmp_path / "pretty.json")
+    assert same.read_text() != trained.read_text()
+    cli([str(tmp_path / "ck.pt"), str(tmp_path / "out"), "--tokenizer", str(same)])
+    assert from_hf(tmp_path / "out").config.mask_token_id == 3

@@ -12,7 +12,14 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer
 from transformers import ModernBertConfig as HFConfig
 from transformers import ModernBertForMaskedLM as HFModel
 
-from modernbert_train.hf import HFCheckpointError, config_from_hf, config_to_hf, from_hf, to_hf
+from modernbert_train.hf import (
+    HFCheckpointError,
+    config_from_hf,
+    config_to_hf,
+    from_hf,
+    read_hf_config,
+    to_hf,
+)
 from modernbert_train.model import ModernBertConfig, ModernBertForMaskedLM
 
 TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
@@ -309,6 +316,36 @@ def test_to_hf_rejects_tokenizer_without_the_config_token(tmp_path):
     config = ModernBertConfig.from_preset("tiny", vocab_size=64, **{**TOKEN_IDS, "mask_token_id": 40})
     with pytest.raises(HFCheckpointError, match="mask_token_id=40"):
         to_hf(ModernBertForMaskedLM(config), tmp_path, tokenizer=tiny_tokenizer())
+
+
+def test_to_hf_rejects_a_tokenizer_with_other_ids_or_more_tokens(tmp_path):
+    """A transformers tokenizer is saved as it is, so its ids must be the config's; any tokenizer must fit
+    the model's vocabulary."""
+    config = ModernBertConfig.from_preset("tiny", vocab_size=64, **TOKEN_IDS)
+    to_hf(ModernBertForMaskedLM(config), tmp_path / "first", tokenizer=tiny_tokenizer())
+    loaded = AutoTokenizer.from_pretrained(tmp_path / "first")
+    moved = ModernBertConfig.from_preset("tiny", vocab_size=64, **{**TOKEN_IDS, "mask_token_id": 5})
+    with pytest.raises(HFCheckpointError, match="its mask_token_id is 3, the model config's 5"):
+        to_hf(ModernBertForMaskedLM(moved), tmp_path / "second", tokenizer=loaded)
+    small = ModernBertConfig.from_preset("tiny", vocab_size=6, **TOKEN_IDS)
+    for given in (tiny_tokenizer(), loaded):
+        with pytest.raises(HFCheckpointError, match="its 7 tokens do not fit the model's vocab_size=6"):
+            to_hf(ModernBertForMaskedLM(small), tmp_path / "third", tokenizer=given)
+
+
+def test_from_hf_without_a_mask_token_id_and_a_null_cutoff(tmp_path):
+    """transformers' config.json has no mask_token_id: the tokenizer beside it says, else ModernBERT's own id
+    where the vocabulary holds it. A null initializer_cutoff_factor is transformers' 3."""
+    folder = exported(tmp_path)
+    values = json.loads((folder / "config.json").read_text())
+    del values["mask_token_id"]
+    (folder / "config.json").write_text(json.dumps({**values, "initializer_cutoff_factor": None}))
+    with pytest.raises(HFCheckpointError, match=r"no mask_token_id, and no tokenizer.json .* vocab_size=96"):
+        from_hf(folder)
+    (folder / "config.json").write_text(json.dumps({**values, "vocab_size": 50368}))
+    assert read_hf_config(folder).mask_token_id == 50284
+    values["initializer_cutoff_factor"] = None
+    assert config_from_hf(values, mask_token_id=3).initializer_cutoff_factor == 3.0
 
 
 def exported(tmp_path):

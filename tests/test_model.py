@@ -178,6 +178,8 @@ def test_config_round_trip_and_presets():
         (dict(attention_dropout=1.5), "attention_dropout=1.5 must be in"),
         (dict(hidden_activation="swish"), "hidden_activation='swish' is not one of"),
         (dict(hidden_size="768"), "hidden_size='768' must be a positive integer"),
+        (dict(initializer_cutoff_factor=None), "initializer_cutoff_factor=None must be a positive number"),
+        (dict(norm_eps=0.0), "norm_eps=0.0 must be a positive number"),
     ],
 )
 def test_config_errors_name_the_field(values, message):

@@ -72,6 +72,10 @@ class ModernBertConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or not 0 <= value < self.vocab_size:
                 fail(name, f"must be a token id in [0, vocab_size={self.vocab_size})")
+        for name in ("initializer_range", "initializer_cutoff_factor", "norm_eps"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
+                fail(name, "must be a positive number")
         for name in ("attention_dropout", "embedding_dropout", "mlp_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 fail(name, "must be in [0, 1)")

@@ -19,6 +19,7 @@ from tokenizers import Tokenizer
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from modernbert_train import storage
+from modernbert_train.data.tokens import tokenizer_identity
 from modernbert_train.hf import to_hf
 from modernbert_train.model import ModernBertConfig, ModernBertForMaskedLM
 from modernbert_train.train.checkpoint import CheckpointError, model_weights, read_checkpoint
@@ -101,11 +102,30 @@ def export_checkpoint(
         )
     model = ModernBertForMaskedLM(ModernBertConfig.from_dict(metadata["model_config"]))
     load_weights(model, model_weights(checkpoint), checkpoint_path)
+    if tokenizer is not None and metadata.get("tokenizer_json"):
+        check_same_tokenizer(tokenizer, metadata["tokenizer_json"], checkpoint_path)
     if tokenizer is None and metadata.get("tokenizer_json"):
         tokenizer = Tokenizer.from_str(metadata["tokenizer_json"])
     with staged_export(out_dir) as staging:
         to_hf(model, staging, tokenizer)
     return out_dir
+
+
+def check_same_tokenizer(tokenizer: str, trained_with: str, checkpoint_path: str | Path) -> None:
+    """`--tokenizer` may ship another file of the tokenizer the checkpoint was trained with (other
+    formatting, say), never another tokenizer: its ids would name other tokens. Compared by content."""
+    file = Path(tokenizer)
+    file = file / "tokenizer.json" if file.is_dir() else file
+    try:
+        given = tokenizer_identity(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else "not a tokenizer.json"
+        raise CheckpointError(f"--tokenizer {tokenizer}: {reason}") from None
+    if given != tokenizer_identity(trained_with):
+        raise CheckpointError(
+            f"--tokenizer {tokenizer}: not the tokenizer checkpoint {checkpoint_path} was trained with (its "
+            "vocabulary or special tokens differ); leave --tokenizer out to ship the checkpoint's own"
+        )
 
 
 def load_weights(model: ModernBertForMaskedLM, weights: dict, checkpoint_path: str | Path) -> None:
