@@ -8,9 +8,11 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import start_ranks, wait_for_ranks
+from streaming import MDSWriter
 
 from modernbert_train.data import (
     MaskingSchedule,
@@ -20,7 +22,7 @@ from modernbert_train.data import (
     build_train_dataset,
 )
 from modernbert_train.data.chunking import chunk_bounds
-from modernbert_train.data.synthetic import write_synthetic_mds
+from modernbert_train.data.synthetic import MDS_COLUMNS, write_synthetic_mds
 
 INFO = TokenizerInfo(pad_id=0, cls_id=1, sep_id=2, mask_id=3, vocab_size=1000)
 KEYS = ("input_ids", "attention_mask", "labels", "seq_lens")
@@ -180,6 +182,44 @@ def test_resume_on_another_worker_count_reads_no_document_twice(corpus, corpus_d
     pieces = [piece for batch in head + tail for piece in batch_pieces(batch)]
     check_one_epoch(pieces, corpus_documents, skipped_chunks(caplog.text), old_producers=2)
     assert all(b["input_ids"].shape[0] == 4 for b in tail[:-1])  # the same global batch
+
+
+def test_an_epoch_reads_every_producers_part_however_unevenly_the_tokens_fell(tmp_path):
+    """With workers, a producer that has run dry is passed over and the others go on to the end of their
+    parts: one long document among short ones (nearly all of the epoch's tokens in one producer's part) is
+    read whole, every chunk once. A resume after a producer ran dry replays the epoch's rest and the next."""
+    rng = np.random.default_rng(0)
+    documents = [rng.integers(5, 1000, 6000).astype(np.uint16)]
+    documents += [rng.integers(5, 1000, int(n)).astype(np.uint16) for n in rng.integers(20, 60, 40)]
+    with MDSWriter(out=str(tmp_path / "mds"), columns=MDS_COLUMNS, size_limit=1 << 12) as writer:
+        for i, tokens in enumerate(documents):
+            writer.write({"input_ids": tokens, "doc_id": i, "source": "uneven"})
+
+    def dataset():
+        return build_train_dataset(
+            [{"local": str(tmp_path / "mds")}], tokenizer=INFO, max_seq_len=128, global_batch_size=4, seed=3,
+            lookahead=16, drop_last=False,
+        )  # fmt: skip
+
+    first = dataset()
+    full, _ = run(first, build_dataloader(first, num_workers=2), epochs=2)
+    pieces = [piece for batch in full for piece in batch_pieces(batch)]
+    chunks = epoch_chunks(documents, 128)
+    assert sorted(pieces) == sorted(chunks + chunks)  # each epoch: every chunk, once
+    epoch_batches = len(full) // 2
+    assert epoch_batches > 12  # the long document's producer went on alone for most of the epoch
+
+    stop = epoch_batches - 3  # the other producer has long run dry
+    head_run = dataset()
+    head, state = run(head_run, build_dataloader(head_run, num_workers=2), epochs=1, stop_after=stop)
+    (rank_state,) = json.loads(state["ranks"])
+    assert rank_state["batches_in_epoch"] == stop and len(rank_state["dry"]) == 1  # resumed in the tail
+    resumed = dataset()
+    resumed.load_state_dict(state)
+    loader = build_dataloader(resumed, num_workers=2)
+    tail = [b for b in loader if resumed.observe(b) is None]  # rest of epoch 0
+    tail += [b for b in loader if resumed.observe(b) is None]  # epoch 1
+    assert_same(head + tail, full)
 
 
 def test_eval_stream_is_deterministic_and_finite(corpus):

@@ -9,16 +9,22 @@ after a batch is small: (epoch, cursor into its sample list, keys of the buffere
 emitted). Every batch carries
 that snapshot under `pack_state`.
 
-Order. The loader (loader.py) keeps the batches in strict round robin over producers: the k-th
-batch of an epoch comes from producer k % W, and the epoch ends when the next producer has none
-left. The k-th batch of the epoch is therefore global batch `batches_before_epoch + k` on every
-rank, which is what the batch-size schedule is keyed on.
+Order. The loader (loader.py) takes the batches in turn over producers, passing over a producer that
+has run dry, and the epoch ends when every producer has (the last partial batch of each dropped, with
+`drop_last`). Producer p's e-th batch of an epoch is keyed `batches_before_epoch + p + e * W`, which
+the batch-size schedule, the masking schedule and the row starts are placed by. While every producer
+still has batches that is the batch's global index on every rank; after one ran dry the key runs
+ahead of it (by the dry producers' turns since), so the epoch's tail takes the sizes and ratios of
+somewhat later batches: the same once a batch-size warmup is over. Ending the epoch at the first dry
+producer instead would drop the other producers' unread documents from every epoch: with one long
+document, nearly the whole epoch.
 
 Resume. The trainer pops `pack_state` with `observe(batch)` for each batch it trains on; the main
 process keeps the latest snapshot of each producer. `state_dict` returns them (from every rank
 under torch.distributed); `load_state_dict` stages them, and the next iteration restarts each
-producer from its snapshot, handing producer (k + w) % W to worker w so the round robin goes on
-where it stopped. The state format is documented in docs/internals.md.
+producer from its snapshot (a producer that had run dry runs dry again at once), handing producer
+(n + w) % W to worker w, where n (`next_producer`) is the producer after the last trained batch's, so
+the turns go on where they stopped. The state format is documented in docs/internals.md.
 
 Batch size. The state also counts the rows trained (all ranks), and each iteration places the
 batch-size schedule there (`BatchSizeSchedule.continue_from`): a run resumed with another global
@@ -108,6 +114,8 @@ class PackedMLMDataset(IterableDataset):
         self._batches_in_epoch = 0
         self._rows_seen = 0  # rows (all ranks) of those batches
         self._num_producers = 1
+        self._next_producer = 0  # whose turn the batch after the last observed one is
+        self._dry: set[int] = set()  # producers of this epoch the loader passed over: they have run dry
         self._observed: dict[int, dict[str, Any]] = {}  # producer -> latest pack_state
         self._pending: dict[str, Any] | None = None  # this rank's state from load_state_dict
         self._saved_ranks: list[dict[str, Any]] = []  # every rank's, for another number of workers
@@ -145,9 +153,18 @@ class PackedMLMDataset(IterableDataset):
         self._batches_in_epoch = plan["batches_in_epoch"]
         self._observed = dict(plan["producers"])
         self._num_producers = num_producers
+        if plan.get("next_producer") is None:  # a state saved before it was kept: strict round robin
+            plan["next_producer"] = plan["batches_in_epoch"] % num_producers
+        self._next_producer = plan["next_producer"]
+        self._dry = set(plan.setdefault("dry", []))
         self._iterated = True
         self._plan = plan
         return plan
+
+    def ran_dry(self, producer: int) -> None:
+        """The loader passed over `producer`'s turn: it has no batch left this epoch (saved, so that a
+        resume does not start it again: its batch keys would lie before the resumed position)."""
+        self._dry.add(producer)
 
     def observe(self, batch: dict[str, Any]) -> None:
         """Record the producer snapshot of a batch about to be trained on; pops `pack_state` so the
@@ -158,6 +175,7 @@ class PackedMLMDataset(IterableDataset):
         self.last_mlm_probability = state.pop("mlm_probability")
         self._rows_seen += state.pop("global_rows")
         self._observed[state["producer"]] = state
+        self._next_producer = (state["producer"] + 1) % self._num_producers
         self._batches_seen += 1
         self._batches_in_epoch += 1
 
@@ -204,6 +222,8 @@ class PackedMLMDataset(IterableDataset):
             "batches_in_epoch": 0,
             "rows_trained": self._rows_seen,
             "num_producers": None,
+            "next_producer": 0,
+            "dry": [],
             "producers": {},
             "history": [],
         }
@@ -282,6 +302,8 @@ class PackedMLMDataset(IterableDataset):
             "batches_in_epoch": self._batches_in_epoch,
             "rows_trained": self._rows_seen,
             "num_producers": self._num_producers,
+            "next_producer": self._next_producer,
+            "dry": sorted(self._dry),
             "producers": dict(self._observed),
             "num_nodes": self.num_nodes,
             "num_canonical_nodes": self.samples.num_canonical_nodes,
@@ -297,13 +319,15 @@ class PackedMLMDataset(IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if num_workers != plan["num_producers"]:
             raise RuntimeError(f"planned {plan['num_producers']} producers but running {num_workers} workers")
-        producer = (worker + plan["batches_in_epoch"]) % num_workers
+        producer = (worker + plan["next_producer"]) % num_workers
         return self._produce(plan, producer)
 
     def _produce(self, plan: dict[str, Any], producer: int) -> Iterator[dict[str, Any]]:
         num_producers, epoch = plan["num_producers"], plan["epoch"]
         snapshot = plan["producers"].get(producer)
-        sample_ids = epoch_sample_ids(self.samples, epoch, producer, num_producers)
+        sample_ids = epoch_sample_ids(self.samples, epoch, producer, num_producers)  # with every worker
+        if producer in plan.get("dry", ()):
+            return  # it ran dry before the state was saved
         if plan["history"]:
             sample_ids = sample_ids[~self._read_before(epoch, plan["history"])[sample_ids]]
         packer = BestFitPacker(self.max_seq_len, self.lookahead)

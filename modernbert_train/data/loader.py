@@ -29,17 +29,32 @@ from modernbert_train.data.tokens import TokenizerInfo
 
 class PackedLoader(DataLoader):
     """A DataLoader (Composer finds `.dataset` through it) that plans each iteration in the main
-    process before its workers fork, and keeps training batches in strict round robin."""
+    process before its workers fork, and checks that training batches come in turn over the producers.
+
+    In turn: from producer `next_producer` (the plan's) on, cyclically. torch's DataLoader returns its
+    workers' batches in that order and passes over a worker whose iterator has ended, so a producer that
+    has run dry is skipped and the others go on until every one has: the epoch reads each producer's
+    whole part, however unevenly the documents' tokens fell to them. The order depends only on how many
+    batches each producer makes, so a resume replays it."""
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         dataset: PackedMLMDataset = self.dataset
         num_producers = max(self.num_workers, 1)
         plan = dataset.begin_iteration(num_producers)
-        for k, batch in enumerate(super().__iter__()):
+        due, dry = plan["next_producer"], set()
+        for batch in super().__iter__():
             if not dataset.resumable:
                 batch.pop("pack_state")
-            elif batch["pack_state"]["producer"] != (plan["batches_in_epoch"] + k) % num_producers:
-                return  # the producer due next has run dry: the epoch ends here, on every replay
+                yield batch
+                continue
+            producer = batch["pack_state"]["producer"]
+            while producer != due:  # the DataLoader passed over `due`: it has run dry
+                dry.add(due)
+                dataset.ran_dry(due)
+                due = (due + 1) % num_producers
+                if len(dry) == num_producers:
+                    raise RuntimeError(f"data: producer {producer} made a batch after it had run dry")
+            due = (due + 1) % num_producers
             yield batch
 
 
