@@ -234,6 +234,7 @@ def test_a_load_without_reset_time_is_checked_a_phase_change_is_not(write_recipe
         decide_start(load)
     phase = load_config(write_recipe(load_path=str(checkpoint), reset_time=True, data={"lookahead": 32}))
     assert decide_start(phase).kind is StartKind.PHASE_CHANGE
+    assert decide_start(phase).tokenizer_sha256 == text_sha256("{}")  # the saved tokenizer, checked at start
     weights = load_config(
         write_recipe(load_path=str(checkpoint), load_weights_only=True, data={"lookahead": 32})
     )
@@ -254,7 +255,9 @@ def test_another_tokenizer_than_the_checkpoints_is_refused(tmp_path):
     other = RunStart(StartKind.LOAD, "ckpt.pt", tokenizer_sha256=text_sha256('{"model": "b"}'))
     with pytest.raises(CheckpointError, match=f"tokenizer {tokenizer} is not the one checkpoint ckpt.pt was"):
         _check_tokenizer(other, tokenizer)
-    _check_tokenizer(RunStart(StartKind.PHASE_CHANGE, "ckpt.pt", tokenizer_sha256="x"), tokenizer)
+    # A phase change starts a new clock and recipe, but its weights' embeddings still mean the old ids.
+    with pytest.raises(CheckpointError, match=f"tokenizer {tokenizer} is not the one checkpoint ckpt.pt was"):
+        _check_tokenizer(RunStart(StartKind.PHASE_CHANGE, "ckpt.pt", tokenizer_sha256="x"), tokenizer)
 
 
 def resumed_schedule(write_recipe, tmp_path, saved: dict, **changed):

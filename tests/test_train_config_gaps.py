@@ -15,6 +15,10 @@ from test_train_config import GOOD, error_of, write
         ("save_interval=0ba", "'save_interval' must be positive, got '0ba' (it would never save)"),
         ("max_duration=0ba", "'max_duration' must be positive, got '0ba' (nothing would train)"),
         ("max_duration=0.0dur", "'max_duration' must be positive"),
+        ("data.lookahead=0", "'data.lookahead' must be at least 1 (chunks buffered for packing), got 0"),
+        # Composer's clipping scales by max_norm / norm: a negative max_norm flips every gradient.
+        ("grad_clip_norm=-1.0", "'grad_clip_norm' must be positive (null: no clipping), got -1.0"),
+        ("grad_clip_norm=0", "'grad_clip_norm' must be positive"),
     ],
 )
 def test_config_gaps_are_one_line_errors(tmp_path, override, expected):

@@ -250,6 +250,10 @@ def _check_values(c: TrainConfig, path: Path) -> None:
                 fail(f"data.{split}.{i}", "needs 'local' (an MDS folder) or 'remote'")
     if c.data.max_seq_len < 8:
         fail("data.max_seq_len", "must be at least 8")
+    if c.data.lookahead < 1:
+        fail("data.lookahead", f"must be at least 1 (chunks buffered for packing), got {c.data.lookahead}")
+    if c.grad_clip_norm is not None and not c.grad_clip_norm > 0:
+        fail("grad_clip_norm", f"must be positive (null: no clipping), got {c.grad_clip_norm}")
     fsdp = c.parallelism.fsdp
     if fsdp is not None and fsdp.state_dict_type not in ("full", "sharded"):
         fail("parallelism.fsdp.state_dict_type", f"must be full or sharded, got '{fsdp.state_dict_type}'")

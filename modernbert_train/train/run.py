@@ -234,9 +234,10 @@ def wandb_run_id_for(config: TrainConfig, start: RunStart | None) -> str | None:
 
 
 def _check_tokenizer(start: RunStart, tokenizer_file: Path) -> None:
-    """A resume or load trains on with the checkpoint's embeddings: the tokenizer must be the one it was
-    trained with (its path may have moved; its content may not change)."""
-    if start.tokenizer_sha256 is None or start.kind not in (StartKind.RESUME, StartKind.LOAD):
+    """A resume, load or phase change trains on with the checkpoint's embeddings: the tokenizer must be the
+    one it was trained with (its path may have moved; its content may not change)."""
+    kinds = (StartKind.RESUME, StartKind.LOAD, StartKind.PHASE_CHANGE)
+    if start.tokenizer_sha256 is None or start.kind not in kinds:
         return
     if text_sha256(Path(tokenizer_file).read_text()) != start.tokenizer_sha256:
         raise CheckpointError(

@@ -67,7 +67,8 @@ class RunStart:
     kind: StartKind
     checkpoint: str | None = None  # the checkpoint Composer loads (or, when complete, the finished one)
     elapsed: Time | None = None  # its training time in max_duration's unit, where it was read
-    # A resume's or load's checkpoint: the sha256 of the tokenizer it was trained with, where it records it
+    # A resume's, load's or phase change's checkpoint: the sha256 of the tokenizer it was trained with, where
+    # it records it
     tokenizer_sha256: str | None = None
     # and the W&B run it logged to, which this run continues (None: a new one)
     wandb_run_id: str | None = None
@@ -177,7 +178,9 @@ def _choose(config: TrainConfig) -> RunStart:
     if not config.load_path:
         return RunStart(StartKind.FRESH)
     if config.reset_time:
-        return RunStart(StartKind.PHASE_CHANGE, config.load_path)
+        # The clock and recipe start anew; the weights (so the tokenizer they were trained with) carry over.
+        summary = _summary(config.load_path)
+        return RunStart(StartKind.PHASE_CHANGE, config.load_path, tokenizer_sha256=summary.tokenizer_sha256)
     if config.load_weights_only:  # the checkpoint's clock is not loaded
         return RunStart(StartKind.LOAD, config.load_path)
     summary = _summary(config.load_path)
