@@ -23,6 +23,7 @@ class ReadReport:
         self.replaced_characters = 0
         self.replaced_records = 0
         self.binary_files = 0
+        self.duplicate_files = 0  # input files reached a second time (given twice, or via a folder or link)
         self.unreadable: list[dict] = []  # {"file", "error", "documents_read"}
 
     def _example(self, kind: str, where: str) -> None:
@@ -43,6 +44,10 @@ class ReadReport:
         self.binary_files += 1
         self._example("binary file", origin)
 
+    def duplicate(self, origin: str) -> None:
+        self.duplicate_files += 1
+        self._example("duplicate input", origin)
+
     def unreadable_file(self, origin: str, error: BaseException, documents_read: int) -> None:
         message = " ".join(f"{type(error).__name__}: {error}".split())
         self.unreadable.append({"file": origin, "error": message, "documents_read": documents_read})
@@ -54,6 +59,7 @@ class ReadReport:
             "replaced_characters": self.replaced_characters,
             "records_with_replaced_characters": self.replaced_records,
             "binary_files_skipped": self.binary_files,
+            "duplicate_files_skipped": self.duplicate_files,
             "unreadable_files": self.unreadable,
             "examples": dict(sorted(self.examples.items())),
         }
@@ -76,6 +82,9 @@ class ReadReport:
         if self.binary_files:
             where = self._where("binary file", self.binary_files)
             lines.append(f"skipped {self.binary_files} binary file(s) ({where})")
+        if self.duplicate_files:
+            where = self._where("duplicate input", self.duplicate_files)
+            lines.append(f"read {self.duplicate_files} file(s) reached twice by --input only once ({where})")
         for failure in self.unreadable:
             lines.append(
                 f"error: could not read {failure['file']}: {failure['error']} "

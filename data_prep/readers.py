@@ -27,6 +27,7 @@ BINARY_SNIFF_BYTES = 8192  # a NUL byte in the head of a file marks it binary (g
 READ_CHUNK_BYTES = 1 << 20
 PARQUET_BATCH_ROWS = 4096
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+UTF8_BOM = b"\xef\xbb\xbf"  # a byte-order mark some editors put first: not text (and not JSON)
 
 
 @dataclass(frozen=True)
@@ -56,11 +57,20 @@ def source_name(path: Path) -> str:
 
 
 def _folder_files(folder: Path, report: ReadReport) -> Iterator[Path]:
+    """The folder's files, symlinked subfolders followed (each real folder once: a link up is no loop)."""
+
     def unreadable_folder(error: OSError) -> None:
         report.unreadable_file(str(error.filename), error, 0)
 
-    for root, dirs, files in os.walk(folder, onerror=unreadable_folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    visited = {os.path.realpath(folder)}
+    for root, dirs, files in os.walk(folder, onerror=unreadable_folder, followlinks=True):
+        kept = []
+        for name in sorted(d for d in dirs if not d.startswith(".")):
+            real = os.path.realpath(os.path.join(root, name))
+            if real not in visited:
+                visited.add(real)
+                kept.append(name)
+        dirs[:] = kept
         for name in sorted(files):
             if name.startswith("."):
                 continue
@@ -74,19 +84,28 @@ def _folder_files(folder: Path, report: ReadReport) -> Iterator[Path]:
 
 
 def expand_inputs(paths: Iterable[str], source: str | None, report: ReadReport) -> list[InputSource]:
-    """Every file behind the `--input` paths, in reading order. A missing path is a usage error."""
-    inputs = []
+    """Every file behind the `--input` paths, in reading order, each real file once (the same file given
+    twice, or inside a folder also given, or through a symlink, would be sharded twice: later ones are
+    reported and passed over). A missing path is a usage error."""
+    inputs, seen = [], set()
     for raw in paths:
         path = Path(raw)
         if not path.exists():
             raise UsageError(f"--input {raw}: no such file or folder")
         name = source or source_name(path)
         if path.is_dir():
-            inputs.extend(InputSource(file, name) for file in _folder_files(path, report))
+            files = list(_folder_files(path, report))
         elif path.is_file():
-            inputs.append(InputSource(path, name))
+            files = [path]
         else:
             raise UsageError(f"--input {raw}: not a regular file or folder")
+        for file in files:
+            real = os.path.realpath(file)
+            if real in seen:
+                report.duplicate(str(file))
+                continue
+            seen.add(real)
+            inputs.append(InputSource(file, name))
     return inputs
 
 
@@ -168,6 +187,8 @@ def _byte_lines(path: Path) -> Iterator[bytes]:
 def _read_jsonl(item: InputSource, text_field: str, report: ReadReport) -> Iterator[Document]:
     origin = str(item.path)
     for line_number, raw in enumerate(_byte_lines(item.path), 1):
+        if line_number == 1:
+            raw = raw.removeprefix(UTF8_BOM)
         if raw.isspace() or not raw:
             continue
         line = _decode(raw, report, origin, line_number)
@@ -213,7 +234,7 @@ def _file_bytes(path: Path) -> bytes:
 def _read_text_file(item: InputSource, text_field: str, report: ReadReport) -> Iterator[Document]:
     """The whole file as one document (decompressed first when .gz/.zst); a NUL in its head: binary."""
     origin = str(item.path)
-    raw = _file_bytes(item.path)
+    raw = _file_bytes(item.path).removeprefix(UTF8_BOM)
     if b"\0" in raw[:BINARY_SNIFF_BYTES]:
         report.binary(origin)
         return

@@ -105,6 +105,11 @@ def _special_token_ids(tokenizer: Tokenizer, json_path: Path, named: dict[str, s
         candidates = (content,) if content else spellings
         found = (tokenizer.token_to_id(token) for token in candidates)
         ids[f"{key}_id"] = next((i for i in found if i is not None), None)
+        if content and ids[f"{key}_id"] is None and key in REQUIRED_SPECIAL_TOKENS:
+            raise UsageError(
+                f"{config_path} names {key} {content!r}, which {json_path.name} does not have; name the "
+                f"token with {REQUIRED_SPECIAL_TOKENS[key]} TOKEN"
+            )
     return ids
 
 

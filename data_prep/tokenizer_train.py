@@ -7,7 +7,7 @@ rows). The post-processor wraps text as `[CLS] ... [SEP]` for HF use; sharding e
 
 import json
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -86,9 +86,21 @@ def save_tokenizer(tokenizer: Tokenizer, folder: Path) -> None:
 def train_tokenizer(
     texts: Iterable[str], output: Path, vocab_size: int, *, overwrite: bool = False
 ) -> Tokenizer:
-    """Train on `texts` and write the tokenizer folder `output` atomically."""
+    """Train on `texts` and write the tokenizer folder `output` atomically; without a single text nothing
+    is written (a tokenizer of bytes alone, no merges, would pass for a trained one)."""
     check_vocab_size(vocab_size)
+    counted = [0]
+
+    def counting(texts: Iterable[str]) -> Iterator[str]:
+        for text in texts:
+            counted[0] += 1
+            yield text
+
     with staged_output(output, overwrite) as folder:
-        tokenizer = build_tokenizer(texts, vocab_size, progress=sys.stderr.isatty())
+        tokenizer = build_tokenizer(counting(texts), vocab_size, progress=sys.stderr.isatty())
+        if not counted[0]:  # raised here, the staging folder is removed
+            raise UsageError(
+                f"--output {output}: no documents to train on: no input record had text (see --text-field)"
+            )
         save_tokenizer(tokenizer, folder)
     return tokenizer

@@ -126,6 +126,44 @@ def test_train_tokenizer_cli(tmp_path, capsys):
     assert code == 2 and "--vocab-size 500" in err and len(err.strip().splitlines()) == 1
 
 
+def test_train_tokenizer_without_a_document_writes_nothing(tmp_path, capsys):
+    corpus = tmp_path / "corpus.jsonl"
+    write_jsonl(corpus, [{"body": t} for t in PROSE])
+    code, _, err = run_cli(
+        capsys, "train-tokenizer", "--input", corpus, "--output", tmp_path / "tok", "--vocab-size", 384
+    )  # the text is under "body", not the default "text": a byte-level tokenizer without merges was written
+    assert code == 2 and "no documents to train on: no input record had text (see --text-field)" in err
+    assert list(tmp_path.glob("tok*")) == []
+
+
+def test_each_input_file_is_read_once_linked_folders_too_and_a_bom_is_no_text(
+    tmp_path, capsys, tokenizer_dir, reference_tokenizer
+):
+    """A file given twice (itself, inside a folder also given, through a link) is sharded once and the
+    repeat reported; a symlinked subfolder is read (a link back up is no loop); a UTF-8 BOM starting a jsonl
+    file or a text file is dropped (it failed the first record's JSON, and became the text's first char)."""
+    inputs, real = tmp_path / "in", tmp_path / "real"
+    inputs.mkdir()
+    real.mkdir()
+    write_jsonl(inputs / "a.jsonl", [{"text": PROSE[0]}, {"text": PROSE[1]}])
+    (inputs / "b.jsonl").write_bytes(b"\xef\xbb\xbf" + (json.dumps({"text": PROSE[2]}) + "\n").encode())
+    (real / "c.txt").write_bytes(b"\xef\xbb\xbf" + PROSE[3].encode())
+    (inputs / "linked").symlink_to(real, target_is_directory=True)
+    (real / "up").symlink_to(inputs, target_is_directory=True)  # a loop through the link
+    (inputs / "again.jsonl").symlink_to(inputs / "a.jsonl")
+    code, out, err = run_cli(
+        capsys, "shard", "--input", inputs / "a.jsonl", inputs, inputs / "a.jsonl",
+        "--output", tmp_path / "mds", "--tokenizer", tokenizer_dir, "--workers", 1,
+    )  # fmt: skip
+    assert code == 0, err
+    texts = [reference_tokenizer.decode(s["input_ids"].tolist()) for s in samples(tmp_path / "mds")]
+    assert texts == [PROSE[0], PROSE[1], PROSE[2], PROSE[3]]
+    # a.jsonl inside the folder, again.jsonl (a link to it) and a.jsonl given a second time
+    assert "read 3 file(s) reached twice by --input only once" in err
+    metadata = json.loads((tmp_path / "mds" / "modernbert_data.json").read_text())
+    assert metadata["read_problems"]["duplicate_files_skipped"] == 3 and metadata["documents"] == 4
+
+
 def test_every_format_in_order_with_exact_tokens(tmp_path, capsys, tokenizer_dir, reference_tokenizer):
     expected = make_all_formats(tmp_path / "docs")
     out = tmp_path / "shards"

@@ -80,6 +80,16 @@ def test_a_tokenizer_without_a_mask_token_is_refused_naming_the_flag(tmp_path, c
     assert not (tmp_path / "shards").exists()
 
 
+def test_a_configured_token_the_tokenizer_lacks_is_named(tmp_path, capsys):
+    tokenizer = write_roberta_tokenizer(tmp_path / "configured")
+    config = tokenizer / "tokenizer_config.json"
+    config.write_text(json.dumps({"mask_token": {"content": "[MASK]"}}))  # the vocabulary has <mask>
+    code, err = shard(tmp_path, capsys, tokenizer)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"{config} names mask_token '[MASK]', which tokenizer.json does not have" in err
+    assert "--mask-token TOKEN" in err and not (tmp_path / "shards").exists()
+
+
 def test_flags_name_special_tokens_spelled_otherwise(tmp_path, capsys):
     tokenizer = write_roberta_tokenizer(tmp_path / "custom", mask="[[hole]]")
     code, err = shard(tmp_path, capsys, tokenizer, "--mask-token", "<nope>")
