@@ -57,6 +57,15 @@ def check_output_apart(output: Path | str, inputs: list[str]) -> None:
     """Refuse an output folder that is, holds or lies inside an input: replacing it (--overwrite) would delete
     the input, and an input holding the output would read the output's own files back."""
     if storage.is_uri(output):
+        out = str(output).rstrip("/")
+        for raw in inputs:
+            source = str(raw).rstrip("/")
+            if storage.is_uri(raw) and (out == source or out.startswith(source + "/")):
+                raise UsageError(f"--output {output}: lies inside --input {raw}; choose an output outside it")
+            if storage.is_uri(raw) and source.startswith(out + "/"):
+                raise UsageError(
+                    f"--output {output}: holds --input {raw}; choose an output outside the input"
+                )
         return
     out = Path(output).resolve()
     for raw in inputs:

@@ -9,6 +9,7 @@ of a single task in the same order. A single file is never split.
 import json
 import os
 import re
+from pathlib import Path
 
 from data_prep.errors import UsageError
 from data_prep.output_dir import FINISHED_MARKER
@@ -46,13 +47,21 @@ def resolve_task(task_index: int | None, num_tasks: int | None) -> tuple[int, in
 
 def task_inputs(inputs: list[InputSource], index: int, count: int) -> list[InputSource]:
     """Task `index`'s contiguous run of the files: file k belongs to the task its middle byte falls in."""
-    sizes = [max(item.path.stat().st_size, 1) if item.path.exists() else 1 for item in inputs]
+    sizes = [max(_size(item), 1) for item in inputs]
     total, before, mine = sum(sizes), 0, []
     for item, size in zip(inputs, sizes):
         if (before + size / 2) * count // total == index:
             mine.append(item)
         before += size
     return mine
+
+
+def _size(item: InputSource) -> int:
+    if item.size is not None:
+        return item.size
+    if storage.is_uri(item.path) or not Path(item.path).exists():
+        return 1
+    return Path(item.path).stat().st_size
 
 
 def merge(output: str) -> dict:

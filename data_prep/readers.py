@@ -20,6 +20,7 @@ import zstandard
 
 from data_prep.errors import UsageError
 from data_prep.read_report import ReadReport
+from modernbert_train import storage
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".jsonl.zstd")
 PARQUET_SUFFIXES = (".parquet",)
@@ -32,10 +33,17 @@ UTF8_BOM = b"\xef\xbb\xbf"  # a byte-order mark some editors put first: not text
 
 @dataclass(frozen=True)
 class InputSource:
-    """One file to read and the `source` name its documents carry into the shards."""
+    """One file to read (a local path, or a URI fetched when it is read) and the `source` name its
+    documents carry into the shards."""
 
-    path: Path
+    path: Path | str
     source: str
+    shown: str | None = None  # how reports name it, where `path` is a local copy of a URI
+    size: int | None = None  # bytes, where a URI's listing gave it (a local file has its own)
+
+    @property
+    def origin(self) -> str:
+        return self.shown or str(self.path)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,14 +54,31 @@ class Document:
     line: int | None  # jsonl line / parquet or dataset row, 1-based; None for a whole-file document
 
 
-def source_name(path: Path) -> str:
-    """The default source name of an input: its base name without the data-format suffix."""
-    name = Path(os.path.abspath(path)).name
+def source_name(path: Path | str, is_file: bool | None = None) -> str:
+    """The default source name of an input (a path or a URI): its base name without the data-format
+    suffix."""
+    if storage.is_uri(path):
+        name = str(path).rstrip("/").rpartition("/")[2]
+    else:
+        name = Path(os.path.abspath(path)).name
+        is_file = Path(path).is_file()
     lowered = name.lower()
     for suffix in JSONL_SUFFIXES + PARQUET_SUFFIXES:
         if lowered.endswith(suffix) and len(name) > len(suffix):
             return name[: -len(suffix)]
-    return Path(name).stem if path.is_file() and Path(name).stem else name
+    return Path(name).stem if is_file and Path(name).stem else name
+
+
+def _uri_files(raw: str) -> dict[str, int | None]:
+    """The object at URI `raw`, else the objects under it as a folder (hidden ones skipped), sorted, with
+    their sizes where the listing gives them."""
+    if storage.exists(raw):
+        return {raw: None}
+    sizes = storage.list_sizes(raw)
+    names = sorted(n for n in sizes if not any(part.startswith(".") for part in n.split("/")))
+    if not names:
+        raise UsageError(f"--input {raw}: no such object, nor objects under it")
+    return {storage.join(raw, name): sizes[name] for name in names}
 
 
 def _folder_files(folder: Path, report: ReadReport) -> Iterator[Path]:
@@ -89,23 +114,29 @@ def expand_inputs(paths: Iterable[str], source: str | None, report: ReadReport) 
     reported and passed over). A missing path is a usage error."""
     inputs, seen = [], set()
     for raw in paths:
-        path = Path(raw)
-        if not path.exists():
-            raise UsageError(f"--input {raw}: no such file or folder")
-        name = source or source_name(path)
-        if path.is_dir():
-            files = list(_folder_files(path, report))
-        elif path.is_file():
-            files = [path]
+        sizes = {}
+        if storage.is_uri(raw):
+            sizes = _uri_files(str(raw))
+            files = list(sizes)
+            name = source or source_name(raw, is_file=files == [raw])
         else:
-            raise UsageError(f"--input {raw}: not a regular file or folder")
+            path = Path(raw)
+            if not path.exists():
+                raise UsageError(f"--input {raw}: no such file or folder")
+            name = source or source_name(path)
+            if path.is_dir():
+                files = list(_folder_files(path, report))
+            elif path.is_file():
+                files = [path]
+            else:
+                raise UsageError(f"--input {raw}: not a regular file or folder")
         for file in files:
-            real = os.path.realpath(file)
+            real = file if storage.is_uri(file) else os.path.realpath(file)
             if real in seen:
                 report.duplicate(str(file))
                 continue
             seen.add(real)
-            inputs.append(InputSource(file, name))
+            inputs.append(InputSource(file, name, size=sizes.get(file)))
     return inputs
 
 
@@ -185,7 +216,7 @@ def _byte_lines(path: Path) -> Iterator[bytes]:
 
 
 def _read_jsonl(item: InputSource, text_field: str, report: ReadReport) -> Iterator[Document]:
-    origin = str(item.path)
+    origin = item.origin
     for line_number, raw in enumerate(_byte_lines(item.path), 1):
         if line_number == 1:
             raw = raw.removeprefix(UTF8_BOM)
@@ -207,7 +238,7 @@ def _read_jsonl(item: InputSource, text_field: str, report: ReadReport) -> Itera
 def _read_parquet(item: InputSource, text_field: str, report: ReadReport) -> Iterator[Document]:
     import pyarrow.parquet as pq
 
-    origin = str(item.path)
+    origin = item.origin
     parquet = pq.ParquetFile(item.path)
     if text_field not in parquet.schema_arrow.names:
         report.skip("missing text field", origin, None, count=parquet.metadata.num_rows)
@@ -233,7 +264,7 @@ def _file_bytes(path: Path) -> bytes:
 
 def _read_text_file(item: InputSource, text_field: str, report: ReadReport) -> Iterator[Document]:
     """The whole file as one document (decompressed first when .gz/.zst); a NUL in its head: binary."""
-    origin = str(item.path)
+    origin = item.origin
     raw = _file_bytes(item.path).removeprefix(UTF8_BOM)
     if b"\0" in raw[:BINARY_SNIFF_BYTES]:
         report.binary(origin)
@@ -263,8 +294,10 @@ def read_documents(inputs: Iterable[InputSource], text_field: str, report: ReadR
     for item in inputs:
         documents_read = 0
         try:
-            for document in _reader(item.path)(item, text_field, report):
-                documents_read += 1
-                yield document
+            with storage.local_file(item.path) as local:  # a URI's object: fetched, read, deleted
+                readable = InputSource(local, item.source, item.origin)
+                for document in _reader(local)(readable, text_field, report):
+                    documents_read += 1
+                    yield document
         except read_errors as error:
-            report.unreadable_file(str(item.path), error, documents_read)
+            report.unreadable_file(item.origin, error, documents_read)

@@ -1,13 +1,18 @@
-"""Find and load the tokenizer the shards are written with: a tokenizer.json, a folder, or a hub name."""
+"""Find and load the tokenizer the shards are written with: a tokenizer.json, a folder, a URI of either,
+or a hub name."""
 
+import atexit
 import json
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer
 
 from data_prep.errors import UsageError
+from modernbert_train import storage
 
 # Where neither a flag nor a tokenizer_config.json names them, these are the usual spellings (BERT, then
 # RoBERTa). The ids found are recorded in modernbert_data.json, where training and export read them.
@@ -74,7 +79,26 @@ def _hub_tokenizer_json(name: str) -> Path:
     return path
 
 
+def _fetched_tokenizer_json(spec: str) -> Path:
+    """A URI's tokenizer.json (the object, or the one under the URI as a folder) and its companion files,
+    fetched into a folder of their own that lasts as long as the process."""
+    folder, name = spec.rstrip("/"), "tokenizer.json"
+    if spec.endswith(".json"):
+        folder, _, name = spec.rpartition("/")
+    if not storage.exists(storage.join(folder, name)):
+        raise UsageError(f"--tokenizer {spec}: {storage.join(folder, name)} does not exist")
+    local = Path(tempfile.mkdtemp(prefix="modernbert-tokenizer-"))
+    atexit.register(shutil.rmtree, local, ignore_errors=True)
+    storage.download_file(storage.join(folder, name), local / "tokenizer.json")
+    for companion in COMPANION_FILES:
+        if storage.exists(storage.join(folder, companion)):
+            storage.download_file(storage.join(folder, companion), local / companion)
+    return local / "tokenizer.json"
+
+
 def _resolve_json(spec: str) -> Path:
+    if storage.is_uri(spec):
+        return _fetched_tokenizer_json(spec)
     path = Path(spec)
     if path.is_file():
         return path

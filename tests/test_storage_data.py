@@ -78,3 +78,62 @@ def test_bad_uris_are_one_line_errors_before_any_work(s3_server, tiny_data, tmp_
     err = capsys.readouterr().err
     assert "--output s3://bucket/x: cannot check at http://127.0.0.1:9" in err and err.count("\n") == 1
     assert not os.listdir(tmp_path)
+
+
+def test_inputs_and_the_tokenizer_from_a_bucket_shard_as_from_local_files(
+    s3_bucket, tiny_data, tmp_path, monkeypatch, capsys
+):
+    """--input and --tokenizer take URIs (an object, or a prefix as a folder), as every path argument does:
+    the same documents, tokens and ids as from the local files; reports name the objects."""
+    monkeypatch.chdir(tmp_path)
+    corpus, tokenizer = tiny_data / "corpus", tiny_data / "tokenizer"
+    raw = storage.join(s3_bucket, "raw")
+    storage.upload_file(corpus / "val.jsonl", storage.join(raw, "val.jsonl"))
+    storage.upload_file(corpus / "train.jsonl", storage.join(raw, "more", "train.jsonl"))
+    storage.write_text(storage.join(raw, "broken.jsonl"), '{"text": "fine"}\n{not json\n')
+    storage.upload_folder(tokenizer, storage.join(s3_bucket, "tok"))
+
+    local = ["--input", str(corpus / "val.jsonl"), str(corpus / "train.jsonl"), "--text-field", "text"]
+    common = ["--workers", "1"]
+    assert main(["shard", *local, "--output", "local", "--tokenizer", str(tokenizer), *common]) == 0
+    remote = ["--input", storage.join(raw, "val.jsonl"), storage.join(raw, "more"), "--text-field", "text"]
+    uri_tokenizer = storage.join(s3_bucket, "tok")
+    assert main(["shard", *remote, "--output", "remote", "--tokenizer", uri_tokenizer, *common]) == 0
+    mine, theirs = (
+        json.loads((tmp_path / name / "modernbert_data.json").read_text()) for name in ("remote", "local")
+    )
+    assert (mine["documents"], mine["tokens"]) == (theirs["documents"], theirs["tokens"])
+    assert mine["sources"] == {"val": theirs["sources"]["val"], "more": theirs["sources"]["train"]}
+    assert {k: v for k, v in mine["tokenizer"].items() if k != "from"} == {
+        k: v for k, v in theirs["tokenizer"].items() if k != "from"
+    } and mine["tokenizer"]["from"] == uri_tokenizer
+
+    # A prefix as a folder, the bad record named by its object; the tokenizer as an object.
+    capsys.readouterr()
+    tokenizer_object = storage.join(s3_bucket, "tok", "tokenizer.json")
+    assert main(["shard", "--input", raw, "--output", "all", "--tokenizer", tokenizer_object, *common]) == 0
+    assert f"invalid JSON (at {storage.join(raw, 'broken.jsonl')}:2)" in capsys.readouterr().err
+    assert (
+        json.loads((tmp_path / "all" / "modernbert_data.json").read_text())["sources"]["raw"]["documents"]
+        == 441
+    )
+    for argv, problem in [
+        (["--input", storage.join(s3_bucket, "nothing")], "no such object, nor objects under it"),
+        (["--input", raw, "--tokenizer", storage.join(s3_bucket, "none.json")], "none.json does not exist"),
+    ]:
+        argv = [
+            "shard",
+            *argv,
+            "--output",
+            "x",
+            *(["--tokenizer", str(tokenizer)] * ("--tokenizer" not in argv)),
+        ]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert problem in err and err.count("\n") == 1, err
+    # An output inside an input prefix would read its own shards back.
+    assert (
+        main(["shard", "--input", raw, "--output", storage.join(raw, "out"), "--tokenizer", str(tokenizer)])
+        == 2
+    )
+    assert "lies inside --input" in capsys.readouterr().err
