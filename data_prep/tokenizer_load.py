@@ -5,6 +5,7 @@ import atexit
 import json
 import re
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,20 +61,44 @@ def for_sharding(tokenizer: Tokenizer) -> Tokenizer:
     return tokenizer
 
 
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the hub's host takes a connection. Unreachable, hf_hub_download retries for about half a
+    minute, printing each retry, before it says so: a typo in a local path on an offline node."""
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    endpoint = urlsplit(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
 def _hub_tokenizer_json(name: str) -> Path:
     from huggingface_hub import hf_hub_download
 
-    try:
-        path = Path(hf_hub_download(name, "tokenizer.json"))
-    except Exception as error:  # offline, unknown repo, no tokenizer.json: all mean "not found"
+    online = _hub_reachable()
+    try:  # offline, the hub cache may still hold it
+        path = Path(hf_hub_download(name, "tokenizer.json", local_files_only=not online))
+    except Exception as error:  # unknown repo, no tokenizer.json, not cached: all mean "not found"
+        if not online:
+            raise UsageError(
+                f"--tokenizer {name}: no such local file or folder, and the hub is unreachable from here "
+                "(its local cache has no tokenizer.json for it either)"
+            ) from error
         reason = " ".join(str(error).split())[:200]
         raise UsageError(
-            f"--tokenizer {name}: not a local file or folder, and the hub has no tokenizer.json for it "
+            f"--tokenizer {name}: no such local file or folder, and the hub has no tokenizer.json for it "
             f"({type(error).__name__}: {reason})"
         ) from error
     for companion in COMPANION_FILES:
-        try:
-            hf_hub_download(name, companion)  # lands next to tokenizer.json in the hub cache
+        try:  # lands next to tokenizer.json in the hub cache
+            hf_hub_download(name, companion, local_files_only=not online)
         except Exception:  # optional files: their absence only means default special-token names
             continue
     return path

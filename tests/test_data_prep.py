@@ -349,6 +349,24 @@ def test_usage_errors_are_one_line_with_exit_2(tmp_path, capsys, tokenizer_dir, 
     assert not (tmp_path / "out").exists()
 
 
+def test_a_tokenizer_name_on_a_node_without_the_hub_fails_at_once(tmp_path, capsys, monkeypatch):
+    """A local path's typo reads as a hub name; unreachable, the hub client retried for half a minute,
+    printing each retry. Nothing answers on the discard port: one line, at once."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    (tmp_path / "a.txt").write_text("text")
+    started = time.monotonic()
+    code, _, err = run_cli(
+        capsys, "shard", "--input", tmp_path / "a.txt", "--output", tmp_path / "out", "--tokenizer", "tokk"
+    )
+    assert code == 2 and time.monotonic() - started < 10
+    assert err.strip().splitlines() == [
+        "modernbert-data shard: error: --tokenizer tokk: no such local file or folder, and the hub is "
+        "unreachable from here (its local cache has no tokenizer.json for it either)"
+    ]
+
+
 def test_overwrite_replaces_output_and_leaves_no_staging(tmp_path, capsys, tokenizer_dir):
     (tmp_path / "one.txt").write_text(PROSE[0])
     (tmp_path / "two.txt").write_text(PROSE[1])
