@@ -29,7 +29,6 @@ from data_prep.output_dir import staged_output
 from data_prep.read_report import ReadReport
 from data_prep.readers import Document
 from data_prep.tokenizer_load import LoadedTokenizer, for_sharding
-from modernbert_train.data.tokens import tokenizer_identity
 
 METADATA_FILE = "modernbert_data.json"
 FORMAT_VERSION = 1
@@ -237,6 +236,10 @@ def shard(
                 f"--output {output}: no documents to write: no input record had text in field '{text_field}' "
                 f"(see --text-field)"
             )
+        # Here, once the workers are done: the data package imports torch, which makes the pool spawn workers
+        # that each import it again.
+        from modernbert_train.data.tokens import tokenizer_identity
+
         shutil.copyfile(tokenizer.json_path, folder / "tokenizer.json")
         for companion in tokenizer.companion_files():
             shutil.copyfile(companion, folder / companion.name)
