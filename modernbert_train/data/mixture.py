@@ -19,10 +19,12 @@ from typing import Any
 import numpy as np
 import torch.distributed as dist
 from streaming import Stream, StreamingDataset
+from streaming.base import dataset as streaming_dataset
 from streaming.base.dataset import _ShardState
 from streaming.base.world import World
 
 from modernbert_train.data.shared_memory import (
+    agreed_shm_prefix,
     registration_lock,
     remove_stale_streaming_filelocks,
     remove_stale_streaming_segments,
@@ -105,6 +107,7 @@ def build_sample_space(
     sources = [_readable_in_place(source) for source in sources]
     single = not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1
     rng = np.random.default_rng()
+    streaming_dataset.get_shm_prefix = agreed_shm_prefix  # what StreamingDataset.__init__ calls
     with registration_lock():  # other jobs on this host register their prefixes before or after us
         # Killed runs' segments and locks would otherwise stay; a later job on the host can fail on them.
         remove_stale_streaming_segments()

@@ -8,7 +8,12 @@ segment is stale when no process maps it: a live dataset keeps every segment it 
 Streaming also registers a dataset's prefix by looking for a free one, then creating it, on every rank on
 its own: two jobs that start together on one host can pick the same prefix, and when the later creation fails
 its ranks leave the prefix protocol at different barriers and hang (or one rank joins the other job's
-prefix). `registration_lock` makes the look-and-create of one job's ranks exclusive on each host.
+prefix). `registration_lock` makes the look-and-create of one job's ranks exclusive on each host. Each rank
+also looks for a free prefix on its own, before the leader creates it: another job closing a dataset (which
+frees its prefix) between the two looks gave them different prefixes, and the other rank then found none
+("prefix=61 was not registered by local leader", seen once in CI). `agreed_shm_prefix`, which streaming's
+dataset calls in place of its own (`build_sample_space` installs it), has the ranks of a host take their
+local leader's pick.
 """
 
 import contextlib
@@ -25,7 +30,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK, SHM_TO_CLEAN
+from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK, LOCALS, SHM_TO_CLEAN
+from streaming.base.shared import SharedMemory
+from streaming.base.shared import prefix as streaming_prefix
 from streaming.base.world import World
 
 log = logging.getLogger(__name__)
@@ -170,3 +177,44 @@ def _holder(path: Path) -> str:
         return path.read_text().strip() or "holder unknown"
     except OSError:
         return "holder unknown"
+
+
+def agreed_shm_prefix(streams_local: list[str], streams_remote: list[str | None], world: World, retry: int = 100):
+    """streaming 0.13.0's `get_shm_prefix` (same arguments and result: the prefix and the local leader's
+    record of its folders), except that only each host's local leader looks for the free prefix and its
+    ranks take that one (see the module's docstring). Uses streaming's private helpers, as pinned."""
+    streaming_prefix._check_self(streams_local)
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    mine = -1
+    if world.is_local_leader:
+        mine = max(
+            streaming_prefix._check_and_find_retrying(streams_local, streams_remote, name, retry)
+            for name in SHM_TO_CLEAN
+        )
+    if distributed:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        picks = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size())]
+        dist.all_gather(picks, torch.tensor([mine], dtype=torch.int64, device=device))
+        # streaming's World numbers ranks node by node: the host's leader is its first rank
+        prefix_int = int(picks[world.node * world.ranks_per_node].item())
+    else:
+        prefix_int = mine
+    name = streaming_prefix._get_path(prefix_int, LOCALS)
+    if world.is_local_leader:
+        data = streaming_prefix._pack_locals(streams_local, prefix_int)
+        shm = SharedMemory(name, True, len(data))
+        shm.buf[: len(data)] = data
+    if distributed:
+        dist.barrier()
+    if not world.is_local_leader:
+        try:
+            shm = SharedMemory(name, False)
+        except FileNotFoundError:
+            raise RuntimeError(f"data: the local leader registered no shared memory prefix {prefix_int}") from None
+        theirs, their_prefix = streaming_prefix._unpack_locals(bytes(shm.buf))
+        if theirs != streams_local or their_prefix != prefix_int:
+            raise RuntimeError(
+                f"data: the local leader registered prefix {their_prefix} for {theirs}, this rank expected "
+                f"{prefix_int} for {streams_local} (ranks given different local folders?)"
+            )
+    return prefix_int, shm
