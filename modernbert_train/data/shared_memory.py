@@ -111,10 +111,14 @@ def _everyone(flag: bool) -> bool:
     """True when `flag` is true on every rank (the rank itself when not distributed)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return flag
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    value = torch.tensor([int(flag)], device=device)
+    value = torch.tensor([int(flag)], device=_collective_device())
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item())
+
+
+def _collective_device() -> torch.device:
+    """Where a collective's tensors live: the current GPU under nccl, else the CPU (gloo)."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 @contextlib.contextmanager
@@ -192,7 +196,7 @@ def agreed_shm_prefix(streams_local: list[str], streams_remote: list[str | None]
             for name in SHM_TO_CLEAN
         )
     if distributed:
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        device = _collective_device()
         picks = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size())]
         dist.all_gather(picks, torch.tensor([mine], dtype=torch.int64, device=device))
         # streaming's World numbers ranks node by node: the host's leader is its first rank
