@@ -118,7 +118,11 @@ def _everyone(flag: bool) -> bool:
 
 def _collective_device() -> torch.device:
     """Where a collective's tensors live: the current GPU under nccl, else the CPU (gloo)."""
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend() == "nccl"
+        else torch.device("cpu")
+    )
 
 
 @contextlib.contextmanager
@@ -161,13 +165,11 @@ def registration_lock() -> Iterator[None]:
 def _try_lock(path: Path):
     """The open, locked file, or None when another process holds the lock."""
     try:
-        handle = open(path, "a+")
+        handle = open(path, "a+")  # noqa: SIM115 (returned open: the lock lasts as long as the handle)
     except PermissionError:  # another user's file: locking a read-only handle works as well
-        handle = open(path)
-    try:
+        handle = open(path)  # noqa: SIM115
+    with contextlib.suppress(OSError):
         os.chmod(path, 0o666)
-    except OSError:
-        pass
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -183,7 +185,9 @@ def _holder(path: Path) -> str:
         return "holder unknown"
 
 
-def agreed_shm_prefix(streams_local: list[str], streams_remote: list[str | None], world: World, retry: int = 100):
+def agreed_shm_prefix(
+    streams_local: list[str], streams_remote: list[str | None], world: World, retry: int = 100
+):
     """streaming 0.13.0's `get_shm_prefix` (same arguments and result: the prefix and the local leader's
     record of its folders), except that only each host's local leader looks for the free prefix and its
     ranks take that one (see the module's docstring). Uses streaming's private helpers, as pinned."""
@@ -214,7 +218,9 @@ def agreed_shm_prefix(streams_local: list[str], streams_remote: list[str | None]
         try:
             shm = SharedMemory(name, False)
         except FileNotFoundError:
-            raise RuntimeError(f"data: the local leader registered no shared memory prefix {prefix_int}") from None
+            raise RuntimeError(
+                f"data: the local leader registered no shared memory prefix {prefix_int}"
+            ) from None
         theirs, their_prefix = streaming_prefix._unpack_locals(bytes(shm.buf))
         if theirs != streams_local or their_prefix != prefix_int:
             raise RuntimeError(
