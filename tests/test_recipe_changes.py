@@ -15,7 +15,8 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from modernbert_train.train.checkpoint import CheckpointError, checkpoint_summary, text_sha256
+from modernbert_train.data.tokens import tokenizer_identity
+from modernbert_train.train.checkpoint import CheckpointError, checkpoint_summary
 from modernbert_train.train.config import load_config, to_dict
 from modernbert_train.train.recipe_changes import FIXED, FREE, PATH, RULES, recipe_changes, rule
 from modernbert_train.train.run import _check_tokenizer
@@ -170,9 +171,9 @@ def test_summary_reads_the_recipe_of_whole_and_sharded_checkpoints(tmp_path, rec
     summary = checkpoint_summary(path)
     assert summary.clock == {"epoch": 0, "batch": 4, "sample": 32, "token": 2048}
     assert summary.recipe == recipe
-    assert summary.tokenizer_sha256 == text_sha256('{"model": 1}')
+    assert summary.tokenizer_identity == tokenizer_identity('{"model": 1}')
     old = checkpoint_summary(save_checkpoint(tmp_path / "old" / name, None, sharded=sharded))
-    assert old.recipe is None and old.tokenizer_sha256 is None and old.clock["batch"] == 4
+    assert old.recipe is None and old.tokenizer_identity is None and old.clock["batch"] == 4
 
 
 def resumable(write_recipe, tmp_path, **sections):
@@ -210,7 +211,7 @@ def test_a_resume_with_free_changes_goes_on_and_a_moved_dataset_is_reported(
     config = resumable(write_recipe, tmp_path, max_duration="20ba", scheduler={"t_decay": "4ba"})
     start = decide_start(config)
     assert (start.kind, start.checkpoint) == (StartKind.RESUME, str(tmp_path / "run" / "ep0-ba4-rank0.pt"))
-    assert start.tokenizer_sha256 == text_sha256("{}")
+    assert start.tokenizer_identity == tokenizer_identity("{}")
     shutil.copytree(tiny_data / "train", tmp_path / "moved")
     config = load_config(write_recipe(autoresume=True), [])
     config.data.train[0].local = str(tmp_path / "moved")
@@ -234,7 +235,8 @@ def test_a_load_without_reset_time_is_checked_a_phase_change_is_not(write_recipe
         decide_start(load)
     phase = load_config(write_recipe(load_path=str(checkpoint), reset_time=True, data={"lookahead": 32}))
     assert decide_start(phase).kind is StartKind.PHASE_CHANGE
-    assert decide_start(phase).tokenizer_sha256 == text_sha256("{}")  # the saved tokenizer, checked at start
+    # the saved tokenizer, checked at start
+    assert decide_start(phase).tokenizer_identity == tokenizer_identity("{}")
     weights = load_config(
         write_recipe(load_path=str(checkpoint), load_weights_only=True, data={"lookahead": 32})
     )
@@ -250,14 +252,17 @@ def test_a_checkpoint_without_a_recipe_resumes_unchecked(write_recipe, tmp_path)
 def test_another_tokenizer_than_the_checkpoints_is_refused(tmp_path):
     tokenizer = tmp_path / "tokenizer.json"
     tokenizer.write_text('{"model": "a"}')
-    same = RunStart(StartKind.RESUME, "ckpt.pt", tokenizer_sha256=text_sha256('{"model": "a"}'))
+    same = RunStart(StartKind.RESUME, "ckpt.pt", tokenizer_identity=tokenizer_identity('{"model": "a"}'))
     _check_tokenizer(same, tokenizer)
-    other = RunStart(StartKind.LOAD, "ckpt.pt", tokenizer_sha256=text_sha256('{"model": "b"}'))
+    # The same vocabulary in another file (reformatted, another version field) is the same tokenizer.
+    tokenizer.write_text('{\n  "version": "1.0",\n  "model": "a"\n}\n')
+    _check_tokenizer(same, tokenizer)
+    other = RunStart(StartKind.LOAD, "ckpt.pt", tokenizer_identity=tokenizer_identity('{"model": "b"}'))
     with pytest.raises(CheckpointError, match=f"tokenizer {tokenizer} is not the one checkpoint ckpt.pt was"):
         _check_tokenizer(other, tokenizer)
     # A phase change starts a new clock and recipe, but its weights' embeddings still mean the old ids.
     with pytest.raises(CheckpointError, match=f"tokenizer {tokenizer} is not the one checkpoint ckpt.pt was"):
-        _check_tokenizer(RunStart(StartKind.PHASE_CHANGE, "ckpt.pt", tokenizer_sha256="x"), tokenizer)
+        _check_tokenizer(RunStart(StartKind.PHASE_CHANGE, "ckpt.pt", tokenizer_identity="x"), tokenizer)
 
 
 def resumed_schedule(write_recipe, tmp_path, saved: dict, **changed):

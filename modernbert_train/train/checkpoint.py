@@ -5,7 +5,6 @@ Composer checkpoints are pickles (`torch.load(weights_only=False)`): load only y
 elsewhere come in through `modernbert_train.hf.from_hf` (safetensors).
 """
 
-import hashlib
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from composer.loggers import Logger
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
 
+from modernbert_train.data.tokens import tokenizer_identity
 from modernbert_train.model import ModernBertConfig
 from modernbert_train.train.run_metadata import RunMetadata, decode, metadata_from_checkpoint
 
@@ -72,7 +72,8 @@ class CheckpointSummary:
     clock: dict[str, int]  # the training time it was saved at: {"batch": 10, "token": 4934, ...}
     # The recipe of the run that saved it (None: saved before checkpoints kept their recipe).
     recipe: dict[str, Any] | None
-    tokenizer_sha256: str | None = None  # of the tokenizer.json it was trained with (as read as text)
+    # The tokenizer it was trained with, as `tokenizer_identity` (vocabulary, merges, added tokens) names it
+    tokenizer_identity: str | None = None
     wandb_run_id: str | None = None  # the W&B run it logged to (None: none, or saved before ids were kept)
 
 
@@ -112,13 +113,9 @@ def checkpoint_summary(path: str | Path) -> CheckpointSummary:
     return CheckpointSummary(
         clock,
         metadata.get("recipe"),
-        text_sha256(tokenizer) if tokenizer else None,
+        tokenizer_identity(tokenizer) if tokenizer else None,
         metadata.get("wandb_run_id"),
     )
-
-
-def text_sha256(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 # What `checkpoint_summary` reads of a sharded checkpoint, as torch.distributed.checkpoint names the keys.

@@ -20,10 +20,11 @@ from composer.loggers import WandBLogger
 from composer.utils import FSDP2Config, collect_env, dist, reproducibility
 
 from modernbert_train import storage
+from modernbert_train.data.tokens import tokenizer_identity
 from modernbert_train.hf import from_hf, read_hf_config
 from modernbert_train.model import ModernBertConfig, pad_vocab_size
 from modernbert_train.optim import build_optimizer
-from modernbert_train.train.checkpoint import CheckpointError, PhaseChange, explain_mismatch, text_sha256
+from modernbert_train.train.checkpoint import CheckpointError, PhaseChange, explain_mismatch
 from modernbert_train.train.checkpoint_files import METRICS, AtomicCheckpointSaver
 from modernbert_train.train.composer_model import ModernBertMLM, data_spec
 from modernbert_train.train.config import ConfigError, to_dict, to_yaml
@@ -235,14 +236,16 @@ def wandb_run_id_for(config: TrainConfig, start: RunStart | None) -> str | None:
 
 def _check_tokenizer(start: RunStart, tokenizer_file: Path) -> None:
     """A resume, load or phase change trains on with the checkpoint's embeddings: the tokenizer must be the
-    one it was trained with (its path may have moved; its content may not change)."""
+    one it was trained with: its path may have moved and its file be reformatted, its ids may not change
+    (`tokenizer_identity`, the rule the shard checks and export follow)."""
     kinds = (StartKind.RESUME, StartKind.LOAD, StartKind.PHASE_CHANGE)
-    if start.tokenizer_sha256 is None or start.kind not in kinds:
+    if start.tokenizer_identity is None or start.kind not in kinds:
         return
-    if text_sha256(Path(tokenizer_file).read_text()) != start.tokenizer_sha256:
+    if tokenizer_identity(Path(tokenizer_file).read_text()) != start.tokenizer_identity:
         raise CheckpointError(
             f"tokenizer {tokenizer_file} is not the one checkpoint {start.checkpoint} was trained with (its "
-            "tokenizer.json differs); use that tokenizer and data sharded with it, or start a new run"
+            "vocabulary, merges or added tokens differ); use that tokenizer and data sharded with it, or "
+            "start a new run"
         )
 
 

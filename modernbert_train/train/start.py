@@ -67,9 +67,9 @@ class RunStart:
     kind: StartKind
     checkpoint: str | None = None  # the checkpoint Composer loads (or, when complete, the finished one)
     elapsed: Time | None = None  # its training time in max_duration's unit, where it was read
-    # A resume's, load's or phase change's checkpoint: the sha256 of the tokenizer it was trained with, where
-    # it records it
-    tokenizer_sha256: str | None = None
+    # A resume's, load's or phase change's checkpoint: the identity of the tokenizer it was trained with
+    # (`tokenizer_identity`), where it records the tokenizer
+    tokenizer_identity: str | None = None
     # and the W&B run it logged to, which this run continues (None: a new one)
     wandb_run_id: str | None = None
 
@@ -173,14 +173,16 @@ def _choose(config: TrainConfig) -> RunStart:
         _check_schedule(summary, config, str(checkpoint))
         _check_masking(summary, config, str(checkpoint))
         return RunStart(
-            StartKind.RESUME, str(checkpoint), elapsed, summary.tokenizer_sha256, summary.wandb_run_id
+            StartKind.RESUME, str(checkpoint), elapsed, summary.tokenizer_identity, summary.wandb_run_id
         )
     if not config.load_path:
         return RunStart(StartKind.FRESH)
     if config.reset_time:
         # The clock and recipe start anew; the weights (so the tokenizer they were trained with) carry over.
         summary = _summary(config.load_path)
-        return RunStart(StartKind.PHASE_CHANGE, config.load_path, tokenizer_sha256=summary.tokenizer_sha256)
+        return RunStart(
+            StartKind.PHASE_CHANGE, config.load_path, tokenizer_identity=summary.tokenizer_identity
+        )
     if config.load_weights_only:  # the checkpoint's clock is not loaded
         return RunStart(StartKind.LOAD, config.load_path)
     summary = _summary(config.load_path)
@@ -193,7 +195,9 @@ def _choose(config: TrainConfig) -> RunStart:
     _check_recipe(summary, config, config.load_path, load=True)
     _check_schedule(summary, config, config.load_path)
     _check_masking(summary, config, config.load_path)
-    return RunStart(StartKind.LOAD, config.load_path, elapsed, summary.tokenizer_sha256, summary.wandb_run_id)
+    return RunStart(
+        StartKind.LOAD, config.load_path, elapsed, summary.tokenizer_identity, summary.wandb_run_id
+    )
 
 
 def _check_recipe(summary: CheckpointSummary, config: TrainConfig, checkpoint: str, load: bool) -> None:
