@@ -107,17 +107,19 @@ def _hub_tokenizer_json(name: str) -> Path:
 def _fetched_tokenizer_json(spec: str) -> Path:
     """A URI's tokenizer.json (the object, or the one under the URI as a folder) and its companion files,
     fetched into a folder of their own that lasts as long as the process."""
-    folder, name = spec.rstrip("/"), "tokenizer.json"
-    if spec.endswith(".json"):
-        folder, _, name = spec.rpartition("/")
-    if not storage.exists(storage.join(folder, name)):
-        raise UsageError(f"--tokenizer {spec}: {storage.join(folder, name)} does not exist")
+    uri = storage.file_in(spec, "tokenizer.json")
     local = Path(tempfile.mkdtemp(prefix="modernbert-tokenizer-"))
     atexit.register(shutil.rmtree, local, ignore_errors=True)
-    storage.download_file(storage.join(folder, name), local / "tokenizer.json")
+    try:
+        storage.download_file(uri, local / "tokenizer.json")
+    except FileNotFoundError:
+        raise UsageError(f"--tokenizer {spec}: {uri} does not exist") from None
+    folder = uri.rpartition("/")[0]
     for companion in COMPANION_FILES:
-        if storage.exists(storage.join(folder, companion)):
+        try:
             storage.download_file(storage.join(folder, companion), local / companion)
+        except FileNotFoundError:  # optional files: their absence only means default special-token names
+            continue
     return local / "tokenizer.json"
 
 

@@ -310,11 +310,11 @@ def save_tokenizer(tokenizer, out_dir: Path, config: ModernBertConfig) -> None:
         tokenizer.save_pretrained(out_dir)
         return
     if isinstance(tokenizer, str | Path):
-        file = Path(tokenizer)
-        file = file / "tokenizer.json" if file.is_dir() else file
-        if not file.is_file():
-            raise HFCheckpointError(f"tokenizer: {file} does not exist")
-        tokenizer = Tokenizer.from_file(str(file))
+        file = storage.file_in(tokenizer, "tokenizer.json")
+        try:
+            tokenizer = Tokenizer.from_str(storage.read_text(file))
+        except FileNotFoundError:
+            raise HFCheckpointError(f"tokenizer: {file} does not exist") from None
     else:
         tokenizer = Tokenizer.from_str(tokenizer.to_str())  # a copy: the post-processor may be set below
     _check_vocabulary(tokenizer.get_vocab_size(with_added_tokens=True), config)

@@ -77,6 +77,15 @@ def join(base: str | os.PathLike, *names: str) -> str:
     return str(Path(base, *names))
 
 
+def file_in(path: str | os.PathLike, name: str) -> str | Path:
+    """The file `path` names where it may name a file or the folder holding `name` (a tokenizer.json, say):
+    a local folder's `name`, a URI's `name` below it unless the URI ends in name's suffix; else itself."""
+    if is_uri(path):
+        uri = str(path).rstrip("/")
+        return uri if uri.endswith(Path(name).suffix) else join(uri, name)
+    return Path(path, name) if Path(path).is_dir() else Path(path)
+
+
 def display(path: str | os.PathLike) -> str:
     return str(parse(str(path))) if is_uri(path) else str(path)
 

@@ -70,6 +70,30 @@ def test_average_refuses_mismatched_or_missing_checkpoints(tmp_path, tokenizer_f
         assert not (tmp_path / "out").exists()
 
 
+def test_average_ships_the_checkpoints_tokenizer_in_any_file_never_another(tmp_path, tokenizer_file, capsys):
+    """Checkpoints whose tokenizer.json differ only in formatting share a tokenizer; --tokenizer may ship
+    another file of it, never another tokenizer (its ids would name other tokens)."""
+    pretty = tmp_path / "pretty" / "tokenizer.json"
+    pretty.parent.mkdir()
+    Tokenizer.from_file(str(tokenizer_file)).save(str(pretty), pretty=False)
+    assert pretty.read_text() != tokenizer_file.read_text()
+    write_checkpoint(tmp_path / "a.pt", tokenizer_file, seed=0)
+    write_checkpoint(tmp_path / "b.pt", pretty, seed=1)
+    cli(["--average", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), str(tmp_path / "avg"),
+         "--tokenizer", str(pretty.parent)])  # fmt: skip
+    assert from_hf(tmp_path / "avg").config.vocab_size >= Tokenizer.from_file(str(pretty)).get_vocab_size()
+    other = Tokenizer.from_file(str(tokenizer_file))
+    other.add_tokens(["extra"])
+    other.save(str(tmp_path / "other.json"))
+    with pytest.raises(SystemExit) as exit:
+        cli(["--average", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), str(tmp_path / "out"),
+             "--tokenizer", str(tmp_path / "other.json")])  # fmt: skip
+    assert exit.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert f"other.json: not the tokenizer checkpoint {tmp_path / 'a.pt'} was trained with" in error, error
+    assert len(error.splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
 def test_average_of_checkpoints_in_a_bucket_into_a_bucket(tmp_path, tokenizer_file, s3_bucket, capsys):
     from modernbert_train import storage
 

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from modernbert_train import storage
 from modernbert_train.hf import from_hf, to_hf
 from modernbert_train.model import ModernBertConfig, ModernBertForMaskedLM
 from modernbert_train.train.export import check_export_target, cli, staged_export
@@ -88,7 +89,6 @@ def test_a_run_refuses_another_models_folder_as_its_export_before_it_starts(tmp_
 def test_a_bucket_target_is_checked_like_a_folder_and_an_overwrite_leaves_no_stale_objects(
     tmp_path, s3_bucket
 ):
-    from modernbert_train import storage
     from modernbert_train.train.export import ExportTargetError
 
     other = storage.join(s3_bucket, "models", "bert")
@@ -111,7 +111,7 @@ def test_a_bucket_target_is_checked_like_a_folder_and_an_overwrite_leaves_no_sta
         assert torch.equal(value, tiny_model(1).state_dict()[key]), key
 
 
-def test_another_tokenizer_is_refused_and_a_reformatted_one_ships(tmp_path, capsys):
+def test_another_tokenizer_is_refused_and_a_reformatted_one_ships(tmp_path, capsys, s3_bucket):
     """--tokenizer may ship the checkpoint's own tokenizer in another file (reformatted, say), not another
     tokenizer: its ids would name other tokens in the exported model's config."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -135,9 +135,16 @@ def test_another_tokenizer_is_refused_and_a_reformatted_one_ships(tmp_path, caps
     assert not (tmp_path / "out").exists()
     missing = tmp_path / "none.json"
     code, err = export_cli(capsys, tmp_path / "ck.pt", tmp_path / "out", "--tokenizer", missing)
-    assert code == 2 and f"--tokenizer {missing}: No such file or directory" in err
+    assert code == 2 and f"--tokenizer {missing}: {missing} does not exist" in err
 
     same = tokenizer(["[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]", "a", "b"], tmp_path / "pretty.json")
     assert same.read_text() != trained.read_text()
     cli([str(tmp_path / "ck.pt"), str(tmp_path / "out"), "--tokenizer", str(same)])
     assert from_hf(tmp_path / "out").config.mask_token_id == 3
+    # A bucket's folder holding it, as every path argument may be a URI; a bucket's missing one is named.
+    storage.upload_file(same, storage.join(s3_bucket, "tok", "tokenizer.json"))
+    cli([str(tmp_path / "ck.pt"), str(tmp_path / "out2"), "--tokenizer", storage.join(s3_bucket, "tok")])
+    assert (tmp_path / "out2" / "tokenizer.json").is_file()
+    gone = storage.join(s3_bucket, "gone")
+    code, err = export_cli(capsys, tmp_path / "ck.pt", tmp_path / "out3", "--tokenizer", gone)
+    assert code == 2 and err.strip().endswith(f"--tokenizer {gone}: {gone}/tokenizer.json does not exist")

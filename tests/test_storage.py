@@ -34,6 +34,15 @@ def test_uri_parts_and_join():
     assert storage.is_uri("gs://b/k") and storage.is_uri("weird://x") and not storage.is_uri("runs/s3:/b")
 
 
+def test_a_path_that_names_a_file_or_the_folder_holding_it(tmp_path):
+    """One rule for "a tokenizer.json, or a folder holding one", local or URI."""
+    (tmp_path / "tok").mkdir()
+    assert storage.file_in(tmp_path / "tok", "tokenizer.json") == tmp_path / "tok" / "tokenizer.json"
+    assert storage.file_in(tmp_path / "other.json", "tokenizer.json") == tmp_path / "other.json"
+    assert storage.file_in("s3://bkt/tok/", "tokenizer.json") == "s3://bkt/tok/tokenizer.json"
+    assert storage.file_in("s3://bkt/tok/mine.json", "tokenizer.json") == "s3://bkt/tok/mine.json"
+
+
 def test_round_trip_through_s3(s3_bucket, tmp_path):
     folder = tmp_path / "folder"
     (folder / "sub").mkdir(parents=True)

@@ -3,8 +3,8 @@ weights (checkpoint averaging: LAWA, model soups) as one transformers ModernBERT
 the folder may be local or URIs.
 
 Checkpoints are read one at a time and summed in float64, so N checkpoints cost two models of memory and the
-average is exact to the weights' own precision. They must share the model config; the tokenizer is the
-first one's.
+average is exact to the weights' own precision. They must share the model config and the tokenizer (as
+`tokenizer_identity` compares them); `--tokenizer` may ship another file of that tokenizer, never another.
 """
 
 import argparse
@@ -15,10 +15,16 @@ import torch
 from tokenizers import Tokenizer
 
 from modernbert_train import storage
+from modernbert_train.data.tokens import tokenizer_identity
 from modernbert_train.hf import to_hf
 from modernbert_train.model import ModernBertConfig, ModernBertForMaskedLM
 from modernbert_train.train.checkpoint import CheckpointError, model_weights, read_checkpoint
-from modernbert_train.train.export import check_export_target, os_error_line, staged_export
+from modernbert_train.train.export import (
+    check_export_target,
+    check_same_tokenizer,
+    os_error_line,
+    staged_export,
+)
 from modernbert_train.train.run_metadata import metadata_from_checkpoint
 
 
@@ -58,7 +64,11 @@ def average_checkpoints(paths: list[str | Path]) -> tuple[ModernBertForMaskedLM,
                 f"{first_config.get(key)!r}: only checkpoints of one model can be averaged"
             )
         tokenizer_here = metadata_from_checkpoint(checkpoint).get("tokenizer_json")
-        if tokenizer_json and tokenizer_here and tokenizer_here != tokenizer_json:
+        if (
+            tokenizer_json
+            and tokenizer_here
+            and tokenizer_identity(tokenizer_here) != tokenizer_identity(tokenizer_json)
+        ):
             raise CheckpointError(
                 f"checkpoint {path} was trained with another tokenizer than {paths[0]}: the same ids mean "
                 "other tokens, so their weights cannot be averaged"
@@ -97,6 +107,8 @@ def average_cli(argv: list[str]) -> None:
     try:
         check_export_target(out_dir, args.overwrite)
         model, tokenizer_json = average_checkpoints(checkpoints)
+        if args.tokenizer and tokenizer_json:
+            check_same_tokenizer(args.tokenizer, tokenizer_json, checkpoints[0])
         tokenizer = args.tokenizer or (Tokenizer.from_str(tokenizer_json) if tokenizer_json else None)
         with staged_export(out_dir) as staging:
             to_hf(model, staging, tokenizer)

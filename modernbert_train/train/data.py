@@ -54,18 +54,17 @@ def tokenizer_file(config: TrainConfig) -> Path:
             ) from None
     if storage.is_uri(given):
         cache = Path(tempfile.mkdtemp(prefix="modernbert-tokenizer-"))
-        name = "tokenizer.json" if not given.endswith(".json") else given.rpartition("/")[2]
+        uri = storage.file_in(given, "tokenizer.json")
         try:
-            return storage.download_file(
-                given if given.endswith(".json") else storage.join(given, name), cache / name
-            )
+            return storage.download_file(uri, cache / uri.rpartition("/")[2])
         except FileNotFoundError:
             raise ConfigError(f"data.tokenizer: no tokenizer at {given}") from None
     source = first.local
     if given is None and source is None:
         raise ConfigError("data.tokenizer: needed when the first train source has no 'local' folder")
-    path = Path(given if given is not None else source)
-    path = path / "tokenizer.json" if path.is_dir() or given is None else path
+    path = Path(
+        storage.file_in(given, "tokenizer.json") if given is not None else Path(source, "tokenizer.json")
+    )
     if not path.is_file():
         key = "data.tokenizer" if given is not None else "data.train.0.local"
         raise ConfigError(

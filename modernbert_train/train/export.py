@@ -114,10 +114,13 @@ def export_checkpoint(
 def check_same_tokenizer(tokenizer: str, trained_with: str, checkpoint_path: str | Path) -> None:
     """`--tokenizer` may ship another file of the tokenizer the checkpoint was trained with (other
     formatting, say), never another tokenizer: its ids would name other tokens. Compared by content."""
-    file = Path(tokenizer)
-    file = file / "tokenizer.json" if file.is_dir() else file
+    file = storage.file_in(tokenizer, "tokenizer.json")
     try:
-        given = tokenizer_identity(file.read_text(encoding="utf-8"))
+        given = tokenizer_identity(storage.read_text(file))
+    except FileNotFoundError:
+        raise CheckpointError(f"--tokenizer {tokenizer}: {file} does not exist") from None
+    except storage.StorageError as error:  # a bucket's error, named by its URI
+        raise CheckpointError(f"--tokenizer {tokenizer}: {error}") from None
     except (OSError, ValueError) as error:
         reason = error.strerror if isinstance(error, OSError) and error.strerror else "not a tokenizer.json"
         raise CheckpointError(f"--tokenizer {tokenizer}: {reason}") from None
@@ -161,7 +164,8 @@ def cli(argv: list[str] | None = None) -> None:
     parser.add_argument("checkpoint", help="a Composer checkpoint (.pt) written by modernbert-train")
     parser.add_argument("out_dir", help="folder to write config.json, model.safetensors and the tokenizer to")
     parser.add_argument(
-        "--tokenizer", help="tokenizer.json to ship instead of the one stored in the checkpoint"
+        "--tokenizer",
+        help="tokenizer.json (or a folder or URI holding one) to ship instead of the checkpoint's own copy",
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace OUT_DIR even when it holds something else"
