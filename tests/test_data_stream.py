@@ -239,6 +239,22 @@ def test_eval_stream_is_deterministic_and_finite(corpus):
     assert abs(masked / (real - specials) - 0.15) < 0.02
 
 
+def test_an_evaluations_parts_hold_each_sample_of_the_epoch_once(tmp_path):
+    """Over ranks x producers, every sample of the eval epoch once (a repeated source's twice), in order:
+    streaming's own partition would pad the ranks' parts by repeating samples, which a metric counts twice."""
+    from modernbert_train.data.mixture import build_sample_space, evaluation_sample_ids
+
+    write_synthetic_mds(tmp_path / "a", 39, seed=1, median=20, token_range=(5, 50))
+    write_synthetic_mds(tmp_path / "b", 10, seed=2, median=20, token_range=(5, 50))
+    sources = [{"local": str(tmp_path / "a")}, {"local": str(tmp_path / "b"), "repeat": 2}]
+    samples = build_sample_space(sources, shuffle=False, seed=17)
+    whole = evaluation_sample_ids(samples, 0, 0, 1)
+    assert sorted(whole.tolist()) == list(range(39)) + [39 + i for i in range(10) for _ in range(2)]
+    for parts in (2, 6, 100):
+        ids = np.concatenate([evaluation_sample_ids(samples, 0, part, parts) for part in range(parts)])
+        assert ids.tolist() == whole.tolist(), parts
+
+
 def test_masks_do_not_depend_on_worker_count(corpus):
     """Same (seed, epoch, sample): same masked tokens, whichever worker packs the document."""
 

@@ -19,6 +19,8 @@ from test_train_config import GOOD, error_of, write
         # Composer's clipping scales by max_norm / norm: a negative max_norm flips every gradient.
         ("grad_clip_norm=-1.0", "'grad_clip_norm' must be positive (null: no clipping), got -1.0"),
         ("grad_clip_norm=0", "'grad_clip_norm' must be positive"),
+        ("eval_subset_num_batches=0", "'eval_subset_num_batches' must be a batch count, or -1 for the whole"),
+        ("eval_subset_num_batches=-2", "eval split; got -2"),
     ],
 )
 def test_config_gaps_are_one_line_errors(tmp_path, override, expected):

@@ -56,7 +56,12 @@ from torch.utils.data import IterableDataset, get_worker_info
 from modernbert_train.data.batch_schedule import BatchSizeSchedule
 from modernbert_train.data.chunking import chunk_bounds, wrap_chunk
 from modernbert_train.data.masking import MaskingSchedule, chunk_rng, mask_tokens
-from modernbert_train.data.mixture import ShardPrefetcher, epoch_sample_ids, read_sample
+from modernbert_train.data.mixture import (
+    ShardPrefetcher,
+    epoch_sample_ids,
+    evaluation_sample_ids,
+    read_sample,
+)
 from modernbert_train.data.packing import BestFitPacker, Chunk, rows_to_batch
 from modernbert_train.data.tokens import TokenizerInfo
 
@@ -325,7 +330,11 @@ class PackedMLMDataset(IterableDataset):
     def _produce(self, plan: dict[str, Any], producer: int) -> Iterator[dict[str, Any]]:
         num_producers, epoch = plan["num_producers"], plan["epoch"]
         snapshot = plan["producers"].get(producer)
-        sample_ids = epoch_sample_ids(self.samples, epoch, producer, num_producers)  # with every worker
+        if self.resumable:
+            sample_ids = epoch_sample_ids(self.samples, epoch, producer, num_producers)  # with every worker
+        else:  # each sample once over the ranks, which may then make different numbers of batches
+            part, parts = self.rank * num_producers + producer, self.world_size * num_producers
+            sample_ids = evaluation_sample_ids(self.samples, epoch, part, parts)
         if producer in plan.get("dry", ()):
             return  # it ran dry before the state was saved
         if plan["history"]:
@@ -379,6 +388,12 @@ class PackedMLMDataset(IterableDataset):
         finally:
             if prefetcher is not None:
                 prefetcher.close()
+
+    def unlabelled_batch(self) -> dict[str, Any]:
+        """One row holding an empty document ([CLS] [SEP]) and nothing labelled: what an evaluation rank whose
+        part has run out yields while another still evaluates (it adds nothing to a labelled-token metric)."""
+        empty = np.array([self.tokenizer.cls_id, self.tokenizer.sep_id], dtype=np.int64)
+        return rows_to_batch([[Chunk(key=(-1, 0), input_ids=empty)]], self.max_seq_len, self.tokenizer.pad_id)
 
     def _mask(self, chunk: Chunk, epoch: int, rate: float) -> tuple[np.ndarray, np.ndarray]:
         return mask_tokens(chunk.input_ids, chunk_rng(self.seed, epoch, *chunk.key), rate, self.tokenizer)

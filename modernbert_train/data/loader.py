@@ -24,6 +24,7 @@ from modernbert_train.data.batch_schedule import BatchSizeSchedule
 from modernbert_train.data.dataset import PackedMLMDataset
 from modernbert_train.data.masking import MaskingSchedule
 from modernbert_train.data.mixture import build_sample_space
+from modernbert_train.data.ranks import any_rank
 from modernbert_train.data.tokens import TokenizerInfo
 
 
@@ -42,11 +43,10 @@ class PackedLoader(DataLoader):
         num_producers = max(self.num_workers, 1)
         plan = dataset.begin_iteration(num_producers)
         due, dry = plan["next_producer"], set()
+        if not dataset.resumable:
+            yield from _until_every_rank_is_done(super().__iter__(), dataset)
+            return
         for batch in super().__iter__():
-            if not dataset.resumable:
-                batch.pop("pack_state")
-                yield batch
-                continue
             producer = batch["pack_state"]["producer"]
             while producer != due:  # the DataLoader passed over `due`: it has run dry
                 dry.add(due)
@@ -56,6 +56,23 @@ class PackedLoader(DataLoader):
                     raise RuntimeError(f"data: producer {producer} made a batch after it had run dry")
             due = (due + 1) % num_producers
             yield batch
+
+
+def _until_every_rank_is_done(batches: Iterator[dict[str, Any]], dataset: PackedMLMDataset):
+    """An evaluation's batches, then unlabelled ones until every rank's part is done: ranks make different
+    numbers of batches from their parts, and Composer's loop stops every rank at the first one out, which
+    would leave the other ranks' last batches unscored. One flag agreed over the ranks per batch."""
+    done = False
+    while True:
+        batch = None if done else next(batches, None)
+        done = batch is None
+        if not any_rank(not done):
+            return
+        if done:
+            yield dataset.unlabelled_batch()
+            continue
+        batch.pop("pack_state")
+        yield batch
 
 
 def build_dataloader(

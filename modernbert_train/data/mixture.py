@@ -198,6 +198,17 @@ def epoch_sample_ids(samples: StreamingDataset, epoch: int, producer: int, num_p
     return ids[ids >= 0]  # -1 pads the partition; it names no sample
 
 
+def evaluation_sample_ids(samples: StreamingDataset, epoch: int, part: int, num_parts: int) -> np.ndarray:
+    """Part `part` of the epoch's samples cut in `num_parts` contiguous parts, in order: every sample of the
+    epoch once over all the parts (an evaluation's ranks x producers).
+
+    Not streaming's partition: it pads every rank to the same count by repeating samples, which a metric
+    would count twice. `resample_streams` is the epoch's sample list (each source's `repeat`/`choose`/
+    `proportion` applied) before that partition, in order when unshuffled (streaming 0.13.0)."""
+    _, sample_ids = samples.resample_streams(epoch)
+    return np.array_split(np.asarray(sample_ids, dtype=np.int64), num_parts)[part]
+
+
 class ShardPrefetcher:
     """Downloads the shards of upcoming samples in a background thread, a bounded distance ahead
     of the reader, so remote streams don't stall the packer. Local streams need none."""

@@ -35,6 +35,8 @@ from streaming.base.shared import SharedMemory
 from streaming.base.shared import prefix as streaming_prefix
 from streaming.base.world import World
 
+from modernbert_train.data.ranks import collective_device, every_rank
+
 log = logging.getLogger(__name__)
 
 SHM_FOLDER = Path("/dev/shm")
@@ -107,24 +109,6 @@ def _lock_path() -> Path:
     return (SHM_FOLDER if SHM_FOLDER.is_dir() else Path(tempfile.gettempdir())) / LOCK_NAME
 
 
-def _everyone(flag: bool) -> bool:
-    """True when `flag` is true on every rank (the rank itself when not distributed)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    value = torch.tensor([int(flag)], device=_collective_device())
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return bool(value.item())
-
-
-def _collective_device() -> torch.device:
-    """Where a collective's tensors live: the current GPU under nccl, else the CPU (gloo)."""
-    return (
-        torch.device("cuda", torch.cuda.current_device())
-        if dist.get_backend() == "nccl"
-        else torch.device("cpu")
-    )
-
-
 @contextlib.contextmanager
 def registration_lock() -> Iterator[None]:
     """Hold, on every host of the job, the lock under which streaming datasets register their prefix.
@@ -140,7 +124,7 @@ def registration_lock() -> Iterator[None]:
         while True:
             if leader and handle is None:
                 handle = _try_lock(path)
-            if _everyone(handle is not None or not leader):
+            if every_rank(handle is not None or not leader):
                 break
             if handle is not None:
                 fcntl.flock(handle, fcntl.LOCK_UN)
@@ -200,7 +184,7 @@ def agreed_shm_prefix(
             for name in SHM_TO_CLEAN
         )
     if distributed:
-        device = _collective_device()
+        device = collective_device()
         picks = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size())]
         dist.all_gather(picks, torch.tensor([mine], dtype=torch.int64, device=device))
         # streaming's World numbers ranks node by node: the host's leader is its first rank

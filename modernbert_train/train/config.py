@@ -252,6 +252,11 @@ def _check_values(c: TrainConfig, path: Path) -> None:
         fail("data.max_seq_len", "must be at least 8")
     if c.data.lookahead < 1:
         fail("data.lookahead", f"must be at least 1 (chunks buffered for packing), got {c.data.lookahead}")
+    if c.eval_subset_num_batches == 0 or c.eval_subset_num_batches < -1:
+        fail(
+            "eval_subset_num_batches",
+            f"must be a batch count, or -1 for the whole eval split; got {c.eval_subset_num_batches}",
+        )
     if c.grad_clip_norm is not None and not c.grad_clip_norm > 0:
         fail("grad_clip_norm", f"must be positive (null: no clipping), got {c.grad_clip_norm}")
     fsdp = c.parallelism.fsdp

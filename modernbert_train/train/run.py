@@ -234,6 +234,17 @@ def wandb_run_id_for(config: TrainConfig, start: RunStart | None) -> str | None:
     return start.wandb_run_id
 
 
+# What eval_subset_num_batches=-1 (the whole eval split) passes to Composer: a count no split reaches (a
+# million batches per rank is hours of evaluation) that its console logger can still lay out.
+WHOLE_EVAL_SPLIT = 1_000_000
+
+
+def evaluation_batches(config: TrainConfig) -> int:
+    """Composer's eval_subset_num_batches. Its -1 is refused for a loader without a length, and ours has none
+    (its batch count depends on the packing); the eval split is finite, so it ends before the count."""
+    return config.eval_subset_num_batches if config.eval_subset_num_batches > 0 else WHOLE_EVAL_SPLIT
+
+
 def _check_tokenizer(start: RunStart, tokenizer_file: Path) -> None:
     """A resume, load or phase change trains on with the checkpoint's embeddings: the tokenizer must be the
     one it was trained with: its path may have moved and its file be reformatted, its ids may not change
@@ -349,7 +360,7 @@ def build_run(
         train_dataloader=data_spec(data.train_loader),
         eval_dataloader=evaluators or None,
         eval_interval=config.eval_interval,
-        eval_subset_num_batches=config.eval_subset_num_batches,
+        eval_subset_num_batches=evaluation_batches(config),
         max_duration=config.max_duration,
         optimizers=optimizer,
         schedulers=scheduler,

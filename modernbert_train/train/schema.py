@@ -165,7 +165,7 @@ class TrainConfig:
     max_nonfinite_batches: int = 3  # non-finite batches (step skipped) in a row that stop the run
 
     eval_interval: str = "1000ba"
-    eval_subset_num_batches: int = -1
+    eval_subset_num_batches: int = -1  # batches per rank each evaluation; -1: the whole eval split
     log_interval: str = "10ba"  # console lines and metrics.jsonl rows
     progress_bar: bool | None = None  # default: on when stderr is a terminal
     speed_window: int = 10  # batches SpeedMonitor averages throughput over
