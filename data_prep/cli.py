@@ -42,7 +42,7 @@ def _path_or_uri(text: str) -> Path | str:
     from modernbert_train import storage
 
     if not storage.is_uri(text):
-        return Path(text)
+        return Path(storage.expand_home(text))
     try:
         storage.parse(text)
     except storage.StorageError as e:

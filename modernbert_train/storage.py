@@ -17,6 +17,9 @@ from functools import cache
 from pathlib import Path
 
 URI = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://(.*)", re.DOTALL)
+# `s3:/bucket/key`: a URI with a slash missing (Composer would read it as s3 with no bucket), not a local
+# folder named `s3:`. Two letters at least, so that no drive letter looks like one.
+ONE_SLASH_URI = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):/(?!/)(.*)", re.DOTALL)
 S3_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 # Schemes streaming's uploader and downloader speak besides s3 (credentials as their clients read them).
 STREAMING_SCHEMES = ("gs", "oci", "azure", "azure-dl", "dbfs")
@@ -41,14 +44,19 @@ class Uri:
 
 
 def is_uri(path: str | os.PathLike | None) -> bool:
-    """True for anything of the form `scheme://...`, supported or not (never mistaken for a local path)."""
-    return path is not None and URI.fullmatch(str(path)) is not None
+    """True for anything of the form `scheme://...` or `scheme:/...`, supported or not (never mistaken for a
+    local path; `parse` says what is wrong with it)."""
+    return path is not None and (URI.fullmatch(str(path)) or ONE_SLASH_URI.fullmatch(str(path))) is not None
 
 
 def parse(uri: str, what: str = "") -> Uri:
     """`s3://bucket/a/b` -> Uri('s3', 'bucket', 'a/b'); a one-line error for a malformed or unknown one."""
     label = f"{what} {uri}".strip()
     match = URI.fullmatch(str(uri))
+    one_slash = ONE_SLASH_URI.fullmatch(str(uri))
+    if not match and one_slash:
+        scheme = one_slash[1]
+        raise StorageError(f"{label}: one slash after '{scheme}:'; a URI is {scheme}://bucket/path")
     if not match:
         raise StorageError(f"{label}: not a URI (expected scheme://bucket/path)")
     scheme, rest = match[1].lower(), match[2]
@@ -75,6 +83,12 @@ def join(base: str | os.PathLike, *names: str) -> str:
             uri = uri.child(name.strip("/"))
         return str(uri)
     return str(Path(base, *names))
+
+
+def expand_home(path: str | None) -> str | None:
+    """`~/x` (or `~user/x`) as the shell would expand it, for a path the shell never saw: a recipe's value, an
+    override `save_folder=~/run`, a flag `--output=~/x`. Else a folder literally named `~` is made."""
+    return os.path.expanduser(path) if isinstance(path, str) and path.startswith("~") else path
 
 
 def file_in(path: str | os.PathLike, name: str) -> str | Path:
@@ -132,6 +146,7 @@ def _missing(error: Exception) -> bool:
 
 
 def _s3_call(uri: Uri, doing: str, call, **kwargs):
+    from boto3.exceptions import S3TransferFailedError, S3UploadFailedError
     from botocore.exceptions import BotoCoreError, ClientError
 
     try:
@@ -140,6 +155,14 @@ def _s3_call(uri: Uri, doing: str, call, **kwargs):
         if _missing(e) and doing != "check":
             raise FileNotFoundError(str(uri)) from None
         raise _s3_error(uri, e, doing) from None
+    except (
+        S3UploadFailedError,
+        S3TransferFailedError,
+    ) as e:  # the transfer manager's, wrapping a ClientError
+        cause = e.__cause__ or e.__context__
+        if isinstance(cause, ClientError | BotoCoreError):
+            raise _s3_error(uri, cause, doing) from None
+        raise StorageError(f"{uri}: cannot {doing}: {' '.join(str(e).split())}") from None
 
 
 # -- the other schemes through streaming's clients -------------------------------------------------------
@@ -278,9 +301,15 @@ def download_file(path: str | os.PathLike, local: str | os.PathLike) -> Path:
     if uri.scheme == "s3":
         _s3_call(uri, "read", _s3().download_file, Bucket=uri.bucket, Key=uri.key, Filename=str(partial))
     else:
-        from streaming.base.storage.download import download_file as streaming_download
+        from streaming.base.storage import CloudDownloader
 
-        streaming_download(str(uri), str(partial), timeout=600)
+        try:
+            CloudDownloader.direct_download(str(uri), str(partial), timeout=600)
+        except FileNotFoundError:
+            raise FileNotFoundError(str(uri)) from None
+        except Exception as e:  # the scheme's client: no credentials, no network, its package missing
+            reason = " ".join(str(e).split())[:300] or type(e).__name__
+            raise StorageError(f"{uri}: cannot read: {reason}") from None
     partial.replace(local)
     return local
 

@@ -17,6 +17,8 @@ from modernbert_train.storage import StorageError
         ("s3://bucket/a//b", "empty path segment"),
         ("ftp://host/file", "unsupported scheme 'ftp://'"),
         ("http://host/data", "unsupported scheme 'http://'"),
+        # Composer reads it as s3 with no bucket; a local folder named 's3:' it is not either.
+        ("s3:/bucket/key", "one slash after 's3:'; a URI is s3://bucket/path"),
     ],
 )
 def test_malformed_or_unsupported_uris_are_one_line_errors(uri, problem):
@@ -81,6 +83,19 @@ def test_missing_bucket_and_unreachable_endpoint_are_one_line_errors(s3_server, 
     message = str(caught.value)
     assert message.startswith("save_folder s3://bucket/run: cannot check at http://127.0.0.1:")
     assert "\n" not in message
+
+
+def test_a_failed_upload_and_another_schemes_client_are_one_line_errors(s3_server, tmp_path):
+    """boto3's transfer manager wraps an upload's ClientError in its own exception; gs:// goes through
+    streaming's client, which refuses without credentials."""
+    local = tmp_path / "x.txt"
+    local.write_text("x")
+    with pytest.raises(StorageError, match=r"^s3://no-such-bucket/x.txt: bucket 'no-such-bucket' does not"):
+        storage.upload_file(local, "s3://no-such-bucket/x.txt")
+    with pytest.raises(StorageError, match=r"^gs://some-bucket/x.txt: cannot read: ") as caught:
+        storage.download_file("gs://some-bucket/x.txt", tmp_path / "fetched.txt")
+    assert "\n" not in str(caught.value) and not (tmp_path / "fetched.txt").exists()
+    assert storage.is_uri("s3:/bucket/key") and not storage.is_uri("c:/data") and not storage.is_uri("a/b:/c")
 
 
 def test_local_paths_pass_through(tmp_path):

@@ -35,3 +35,15 @@ def test_data_train_as_a_mapping_in_the_recipe_names_the_line(tmp_path):
 def test_micro_batch_is_checked_against_each_ranks_share(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # as the Composer launcher sets it
     assert "(8 / 2 = 4), got 8" in error_of(write(tmp_path, GOOD), "device_train_microbatch_size=8")
+
+
+def test_a_home_relative_path_is_expanded_where_no_shell_did(tmp_path, monkeypatch):
+    """`save_folder=~/run` as an override (bash expands no ~ after `key=`) or in YAML made a folder `~`."""
+    from modernbert_train.train.config import load_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    recipe = write(tmp_path, GOOD.replace("    - local: data/default/train", "    - local: ~/shards"))
+    (tmp_path / "shards").mkdir()
+    config = load_config(recipe, ["save_folder=~/run", "data.tokenizer=~/tok.json"])
+    assert config.save_folder == str(tmp_path / "run") and config.data.tokenizer == str(tmp_path / "tok.json")
+    assert config.data.train[0].local == str(tmp_path / "shards")

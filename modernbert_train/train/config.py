@@ -47,8 +47,21 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
             f"{path}: missing required value for '{missing[0]}' (set it in the recipe or as {missing[0]}=...)"
         )
     config: TrainConfig = OmegaConf.to_object(cfg)
+    _expand_home(config)
     _check_values(config, path)
     return config
+
+
+def _expand_home(c: TrainConfig) -> None:
+    """The recipe's local paths with `~` expanded (a value in YAML or after `key=` never met a shell)."""
+    from modernbert_train import storage
+
+    c.save_folder, c.load_path = storage.expand_home(c.save_folder), storage.expand_home(c.load_path)
+    c.model.init_from_hf = storage.expand_home(c.model.init_from_hf)
+    c.export.hf_dir = storage.expand_home(c.export.hf_dir)
+    c.data.tokenizer = storage.expand_home(c.data.tokenizer)
+    for source in (*c.data.train, *c.data.eval):
+        source.local = storage.expand_home(source.local)
 
 
 def time_value(text: str) -> float:
