@@ -117,6 +117,9 @@ def test_a_damaged_checkpoint_in_a_bucket_is_skipped_and_moved_aside(s3_bucket, 
     data = bytearray(storage.read_bytes(newest))
     data[len(data) // 2 : len(data) // 2 + 4096] = os.urandom(4096)
     storage.write_bytes(newest, bytes(data))
+    # The checksum of a checkpoint whose own upload failed: the resumed run saves ba12 and its checksum again.
+    orphan = storage.join(run, "ep0-ba12-rank0.pt.sha256")
+    storage.write_text(orphan, f"{'0' * 64}  ep0-ba12-rank0.pt\n")
 
     longer = write_recipe(
         tmp_path / "longer.yaml", max_duration="12ba", autoresume=True, save_interval="4ba", save_folder=run,
@@ -137,6 +140,9 @@ def test_a_damaged_checkpoint_in_a_bucket_is_skipped_and_moved_aside(s3_bucket, 
         "ep0-ba12-rank0.pt",
     } <= names
     assert storage.read_bytes(storage.join(run, "ep0-ba8-rank0.pt.bad")) == bytes(data)
+    assert f"moved {orphan} aside to ep0-ba12-rank0.pt.bad.sha256" in resumed.stderr
+    with storage.local_file(storage.join(run, "ep0-ba12-rank0.pt")) as local:
+        assert storage.read_text(orphan).split()[0] == sha256(local)
 
 
 def test_a_bucket_keeps_the_newest_checkpoints_across_a_resume(s3_bucket, write_recipe, tmp_path):

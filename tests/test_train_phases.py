@@ -8,7 +8,7 @@ import torch
 from composer.core import Callback
 from conftest import read_metrics, run_train
 
-from modernbert_train.train.checkpoint import read_checkpoint
+from modernbert_train.train.checkpoint import CheckpointError, read_checkpoint
 from modernbert_train.train.config import load_config
 from modernbert_train.train.main import main
 from modernbert_train.train.run import build_run
@@ -183,3 +183,37 @@ def test_a_bucket_checkpoint_of_another_model_shape_is_named_as_such(
     gone = storage.join(s3_bucket, "pretrain", "gone.pt")
     message = error_from_main([write_recipe(), f"load_path={gone}", "reset_time=true"], capsys)
     assert message.endswith(f"checkpoint not found: {gone}")
+
+
+def test_load_path_of_a_save_folder_loads_its_newest_checkpoint_locally_and_from_a_bucket(
+    pretrained, write_recipe, tmp_path, s3_bucket
+):
+    """What a pipeline's next phase loads: a bucket keeps no latest-rank0.pt to name the last checkpoint."""
+    from modernbert_train import storage
+    from modernbert_train.train.start import StartKind, decide_start
+
+    remote = storage.join(s3_bucket, "pretrain")
+    for name in ("ep0-ba8-rank0.pt", "ep0-ba8-rank0.pt.sha256"):
+        storage.upload_file(pretrained / name, storage.join(remote, name))
+    for load_path, newest in (
+        (pretrained, pretrained / "ep0-ba8-rank0.pt"),
+        (remote, f"{remote}/ep0-ba8-rank0.pt"),
+    ):
+        config = load_config(write_recipe(load_path=str(load_path), reset_time=True))
+        start = decide_start(config)
+        assert (start.kind, start.checkpoint) == (StartKind.PHASE_CHANGE, str(newest))
+        assert start.tokenizer_identity is not None  # read from the checkpoint found
+    recipe = write_recipe(
+        max_duration="1ba",
+        load_path=remote,
+        reset_time=True,
+        data={"eval": []},
+        scheduler={"t_warmup": "0ba"},
+    )
+    run_train(recipe)
+    first_pretrain_loss = read_metrics(pretrained / "metrics.jsonl")[0]["loss/train/total"]
+    assert read_metrics(tmp_path / "run" / "metrics.jsonl")[0]["loss/train/total"] < first_pretrain_loss - 0.3
+    (tmp_path / "empty").mkdir()
+    config = load_config(write_recipe(load_path=str(tmp_path / "empty"), reset_time=True))
+    with pytest.raises(CheckpointError, match="load_path: save_folder .*empty holds no whole checkpoint"):
+        decide_start(config)

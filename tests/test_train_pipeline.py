@@ -66,7 +66,7 @@ def test_three_phases_chain_and_a_rerun_continues_where_it_stopped(tmp_path, wri
     for folder in (pretrain, extend, decay):
         assert [row["batch"] for row in read_metrics(folder / "metrics.jsonl")] == [1, 2, 3, 4]
     extended = yaml.safe_load((extend / "config.yaml").read_text())
-    assert extended["load_path"] == str(pretrain / "latest-rank0.pt") and extended["reset_time"] is True
+    assert extended["load_path"] == str(pretrain) and extended["reset_time"] is True  # its newest checkpoint
     assert extended["data"]["max_seq_len"] == 96  # each phase's resolved config, apart
     # the optimizer's step count runs on through the phases: its moments were carried, not restarted
     assert optimizer_steps(decay / "ep0-ba4-rank0.pt") == [12, 12]

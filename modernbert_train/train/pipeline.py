@@ -23,7 +23,6 @@ from pathlib import Path
 
 import yaml
 
-from modernbert_train import storage
 from modernbert_train.train.config import ConfigError, load_config
 
 
@@ -66,7 +65,8 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> list[Phase]:
         chain = ["autoresume=true"]
         if phases:
             previous = phases[-1].save_folder
-            chain += [f"load_path={storage.join(previous, 'latest-rank0.pt')}", "reset_time=true"]
+            # The previous phase's save_folder: its newest checkpoint (start._checkpoint_to_load).
+            chain += [f"load_path={previous}", "reset_time=true"]
             chain += ["load_weights_only=false"]
         phase_overrides = [*own, *overrides, *chain]
         config = load_config(recipe, phase_overrides)

@@ -239,6 +239,9 @@ def wandb_run_id_for(config: TrainConfig, start: RunStart | None) -> str | None:
 WHOLE_EVAL_SPLIT = 1_000_000
 
 
+LOADS = (StartKind.LOAD, StartKind.PHASE_CHANGE)
+
+
 def evaluation_batches(config: TrainConfig) -> int:
     """Composer's eval_subset_num_batches. Its -1 is refused for a loader without a length, and ours has none
     (its batch count depends on the packing); the eval split is finite, so it ends before the count."""
@@ -384,7 +387,9 @@ def build_run(
         # autoresume only where decide_start found one to resume: without one it would ask every logger for a
         # `latest` checkpoint, and W&B's fails offline (no entity) or searches the project's artifacts.
         autoresume=start.kind is StartKind.RESUME and not remote_resume,
-        load_path=start.checkpoint if remote_resume else config.load_path,
+        # The checkpoint decide_start chose: a resume's in a bucket, or the one load_path names (the newest of
+        # another run's save_folder). A local resume's Composer finds itself.
+        load_path=start.checkpoint if remote_resume or start.kind in LOADS else None,
         load_weights_only=config.load_weights_only and not remote_resume,
         load_ignore_keys=phase_change.ignore_keys if phase_change else None,
         parallelism_config=parallelism(config),

@@ -177,27 +177,48 @@ def _choose(config: TrainConfig) -> RunStart:
         )
     if not config.load_path:
         return RunStart(StartKind.FRESH)
+    load_path, summary = _checkpoint_to_load(config.load_path)
     if config.reset_time:
         # The clock and recipe start anew; the weights (so the tokenizer they were trained with) carry over.
-        summary = _summary(config.load_path)
-        return RunStart(
-            StartKind.PHASE_CHANGE, config.load_path, tokenizer_identity=summary.tokenizer_identity
-        )
+        summary = summary or _summary(load_path)
+        return RunStart(StartKind.PHASE_CHANGE, load_path, tokenizer_identity=summary.tokenizer_identity)
     if config.load_weights_only:  # the checkpoint's clock is not loaded
-        return RunStart(StartKind.LOAD, config.load_path)
-    summary = _summary(config.load_path)
+        return RunStart(StartKind.LOAD, load_path)
+    summary = summary or _summary(load_path)
     elapsed = _elapsed(summary, config.max_duration)
     if _reached(elapsed, config.max_duration):
         raise CheckpointError(
-            f"load_path: checkpoint {config.load_path} is already at {elapsed} and max_duration is "
+            f"load_path: checkpoint {load_path} is already at {elapsed} and max_duration is "
             f"{config.max_duration}, so nothing would train; a new phase needs reset_time=true"
         )
-    _check_recipe(summary, config, config.load_path, load=True)
-    _check_schedule(summary, config, config.load_path)
-    _check_masking(summary, config, config.load_path)
-    return RunStart(
-        StartKind.LOAD, config.load_path, elapsed, summary.tokenizer_identity, summary.wandb_run_id
+    _check_recipe(summary, config, load_path, load=True)
+    _check_schedule(summary, config, load_path)
+    _check_masking(summary, config, load_path)
+    return RunStart(StartKind.LOAD, load_path, elapsed, summary.tokenizer_identity, summary.wandb_run_id)
+
+
+def _checkpoint_to_load(load_path: str) -> tuple[str, CheckpointSummary | None]:
+    """The checkpoint `load_path` names: itself (a file, or a sharded checkpoint's folder), or, for another
+    run's save_folder, its newest whole checkpoint, as a resume of that run would pick it (so a pipeline's
+    next phase loads the previous one's last checkpoint, in a bucket too, where no latest-rank0.pt is
+    kept). With its summary where finding it read one."""
+    if storage.is_uri(load_path):
+        tops = {name.partition("/")[0] for name in storage.list_sizes(load_path)}
+        if ".metadata" in tops or not any(checkpoint_order(Path(top)) for top in tops):
+            return load_path, None  # a checkpoint file (it lists nothing under it), or a sharded one
+        checkpoint, summary = _latest_remote_checkpoint(load_path)
+    else:
+        folder = Path(load_path)
+        if not folder.is_dir() or (folder / ".metadata").is_file():
+            return load_path, None
+        checkpoint, summary = _newest_good_checkpoint(load_path), None
+    if checkpoint is None:
+        raise CheckpointError(f"load_path: save_folder {load_path} holds no whole checkpoint to load")
+    print(
+        f"modernbert-train: load_path {load_path}: loading its newest checkpoint {checkpoint}",
+        file=sys.stderr,
     )
+    return str(checkpoint), summary
 
 
 def _check_recipe(summary: CheckpointSummary, config: TrainConfig, checkpoint: str, load: bool) -> None:
@@ -323,6 +344,7 @@ def _latest_remote_checkpoint(save_folder: str) -> tuple[str | None, CheckpointS
     checksums were recorded, must at least read as a checkpoint. Returns the checkpoint and its summary (so it
     is not fetched again to read it)."""
     listing = storage.list_sizes(save_folder)
+    _move_orphan_checksums(save_folder, {name.partition("/")[0] for name in listing})
     folders: dict[str, dict[str, int | None]] = {}
     for name, size in listing.items():
         top, slash, member = name.partition("/")
@@ -365,6 +387,23 @@ def _latest_remote_checkpoint(save_folder: str) -> tuple[str | None, CheckpointS
             "them to start over"
         )
     return None, None
+
+
+def _move_orphan_checksums(save_folder: str, tops: set[str]) -> None:
+    """A checkpoint's `NAME.sha256` without the checkpoint (its own upload failed, or it was deleted by hand)
+    is moved aside to `NAME.bad.sha256`: the resumed run saves NAME again, and Composer refuses to upload its
+    checksum over an object that is there, at the end of the run, after the checkpoint went up beside the
+    stale checksum."""
+    for orphan in sorted(tops):
+        name = orphan.removesuffix(".sha256")
+        if name == orphan or name in tops or not checkpoint_order(Path(name)):
+            continue
+        storage.move(storage.join(save_folder, orphan), storage.join(save_folder, f"{name}.bad.sha256"))
+        print(
+            f"modernbert-train: moved {storage.join(save_folder, orphan)} aside to {name}.bad.sha256: the "
+            "checksum of a checkpoint that is not there",
+            file=sys.stderr,
+        )
 
 
 def _file_summary(save_folder: str, name: str, checksum: bool) -> tuple[CheckpointSummary | None, str | None]:
