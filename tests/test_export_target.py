@@ -109,6 +109,12 @@ def test_a_bucket_target_is_checked_like_a_folder_and_an_overwrite_leaves_no_sta
     check_export_target(other, overwrite=False)  # now an earlier export of ours: replaceable
     for key, value in from_hf(other).state_dict().items():
         assert torch.equal(value, tiny_model(1).state_dict()[key]), key
+    # Replacing it: config.json, which marks a finished export, goes first and comes back last, so an upload
+    # cut short (a kill) leaves a folder no one takes for finished (export_if_missing redoes it).
+    with staged_export(other) as staging:
+        assert "config.json" not in storage.list_files(other)
+        to_hf(tiny_model(2), staging)
+    assert storage.list_files(other) == ["config.json", "model.safetensors"]
 
 
 def test_another_tokenizer_is_refused_and_a_reformatted_one_ships(tmp_path, capsys, s3_bucket):

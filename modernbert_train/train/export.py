@@ -68,9 +68,13 @@ def check_export_target(out_dir: str | Path, overwrite: bool) -> None:
 @contextmanager
 def staged_export(out_dir: str | Path) -> Iterator[Path | str]:
     """A folder to write the export to, swapped in for `out_dir` once complete. A bucket has no rename:
-    to_hf uploads the folder whole with config.json last, and what an earlier, overwritten content left
-    beside the export is deleted after."""
+    an earlier export's config.json (what marks an export finished) is deleted first, to_hf uploads the
+    folder whole with config.json last, and what an earlier, overwritten content left beside the export is
+    deleted after. An upload cut short leaves no config.json: not taken for a finished export."""
     if storage.is_uri(out_dir):
+        marker = storage.join(out_dir, "config.json")
+        if storage.exists(marker) and storage.removable(marker):
+            storage.remove(marker)
         yield out_dir
         leftovers = [name for name in storage.list_files(out_dir) if name not in EXPORT_FILES]
         try:
