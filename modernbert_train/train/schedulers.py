@@ -246,9 +246,10 @@ class _CheckpointClock:
 
 def multiplier_at(cfg: Mapping[str, Any], max_duration: str, clock: Mapping[str, int]) -> float | None:
     """The lr multiplier the scheduler `cfg` (a recipe's `scheduler` mapping) gives at a checkpoint's `clock`
-    ({"batch": 600, "token": ..., ...}) under `max_duration`: the one the first batch after a resume there
-    trains at (Composer steps schedulers before advancing the clock). None where it cannot be told without
-    the Trainer (a bad scheduler, a 'dur' counted in epochs): the Trainer then reports it."""
+    ({"batch": 600, "token": ..., ...}) under `max_duration`: the first one a resumed run's scheduler decides.
+    Composer steps schedulers at a batch's end, before advancing the clock, so batch 601 trains at the lr the
+    checkpoint's optimizer kept (the multiplier at 599) and batch 602 at this one. None where it cannot be
+    told without the Trainer (a bad scheduler, a 'dur' counted in epochs): the Trainer then reports it."""
     try:
         scheduler = build_scheduler({key: value for key, value in cfg.items() if value is not None})
         return float(scheduler(_CheckpointClock(clock, max_duration)))
