@@ -140,6 +140,8 @@ def test_a_damaged_checkpoint_in_a_bucket_is_skipped_and_moved_aside(s3_bucket, 
         "ep0-ba12-rank0.pt",
     } <= names
     assert storage.read_bytes(storage.join(run, "ep0-ba8-rank0.pt.bad")) == bytes(data)
+    # Nothing outside save_folder (Composer's credential check wrote to the bucket's root).
+    assert all(name.startswith("damaged/") for name in storage.list_files(s3_bucket))
     assert f"moved {orphan} aside to ep0-ba12-rank0.pt.bad.sha256" in resumed.stderr
     with storage.local_file(storage.join(run, "ep0-ba12-rank0.pt")) as local:
         assert storage.read_text(orphan).split()[0] == sha256(local)

@@ -193,6 +193,12 @@ class AtomicCheckpointSaver(CheckpointSaver):
         self.lock_lost = lock_lost
 
     def init(self, state: State, logger: Logger) -> None:
+        if self.remote_uploader is not None:
+            # Composer checks the credentials by uploading `.credentials_validated_successfully` to the
+            # bucket's root, outside save_folder: credentials for the save folder's prefix alone (a usual
+            # policy) fail there, and others get a stray object. The run lock and config.yaml are written
+            # into save_folder before the Trainer is built, which checks the same where it matters.
+            self.remote_uploader.init = lambda: None
         super().init(state, logger)
         if self.bucket is not None and not storage.removable(self.bucket):
             if dist.get_global_rank() == 0:
