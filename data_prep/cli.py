@@ -119,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("output", type=_path_or_uri, metavar="OUTPUT", help="the --output of the tasks")
 
     plan = commands.add_parser("plan", parents=[common], help="tokens, share and epochs per mixture source")
-    plan.add_argument("recipe", type=Path, metavar="RECIPE", help="a training or data recipe (data.train)")
+    plan.add_argument(
+        "recipe", type=_path_or_uri, metavar="RECIPE", help="a training or data recipe (data.train), or a URI"
+    )
     plan.add_argument("--tokens", required=True, metavar="N", help="tokens the run trains on, e.g. 1.7e12")
     plan.add_argument("--json", action="store_true", help="print one JSON object")
 

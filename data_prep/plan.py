@@ -26,11 +26,13 @@ def parse_tokens(text: str) -> int:
     return int(tokens)
 
 
-def recipe_sources(recipe: Path) -> list[dict]:
-    """`data.train` of a training recipe, or `train` of a data recipe."""
+def recipe_sources(recipe: Path | str) -> list[dict]:
+    """`data.train` of a training recipe, or `train` of a data recipe (a local file or a URI)."""
     try:
-        values = yaml.safe_load(Path(recipe).read_text())
-    except (OSError, yaml.YAMLError) as e:
+        values = yaml.safe_load(storage.read_text(recipe))
+    except FileNotFoundError:
+        raise UsageError(f"plan {recipe}: cannot read it: no such file") from None
+    except (OSError, ValueError, yaml.YAMLError) as e:  # storage's errors are ValueErrors
         raise UsageError(f"plan {recipe}: cannot read it: {' '.join(str(e).split())}") from None
     values = values.get("data", values) if isinstance(values, dict) else None
     sources = values.get("train") if isinstance(values, dict) else None

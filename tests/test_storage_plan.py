@@ -30,6 +30,12 @@ def test_plan_reads_each_source_without_downloading_shards(s3_bucket, tiny_data,
     assert not (tmp_path / "cache").exists()
     assert main(["plan", str(recipe), "--tokens", "1.7e12"]) == 0
     assert "epochs" in capsys.readouterr().out
+    # The recipe itself in the bucket, as every path argument may be; a missing one is named.
+    storage.upload_file(recipe, storage.join(s3_bucket, "mix.yaml"))
+    assert main(["plan", storage.join(s3_bucket, "mix.yaml"), "--tokens", "1e6", "--json"]) == 0
+    assert {row["source"] for row in json.loads(capsys.readouterr().out)["sources"]} == {"train", "val"}
+    assert main(["plan", storage.join(s3_bucket, "gone.yaml"), "--tokens", "1e6"]) == 2
+    assert f"plan {s3_bucket}/gone.yaml: cannot read it: no such file" in capsys.readouterr().err
 
 
 def test_plan_errors_name_the_source(tiny_data, tmp_path, capsys):
