@@ -271,11 +271,15 @@ def test_make_eval_writes_both_scores_with_the_models_own_mask_token(model_dir, 
 
 
 def test_make_eval_fails_loudly_when_pretraining_did_not_clearly_help(
-    model_dir, tmp_path, capsys, monkeypatch
+    model_dir, tmp_path, capsys, monkeypatch, s3_bucket
 ):
+    from modernbert_train import storage
     from modernbert_train.finetune import embedded_eval
 
-    def tie(model_dir, output, task_name, settings=None):  # scores as a random "pretrained" model gets them
+    evaluated = []
+
+    def tie(model_dir, output, task_name, settings=None, shown=""):  # as a random "pretrained" model scores
+        evaluated.append((sorted(p.name for p in Path(model_dir).iterdir()), shown))
         summary = {"pretrained": 0.30, "random_init": 0.29, "std": {"pretrained": 0.02, "random_init": 0.01},
                    "margin": 0.01, "margin_needed": 0.05, "clear_win": False, "seconds": 1.0}  # fmt: skip
         output.write_text(json.dumps(summary))
@@ -291,6 +295,15 @@ def test_make_eval_fails_loudly_when_pretraining_did_not_clearly_help(
         "embedded_eval: error: pretraining did not clearly help: 0.3000 vs random init 0.2900, a margin of "
         "+0.0100 where 0.0500 is needed (train longer, or check the run's eval loss)"
     )
+    # A model in a bucket is fetched first; the output must be local (the task's folder goes beside it).
+    remote = storage.join(s3_bucket, "hf")
+    storage.upload_folder(model_dir, remote)
+    with pytest.raises(SystemExit):
+        embedded_eval.main([remote, "--output", str(tmp_path / "eval.json")])
+    assert evaluated[-1] == (sorted(p.name for p in Path(model_dir).iterdir()), remote)
+    with pytest.raises(SystemExit) as exit:
+        embedded_eval.main([remote, "--output", storage.join(s3_bucket, "eval.json")])
+    assert exit.value.code == 2 and "a local file (the task's work folder" in capsys.readouterr().err
 
 
 def test_output_that_is_a_file_is_refused_before_training(model_dir, tmp_path, capsys):

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from modernbert_train import storage
 from modernbert_train.hf import HFCheckpointError, read_hf_config
 
 from . import keyword_task, stdlib_task
@@ -51,7 +52,18 @@ def build_task(name: str, model_dir: Path, folder: Path) -> dict[str, Path]:
     return keyword_task.build_task(folder, mask_token=mask_token)
 
 
-def evaluate(model_dir: Path, output: Path, task_name: str = "keyword", settings: dict | None = None) -> dict:
+def _local_output(text: str) -> Path:
+    """--output: a local file: the task's files and runs are written beside it (OUTPUT without .json)."""
+    if storage.is_uri(text):
+        raise argparse.ArgumentTypeError(
+            f"{text}: a local file (the task's work folder is written beside it)"
+        )
+    return Path(storage.expand_home(text))
+
+
+def evaluate(
+    model_dir: Path, output: Path, task_name: str = "keyword", settings: dict | None = None, shown: str = ""
+) -> dict:
     settings = {**SETTINGS, **(settings or {})}
     work = output.with_suffix("")  # runs/default/eval.json -> runs/default/eval/ for the task and runs
     task = build_task(task_name, model_dir, work / f"task-{task_name}")
@@ -78,7 +90,7 @@ def evaluate(model_dir: Path, output: Path, task_name: str = "keyword", settings
         "clear_win": margin > needed,
         "scores": scores,
         "settings": settings,
-        "model": str(model_dir),
+        "model": shown or str(model_dir),
         "seconds": time.perf_counter() - start,
     }
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -88,13 +100,21 @@ def evaluate(model_dir: Path, output: Path, task_name: str = "keyword", settings
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m modernbert_train.finetune.embedded_eval")
-    parser.add_argument("model_dir", type=Path, help="a transformers ModernBERT folder (runs/default/hf)")
+    parser.add_argument(
+        "model_dir", help="a transformers ModernBERT folder (runs/default/hf), or its URI (fetched first)"
+    )
     parser.add_argument("--task", choices=sorted(TASKS), default="keyword", help="the embedded task")
-    parser.add_argument("--output", type=Path, default=Path("runs/default/eval.json"))
+    parser.add_argument(
+        "--output", type=_local_output, default=Path("runs/default/eval.json"), help="a local file"
+    )
     args = parser.parse_args(argv)
     try:
-        summary = evaluate(args.model_dir, args.output, args.task)
-    except (FinetuneError, HFCheckpointError) as error:
+        with storage.local_folder(args.model_dir) as model_dir:
+            summary = evaluate(model_dir, args.output, args.task, shown=storage.display(args.model_dir))
+    except FileNotFoundError:
+        print(f"embedded_eval: error: {args.model_dir}: nothing there", file=sys.stderr)
+        sys.exit(2)
+    except (FinetuneError, HFCheckpointError, storage.StorageError) as error:
         print(f"embedded_eval: error: {error}", file=sys.stderr)
         sys.exit(2)
     pretrained, random_init, std = summary["pretrained"], summary["random_init"], summary["std"]
