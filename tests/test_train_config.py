@@ -108,6 +108,18 @@ def test_bad_overrides(tmp_path, override, expected):
     assert expected in error_of(write(tmp_path, GOOD), *override.split(" "))
 
 
+def test_a_recipe_in_a_bucket_is_read_and_named_by_its_uri(tmp_path, s3_bucket):
+    from modernbert_train import storage
+
+    uri = storage.join(s3_bucket, "recipes", "recipe.yaml")
+    storage.upload_file(write(tmp_path, GOOD), uri)
+    assert load_config(uri, ["max_duration=3ba"]).max_duration == "3ba"
+    storage.upload_file(write(tmp_path, GOOD + "optimzer: {lr: 1.0}\n"), uri)
+    assert error_of(uri).startswith(f"{uri}:7: unknown key 'optimzer' (did you mean 'optimizer'?)")
+    gone = storage.join(s3_bucket, "recipes", "gone.yaml")
+    assert error_of(gone) == f"config file not found: {gone}"
+
+
 def test_missing_and_malformed_files(tmp_path):
     assert error_of(tmp_path / "nope.yaml") == f"config file not found: {tmp_path / 'nope.yaml'}"
     path = write(tmp_path, "max_duration: [10ba\n")

@@ -28,7 +28,24 @@ class ConfigError(ValueError):
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
-    path = Path(path)
+    """The recipe at `path` (a local file, or a URI: fetched, and named by its URI in errors)."""
+    from modernbert_train import storage
+
+    if not storage.is_uri(path):
+        return _load_config(Path(path), overrides)
+    try:
+        with storage.local_file(path) as local:
+            try:
+                return _load_config(local, overrides)
+            except ConfigError as e:
+                raise ConfigError(str(e).replace(str(local), storage.display(path))) from None
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except storage.StorageError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _load_config(path: Path, overrides: list[str]) -> TrainConfig:
     schema = OmegaConf.structured(TrainConfig)
     recipe = _read_yaml(path)
     _check_known_keys(schema, recipe, where=lambda key: f"{path}{_yaml_line(path, key)}")
