@@ -10,7 +10,7 @@ from modernbert_train import storage
 from modernbert_train.train.checkpoint import CheckpointError
 from modernbert_train.train.checkpoint_files import is_run_entry
 from modernbert_train.train.config import load_config
-from modernbert_train.train.start import StartKind, decide_start
+from modernbert_train.train.start import StartKind, decide_start, replace_earlier_run
 
 RUN_ENTRIES = [
     "ep0-ba4-rank0.pt",
@@ -68,8 +68,11 @@ def test_a_fresh_or_loading_run_into_an_earlier_runs_folder_is_refused_and_nothi
 def test_save_overwrite_deletes_the_earlier_runs_entries_and_nothing_else(write_recipe, tmp_path, capsys):
     folder = tmp_path / "run"
     plant(folder)
-    start = decide_start(load_config(write_recipe(), ["save_overwrite=true"]))
+    config = load_config(write_recipe(), ["save_overwrite=true"])
+    start = decide_start(config)
     assert start.kind is StartKind.FRESH
+    assert len(listing(folder)) == len(RUN_ENTRIES) + len(KEPT) + 1  # deleted once the Trainer is built
+    replace_earlier_run(config, start)
     assert listing(folder) == sorted(KEPT)
     assert capsys.readouterr().err.strip() == (
         "modernbert-train: save_overwrite: deleted the earlier run's 8 checkpoint and metrics entries in "
@@ -98,7 +101,24 @@ def test_a_buckets_earlier_run_is_refused_then_deleted_under_save_overwrite(writ
     with pytest.raises(CheckpointError, match=r"an earlier run \(ep0-ba4-rank0.pt, ep0-ba4-rank0.pt.sha256"):
         decide_start(load_config(recipe))
     assert len(storage.list_files(folder)) == 5
-    assert decide_start(load_config(recipe, ["save_overwrite=true"])).kind is StartKind.FRESH
+    config = load_config(recipe, ["save_overwrite=true"])
+    start = decide_start(config)
+    assert start.kind is StartKind.FRESH and len(storage.list_files(folder)) == 5
+    replace_earlier_run(config, start)
     assert storage.list_files(folder) == ["config.yaml"]
     assert storage.list_files(storage.join(s3_bucket, "runs", "a-other")) == ["metrics.jsonl"]
     assert "deleted the earlier run's 4 checkpoint and metrics entries" in capsys.readouterr().err
+
+
+def test_a_recipe_refused_after_the_start_was_decided_deletes_nothing(write_recipe, tmp_path, capsys):
+    """save_overwrite deleted the earlier run before the rest of the recipe was built: a typo the builders
+    refuse (an unknown scheduler) cost the earlier run and trained nothing."""
+    from modernbert_train.train.main import main
+
+    folder = tmp_path / "run"
+    plant(folder)
+    before = listing(folder)
+    with pytest.raises(SystemExit) as exited:
+        main([str(write_recipe()), "save_overwrite=true", "scheduler.name=wds"])
+    assert exited.value.code == 2 and "wds" in capsys.readouterr().err
+    assert listing(folder) == before

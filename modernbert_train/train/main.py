@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
 
         from modernbert_train.train.export import check_export_target
         from modernbert_train.train.run_lock import hold_run_lock
-        from modernbert_train.train.start import StartKind, decide_start
+        from modernbert_train.train.start import StartKind, decide_start, replace_earlier_run
 
         if config.save_folder and dist.get_global_rank() == 0:
             lock = hold_run_lock(config.save_folder)  # before anything in the folder is read or changed
@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> None:
         from modernbert_train.train.run import build_run
 
         run = build_run(config, start, lock)
+        if dist.get_global_rank() == 0:
+            replace_earlier_run(config, start)  # only now: nothing can refuse the recipe any more
     except (ConfigError, ValueError) as e:
         # ValueError: the model, optimizer, scheduler, data and checkpoint builders' one-line errors.
         if lock is not None:

@@ -19,6 +19,7 @@ Rank 0 reads the files and broadcasts its answer, so all ranks start the same wa
 """
 
 import copy
+import dataclasses
 import math
 import pickle
 import sys
@@ -72,6 +73,8 @@ class RunStart:
     tokenizer_identity: str | None = None
     # and the W&B run it logged to, which this run continues (None: a new one)
     wandb_run_id: str | None = None
+    # What an earlier run left in save_folder, which save_overwrite deletes before training (names in it)
+    earlier_run: tuple[str, ...] = ()
 
     @property
     def reset_time(self) -> bool:
@@ -115,41 +118,45 @@ def _picklable(error: Exception) -> bool:
 def _decide(config: TrainConfig) -> RunStart:
     start = _choose(config)
     if start.kind in (StartKind.FRESH, StartKind.LOAD, StartKind.PHASE_CHANGE) and not config.autoresume:
-        _replace_earlier_run(config)
+        start = dataclasses.replace(start, earlier_run=_earlier_run(config))
     return start
 
 
-def _replace_earlier_run(config: TrainConfig) -> None:
-    """A run that does not resume would mix its checkpoints and metrics.jsonl rows with those an earlier
-    run left in save_folder (a later autoresume could even continue the earlier run's newer checkpoint):
-    refused, unless save_overwrite deletes them first."""
+def _earlier_run(config: TrainConfig) -> tuple[str, ...]:
+    """What an earlier run left in save_folder (its checkpoints and metrics.jsonl: a local folder's entries,
+    a bucket's objects). A run that does not resume would mix its own with them (a later autoresume could
+    even continue the earlier run's newer checkpoint): refused, unless save_overwrite, which deletes them
+    (`replace_earlier_run`) once the whole recipe has been checked and the Trainer built."""
     if not config.save_folder:
-        return
+        return ()
     folder = config.save_folder
     if storage.is_uri(folder):
-        files = storage.list_files(folder)
-        entries = sorted({name.split("/")[0] for name in files if is_run_entry(name.split("/")[0])})
+        names = [name for name in storage.list_files(folder) if is_run_entry(name.split("/")[0])]
     else:
         local = Path(folder)
-        entries = sorted(p.name for p in local.iterdir() if is_run_entry(p.name)) if local.is_dir() else []
-    if not entries:
-        return
-    if not config.save_overwrite:
+        names = [p.name for p in local.iterdir() if is_run_entry(p.name)] if local.is_dir() else []
+    entries = sorted({name.split("/")[0] for name in names})
+    if entries and not config.save_overwrite:
         shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
         raise CheckpointError(
             f"save_folder {storage.display(folder)} holds an earlier run ({shown}); autoresume=true "
             "continues it, save_overwrite=true deletes it first, or choose another save_folder"
         )
+    return tuple(sorted(names))
+
+
+def replace_earlier_run(config: TrainConfig, start: RunStart) -> None:
+    """save_overwrite: delete the earlier run `decide_start` found in save_folder (rank 0, once nothing can
+    refuse the recipe any more: a typo must not cost the earlier run)."""
+    if not start.earlier_run:
+        return
+    folder = config.save_folder
     try:
-        if storage.is_uri(folder):
-            for name in files:
-                if name.split("/")[0] in entries:
-                    storage.remove(storage.join(folder, name))
-        else:
-            for name in entries:
-                storage.remove(Path(folder, name))
+        for name in start.earlier_run:
+            storage.remove(storage.join(folder, name))
     except (OSError, storage.StorageError) as e:
         raise CheckpointError(f"save_overwrite: cannot delete the earlier run in {folder}: {e}") from None
+    entries = {name.split("/")[0] for name in start.earlier_run}
     print(
         f"modernbert-train: save_overwrite: deleted the earlier run's {len(entries)} checkpoint and metrics "
         f"entries in {storage.display(folder)}",
