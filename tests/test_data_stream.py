@@ -222,6 +222,16 @@ def test_an_epoch_reads_every_producers_part_however_unevenly_the_tokens_fell(tm
     assert_same(head + tail, full)
 
 
+def test_an_epoch_that_can_make_no_batch_is_an_error_not_an_endless_loop(corpus):
+    dataset = build_train_dataset(
+        [{"local": corpus}], tokenizer=INFO, max_seq_len=128, global_batch_size=100_000
+    )
+    with pytest.raises(
+        ValueError, match=r"^data: epoch 0 made no batch on rank 0: .* fewer than 100000 rows of 128"
+    ):
+        list(build_dataloader(dataset))
+
+
 def test_eval_stream_is_deterministic_and_finite(corpus):
     def eval_batches(num_workers):
         dataset = build_eval_dataset(

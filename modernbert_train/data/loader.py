@@ -46,7 +46,9 @@ class PackedLoader(DataLoader):
         if not dataset.resumable:
             yield from _until_every_rank_is_done(super().__iter__(), dataset)
             return
+        made = 0
         for batch in super().__iter__():
+            made += 1
             producer = batch["pack_state"]["producer"]
             while producer != due:  # the DataLoader passed over `due`: it has run dry
                 dry.add(due)
@@ -56,6 +58,14 @@ class PackedLoader(DataLoader):
                     raise RuntimeError(f"data: producer {producer} made a batch after it had run dry")
             due = (due + 1) % num_producers
             yield batch
+        if not made and not plan["batches_in_epoch"] and not plan["producers"]:
+            # Composer would begin the next epoch, and the next, forever (every rank stops at the first out).
+            rows = dataset.schedule.rank_rows(plan["batches_before_epoch"])
+            raise ValueError(
+                f"data: epoch {plan['epoch']} made no batch on rank {dataset.rank}: its part of the train "
+                f"split packs into fewer than {rows} rows of {dataset.max_seq_len} tokens (lower "
+                "global_train_batch_size or data.max_seq_len, or add data)"
+            )
 
 
 def _until_every_rank_is_done(batches: Iterator[dict[str, Any]], dataset: PackedMLMDataset):
