@@ -171,23 +171,44 @@ def _mask_token_id_from_tokenizer(folder: Path) -> int | None:
     tokenizer_file = folder / "tokenizer.json"
     if not tokenizer_file.is_file():
         return None
-    added = json.loads(tokenizer_file.read_text()).get("added_tokens", [])
-    return next((token["id"] for token in added if token["content"] in ("[MASK]", "<mask>")), None)
+    tokenizer = _read_json(tokenizer_file)
+    added = tokenizer.get("added_tokens") if isinstance(tokenizer, dict) else None
+    try:
+        return next((token["id"] for token in added or [] if token["content"] in ("[MASK]", "<mask>")), None)
+    except (TypeError, KeyError):
+        raise HFCheckpointError(
+            f"{tokenizer_file}: not a tokenizer.json (its added_tokens are malformed)"
+        ) from None
 
 
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
     if single.is_file():
-        return load_file(single)
+        return _load_safetensors(single)
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return {key: value for shard in shards for key, value in load_file(folder / shard).items()}
+        listed = _read_json(index)
+        weight_map = listed.get("weight_map") if isinstance(listed, dict) else None
+        if not isinstance(weight_map, dict):
+            raise HFCheckpointError(f"{index}: no weight_map")
+        shards = sorted(set(weight_map.values()))
+        return {key: value for shard in shards for key, value in _load_safetensors(folder / shard).items()}
     if (folder / "pytorch_model.bin").is_file():
         raise HFCheckpointError(
             f"{folder}: only pytorch_model.bin found; convert it to model.safetensors "
             "(pickled weights are not loaded because they can run code)"
         )
     raise HFCheckpointError(f"{folder}: no model.safetensors")
+
+
+def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a missing, truncated or damaged one is a one-line HFCheckpointError."""
+    if not file.is_file():
+        raise HFCheckpointError(f"{file}: missing (named by the folder's model.safetensors.index.json)")
+    try:
+        return load_file(file)
+    except Exception as error:  # safetensors raises its own SafetensorError (and OSError, ValueError)
+        reason = " ".join(str(error).split())[:200] or type(error).__name__
+        raise HFCheckpointError(f"{file}: cannot be read (truncated or damaged?): {reason}") from None
 
 
 def _summarise(kind: str, keys: list[str]) -> str:
@@ -204,11 +225,18 @@ def read_hf_config(path: str | Path) -> ModernBertConfig:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise HFCheckpointError(f"{folder}: no config.json")
-    try:
-        values = json.loads(config_file.read_text())
-    except json.JSONDecodeError as error:
-        raise HFCheckpointError(f"{config_file}: not valid JSON ({error})") from None
+    values = _read_json(config_file)
+    if not isinstance(values, dict):
+        raise HFCheckpointError(f"{config_file}: not a model config (a JSON object)")
     return config_from_hf(values, _mask_token_id_from_tokenizer(folder))
+
+
+def _read_json(file: Path):
+    """A JSON file of a model folder; one that is not UTF-8 JSON is a one-line HFCheckpointError."""
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise HFCheckpointError(f"{file}: not valid JSON ({' '.join(str(error).split())[:200]})") from None
 
 
 def from_hf(path: str | Path) -> ModernBertForMaskedLM:

@@ -388,3 +388,28 @@ def test_from_hf_refuses_pickles_and_bad_config(tmp_path):
         from_hf(tmp_path / "nowhere")
     with pytest.raises(HFCheckpointError, match="hidden_size"):
         config_from_hf({"model_type": "modernbert", "hidden_size": 30, "num_attention_heads": 4})
+
+
+def test_a_damaged_model_folder_is_a_one_line_error(tmp_path):
+    """Non-UTF-8 or malformed JSON, a truncated safetensors file: named in one line (fine-tuning and
+    init_from_hf printed the library's traceback)."""
+
+    def refused(match: str) -> None:
+        with pytest.raises(HFCheckpointError, match=match) as error:
+            from_hf(folder)
+        assert "\n" not in str(error.value)
+
+    folder = exported(tmp_path)
+    weights = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    refused(r"model.safetensors: cannot be read \(truncated or damaged\?\)")
+    (folder / "model.safetensors").write_bytes(weights)
+    (folder / "tokenizer.json").write_bytes(b"\xff\xfe{")
+    refused(r"tokenizer.json: not valid JSON")
+    (folder / "tokenizer.json").write_text('{"added_tokens": [1, 2]}')
+    refused(r"tokenizer.json: not a tokenizer.json")
+    (folder / "tokenizer.json").unlink()
+    (folder / "config.json").write_bytes(b"\x89PNG\r\n")
+    refused(r"config.json: not valid JSON")
+    (folder / "config.json").write_text("[1, 2]")
+    refused(r"config.json: not a model config")
