@@ -191,3 +191,12 @@ def test_batch_schedule_rejects_bad_sizes():
         BatchSizeSchedule(global_rows=10, max_seq_len=8, world_size=4)
     with pytest.raises(ValueError, match="batch_size_warmup start=99"):
         BatchSizeSchedule(global_rows=8, max_seq_len=8, start_rows=99, warmup_tokens=10)
+    # It would start at one micro-batch per rank (8 rows), silently: 64 GPUs x 16 rows took start 768 to 1024.
+    below = BatchSizeSchedule(global_rows=16, max_seq_len=8, micro_batch_size=4, world_size=2, start_rows=2,
+                              warmup_tokens=64)  # fmt: skip
+    assert below.start_below_a_micro_batch().startswith(
+        "batch_size_warmup start=2 is below one micro-batch on every rank (2 rank(s) x 4 rows = 8)"
+    )
+    assert below.rows(0) == 8
+    assert BatchSizeSchedule(global_rows=16, max_seq_len=8, micro_batch_size=4, world_size=2, start_rows=8,
+                             warmup_tokens=64).start_below_a_micro_batch() is None  # fmt: skip

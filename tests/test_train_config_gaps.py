@@ -47,3 +47,21 @@ def test_a_home_relative_path_is_expanded_where_no_shell_did(tmp_path, monkeypat
     config = load_config(recipe, ["save_folder=~/run", "data.tokenizer=~/tok.json"])
     assert config.save_folder == str(tmp_path / "run") and config.data.tokenizer == str(tmp_path / "tok.json")
     assert config.data.train[0].local == str(tmp_path / "shards")
+
+
+def test_a_warmup_starting_below_one_micro_batch_per_rank_is_refused_at_a_fresh_start(write_recipe, capsys):
+    """The batch grows by whole micro-batches on every rank: the warmup would start at one (here 4 rows, not
+    the recipe's 2) without a word. A resume, which cannot change the start, only warns."""
+    from modernbert_train.train.main import main
+
+    recipe = write_recipe(
+        device_train_microbatch_size=4, data={"batch_size_warmup": {"start": 2, "tokens": "1000tok"}}
+    )
+    with pytest.raises(SystemExit) as exited:
+        main([str(recipe)])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "modernbert-train: error: data.batch_size_warmup start=2 is below one micro-batch on every rank "
+        "(1 rank(s) x 4 rows = 4), where the batch starts instead: set start to 4 or more, or lower "
+        "device_train_microbatch_size"
+    )

@@ -48,6 +48,18 @@ class BatchSizeSchedule:
                 raise ValueError(f"batch_size_warmup tokens must be >= 0, got {self.warmup_tokens}")
         self.continue_from(0, 0)
 
+    def start_below_a_micro_batch(self) -> str | None:
+        """Why the warmup cannot start where the recipe says (its start is below one micro-batch on every
+        rank, so the batch starts at that instead), or None. The caller decides how loud: a run that starts
+        anew refuses it, a resume (which cannot change the start) goes on with a warning."""
+        if not self._warming_up or self.start_rows >= self.increment:
+            return None
+        return (
+            f"batch_size_warmup start={self.start_rows} is below one micro-batch on every rank "
+            f"({self.world_size} rank(s) x {self.micro_batch_size} rows = {self.increment}), where the batch "
+            f"starts instead: set start to {self.increment} or more, or lower device_train_microbatch_size"
+        )
+
     @property
     def increment(self) -> int:
         return min(self.micro_batch_size * self.world_size, self.global_rows)

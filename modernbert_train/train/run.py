@@ -242,6 +242,18 @@ WHOLE_EVAL_SPLIT = 1_000_000
 LOADS = (StartKind.LOAD, StartKind.PHASE_CHANGE)
 
 
+def _check_warmup_start(config: TrainConfig, start: RunStart, data: TrainData) -> None:
+    """A batch-size warmup whose start is below one micro-batch per rank starts at that instead: refused for a
+    run that starts its clock anew (fix the recipe), a warning on a resume or load (its start is fixed)."""
+    problem = data.train_loader.dataset.schedule.start_below_a_micro_batch()
+    if problem is None:
+        return
+    if start.kind in (StartKind.FRESH, StartKind.PHASE_CHANGE):
+        raise ConfigError(f"data.{problem}")
+    if dist.get_global_rank() == 0:
+        print(f"modernbert-train: warning: data.{problem}", file=sys.stderr)
+
+
 def evaluation_batches(config: TrainConfig) -> int:
     """Composer's eval_subset_num_batches. Its -1 is refused for a loader without a length, and ours has none
     (its batch count depends on the packing); the eval split is finite, so it ends before the count."""
@@ -291,6 +303,7 @@ def build_run(
     # with no log lines before it. build_data draws nothing from the global RNGs.
     data = build_data(config)
     _check_tokenizer(start, data.tokenizer_file)
+    _check_warmup_start(config, start, data)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     reproducibility.seed_all(config.seed)  # before the model exists: its initial weights follow the seed
     init_from = config.model.init_from_hf
