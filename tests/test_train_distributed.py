@@ -89,8 +89,9 @@ def test_fsdp2_gradients_match_ddp(write_recipe, tmp_path):
     def start(name: str, log, **sections) -> subprocess.Popen:
         recipe = write_recipe(
             tmp_path / f"{name}.yaml", max_duration="2ba", save_folder=str(tmp_path / name),
-            save_interval="100ba", data={"eval": []}, **sections,
+            save_interval="100ba", data={"eval": []}, grad_clip_norm=0.5, **sections,
         )  # fmt: skip
+        # (clipping too: FSDP2's in each rank's shards, by the global norm)
         return launch([*LAUNCHER, "-n", "2", "--master_port", str(free_port()), *train_args(recipe)], log)
 
     with (tmp_path / "ddp.log").open("w+b") as ddp_log, (tmp_path / "fsdp.log").open("w+b") as fsdp_log:

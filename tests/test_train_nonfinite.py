@@ -15,7 +15,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from modernbert_train.train.nonfinite_guard import grad_norm
+from modernbert_train.train.nonfinite_guard import clip_gradients, grad_norm
 
 # The real CLI, with one extra callback that turns the listed batches' loss infinite before backward, as an
 # overflowing batch would.
@@ -139,6 +139,50 @@ def test_grad_norm_of_whole_gradients_both_ways(device):
     assert grad_norm(parameters).item() == pytest.approx(exact, rel=1e-6)
 
 
+def test_clipping_scales_to_the_norm_and_leaves_a_smaller_gradient_alone():
+    parameters = [torch.nn.Parameter(torch.zeros(4, 3)), torch.nn.Parameter(torch.zeros(5))]
+    for param, scale in zip(parameters, (3.0, 4.0)):
+        param.grad = torch.full(param.shape, scale)
+    norm = grad_norm(parameters)
+    clip_gradients(parameters, norm, max_norm=1.0)
+    assert grad_norm(parameters).item() == pytest.approx(1.0, rel=1e-5)
+    assert parameters[0].grad[0, 0] / parameters[1].grad[0] == pytest.approx(3 / 4)  # one scale for all
+    before = [p.grad.clone() for p in parameters]
+    clip_gradients(parameters, grad_norm(parameters), max_norm=10.0)
+    assert all(torch.equal(p.grad, b) for p, b in zip(parameters, before))
+
+
+def test_the_logged_gradient_norm_is_the_gradients_own_and_the_step_gets_it_clipped(write_recipe, tmp_path):
+    """Composer's GradientClipping ran before the guard measured: train/grad_norm read grad_clip_norm
+    whenever clipping engaged, hiding every spike."""
+    from modernbert_train.train.config import load_config
+    from modernbert_train.train.run import build_run
+
+    logged, stepped = {}, {}
+    for clip in (None, 1e-3):
+        folder = tmp_path / f"clip-{clip}"
+        folder.mkdir()
+        recipe = write_recipe(folder / "recipe.yaml", max_duration="2ba", data={"eval": []},
+                              grad_clip_norm=clip, save_folder=str(folder / "run"))  # fmt: skip
+        run = build_run(load_config(recipe))
+        optimizer, parameters = run.trainer.state.optimizers[0], list(run.model.parameters())
+        plain_step, norms = optimizer.step, []
+
+        def step(*args, plain_step=plain_step, parameters=parameters, norms=norms, **kwargs):
+            norms.append(grad_norm(parameters).item())  # what the optimizer is given
+            return plain_step(*args, **kwargs)
+
+        optimizer.step = step
+        run.trainer.fit()
+        run.trainer.close()
+        logged[clip] = [row["train/grad_norm"] for row in read_metrics(folder / "run" / "metrics.jsonl")]
+        stepped[clip] = norms
+    # The first batch's gradient is the same in both runs (same weights, same data): logged unclipped.
+    assert logged[1e-3][0] == pytest.approx(logged[None][0], rel=1e-5) and logged[1e-3][0] > 1e-2
+    assert stepped[None][0] == pytest.approx(logged[None][0], rel=1e-5)
+    assert stepped[1e-3] == pytest.approx([1e-3, 1e-3], rel=1e-3)  # clipped before the step
+
+
 class HostReads(TorchDispatchMode):
     """Counts what reads a tensor's value back to the host (on a GPU each waits for every kernel before it):
     item/bool/int/float (aten._local_scalar_dense), nonzero, and tolist, which on a CPU dispatches nothing and
@@ -187,7 +231,8 @@ def test_nothing_is_read_back_between_the_loss_and_the_optimizer_step(write_reci
 
     monkeypatch.setattr(stable_adamw, "_compiled_halves", compiled_halves_unprobed())
     optimizer = {"impl": "auto", "compile": True} if impl == "compiled" else {"impl": impl}
-    run = build_run(load_config(write_recipe(max_duration="3ba", data={"eval": []}, optimizer=optimizer)))
+    recipe = write_recipe(max_duration="3ba", data={"eval": []}, optimizer=optimizer, grad_clip_norm=0.5)
+    run = build_run(load_config(recipe))  # clipping too: on the device, with the guard's norm
     optimizer = run.trainer.state.optimizers[0]
     probe, reads = HostReads(lambda: [group.get("step") for group in optimizer.param_groups]), []
 

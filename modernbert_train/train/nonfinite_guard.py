@@ -1,5 +1,6 @@
 """Skips the optimizer step of a batch whose loss or gradient is not finite; stops a run that keeps making
-them. Logs the gradient norm of every batch, computed over FSDP2's shards as well as whole gradients."""
+them. Logs the gradient norm of every batch, computed over FSDP2's shards as well as whole gradients, before
+the gradients are clipped (grad_clip_norm), which is done here, with that norm."""
 
 import logging
 import math
@@ -39,6 +40,20 @@ def grad_norm(parameters: list[torch.nn.Parameter], foreach: bool | None = None)
     return (sharded + whole).sqrt()
 
 
+def clip_gradients(parameters: list[torch.nn.Parameter], norm: torch.Tensor, max_norm: float) -> None:
+    """Scale every gradient by min(1, max_norm / norm) (torch's clip_grad_norm_ rule), on the device: `norm`
+    is `grad_norm`'s, so nothing is read back. A sharded gradient is scaled in its local shard."""
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    grads = [
+        p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in parameters if p.grad is not None
+    ]
+    if grads and grads[0].device.type == "cuda":
+        torch._foreach_mul_(grads, scale)
+    else:
+        for grad in grads:
+            grad.mul_(scale)
+
+
 def _sum_of_squares(tensors: list[torch.Tensor], device: torch.device, foreach: bool) -> torch.Tensor:
     total = torch.zeros((), dtype=torch.float32, device=device)
     if tensors and foreach:
@@ -63,12 +78,18 @@ class NonFiniteGuard(Callback):
 
     Under amp_fp16 the loss scaler owns gradient overflow (it skips those steps itself and lowers the
     scale), so there only the loss is checked.
+
+    With `clip_norm` (grad_clip_norm) the gradients are then clipped to that global norm, with the norm just
+    measured: the logged `train/grad_norm` is the gradient's own, not the clipped one's (Composer's
+    GradientClipping algorithm ran before this callback, which saw only norms capped at clip_norm). Under
+    amp_fp16 the scaler unscales the gradients first, so the clip is of the true gradient.
     """
 
-    def __init__(self, max_in_a_row: int):
+    def __init__(self, max_in_a_row: int, clip_norm: float | None = None):
         if max_in_a_row < 1:
             raise ValueError(f"max_nonfinite_batches={max_in_a_row}: must be >= 1")
         self.max_in_a_row = max_in_a_row
+        self.clip_norm = clip_norm
         self.in_a_row = 0
         self.skipped = 0
         # This batch's non-finite micro-batch losses on this rank, counted where the losses are: a host
@@ -89,7 +110,12 @@ class NonFiniteGuard(Callback):
 
     def after_train_batch(self, state: State, logger: Logger) -> None:
         parameters = [p for p in state.model.parameters() if p.requires_grad]
+        if self.clip_norm is not None and state.precision == Precision.AMP_FP16 and state.scaler is not None:
+            for optimizer in state.optimizers:
+                state.scaler.unscale_(optimizer)  # its step then knows they are unscaled
         norm = grad_norm(parameters)
+        if self.clip_norm is not None:
+            clip_gradients(parameters, norm, self.clip_norm)  # a non-finite batch's step is skipped anyway
         if self._bad_loss is None:
             bad_loss = torch.zeros((), dtype=torch.float32, device=norm.device)
         else:

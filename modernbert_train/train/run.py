@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 from composer import Trainer
-from composer.algorithms import GradientClipping
 from composer.callbacks import LRMonitor, SpeedMonitor
 from composer.core import Evaluator, Time, TimeUnit
 from composer.loggers import WandBLogger
@@ -334,7 +333,7 @@ def build_run(
         LRMonitor(),
         ObserveDataState(),
         DataWaitMonitor(),
-        NonFiniteGuard(config.max_nonfinite_batches),
+        NonFiniteGuard(config.max_nonfinite_batches, config.grad_clip_norm),
         RunMetadata(model.config.to_dict(), str(data.tokenizer_file), to_dict(config)),
         sigterm,
     ]
@@ -381,7 +380,6 @@ def build_run(
         optimizers=optimizer,
         schedulers=scheduler,
         step_schedulers_every_batch=True,
-        algorithms=[GradientClipping("norm", config.grad_clip_norm)] if config.grad_clip_norm else [],
         callbacks=callbacks,
         loggers=destinations,
         run_name=config.run_name,
