@@ -116,7 +116,13 @@ def _s3_client(endpoint: str | None):
 
 
 def _s3():
-    return _s3_client(os.environ.get("S3_ENDPOINT_URL") or None)
+    endpoint = os.environ.get("S3_ENDPOINT_URL") or None
+    try:
+        return _s3_client(endpoint)
+    except ValueError as e:  # botocore's "Invalid endpoint", raised while the client is built
+        raise StorageError(
+            f"S3_ENDPOINT_URL={endpoint}: not an endpoint URL ({' '.join(str(e).split())})"
+        ) from None
 
 
 def _s3_error(uri: Uri, error: Exception, doing: str) -> StorageError:

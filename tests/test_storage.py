@@ -98,6 +98,12 @@ def test_a_failed_upload_and_another_schemes_client_are_one_line_errors(s3_serve
     assert storage.is_uri("s3:/bucket/key") and not storage.is_uri("c:/data") and not storage.is_uri("a/b:/c")
 
 
+def test_a_malformed_endpoint_is_named(monkeypatch):
+    monkeypatch.setenv("S3_ENDPOINT_URL", "localhost:9000 ")
+    with pytest.raises(StorageError, match=r"^S3_ENDPOINT_URL=localhost:9000 : not an endpoint URL"):
+        storage.read_bytes("s3://bucket/x")
+
+
 def test_local_paths_pass_through(tmp_path):
     storage.check(tmp_path / "new", "--output")  # local paths are not checked here
     storage.write_text(tmp_path / "deep" / "x.txt", "x")

@@ -21,6 +21,8 @@ from test_train_config import GOOD, error_of, write
         ("grad_clip_norm=0", "'grad_clip_norm' must be positive"),
         ("eval_subset_num_batches=0", "'eval_subset_num_batches' must be a batch count, or -1 for the whole"),
         ("eval_subset_num_batches=-2", "eval split; got -2"),
+        ("speed_window=0", "'speed_window' must be at least 1 batch, got 0"),
+        ("model.overrides.global_rope_theta=.nan", "global_rope_theta=nan must be a positive, finite number"),
     ],
 )
 def test_config_gaps_are_one_line_errors(tmp_path, override, expected):
@@ -34,7 +36,14 @@ def test_data_train_as_a_mapping_in_the_recipe_names_the_line(tmp_path):
 
 def test_micro_batch_is_checked_against_each_ranks_share(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # as the Composer launcher sets it
-    assert "(8 / 2 = 4), got 8" in error_of(write(tmp_path, GOOD), "device_train_microbatch_size=8")
+    assert "(8 / 2 = 4, WORLD_SIZE from the environment), got 8" in error_of(
+        write(tmp_path, GOOD), "device_train_microbatch_size=8"
+    )
+    for bad in ("0", "abc", ""):
+        monkeypatch.setenv("WORLD_SIZE", bad)
+        assert error_of(write(tmp_path, GOOD)) == (
+            f"environment variable WORLD_SIZE={bad!r}: expected the number of ranks (1 or more)"
+        )
 
 
 def test_a_home_relative_path_is_expanded_where_no_shell_did(tmp_path, monkeypatch):

@@ -81,8 +81,8 @@ class ModernBertConfig:
                 fail(name, "must be in [0, 1)")
         for name in ("global_rope_theta", "local_rope_theta"):
             value = getattr(self, name)
-            if value is not None and value <= 0:
-                fail(name, "must be positive")
+            if value is not None and not (0 < value < float("inf")):  # NaN too
+                fail(name, "must be a positive, finite number")
         for name in ("hidden_activation", "classifier_activation"):
             if getattr(self, name) not in ACTIVATIONS:
                 fail(name, f"is not one of {', '.join(ACTIVATIONS)}")

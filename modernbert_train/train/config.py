@@ -261,13 +261,19 @@ def _check_values(c: TrainConfig, path: Path) -> None:
     if c.global_train_batch_size <= 0:
         fail("global_train_batch_size", "must be positive")
     # The launcher's world size; a micro-batch cannot hold more samples than a rank's share of the batch.
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world = os.environ.get("WORLD_SIZE", "1")
+    if not world.strip().isdigit() or int(world) < 1:
+        raise ConfigError(
+            f"environment variable WORLD_SIZE={world!r}: expected the number of ranks (1 or more)"
+        )
+    world_size = int(world)
     per_rank = c.global_train_batch_size // world_size
     if (c.device_train_microbatch_size or 0) > per_rank:
         fail(
             "device_train_microbatch_size",
-            f"must be at most the batch per rank ({c.global_train_batch_size} / {world_size} = {per_rank}), "
-            f"got {c.device_train_microbatch_size}",
+            f"must be at most the batch per rank ({c.global_train_batch_size} / {world_size} = {per_rank}"
+            f"{', WORLD_SIZE from the environment' if world_size > 1 else ''}), got "
+            f"{c.device_train_microbatch_size}",
         )
     _check_masking(c.data.mlm_probability, fail)
     if not 0.0 < c.data.eval_mlm_probability < 1.0:
@@ -280,6 +286,8 @@ def _check_values(c: TrainConfig, path: Path) -> None:
                 fail(f"data.{split}.{i}", "needs 'local' (an MDS folder) or 'remote'")
     if c.data.max_seq_len < 8:
         fail("data.max_seq_len", "must be at least 8")
+    if c.speed_window < 1:
+        fail("speed_window", f"must be at least 1 batch, got {c.speed_window}")
     if c.data.lookahead < 1:
         fail("data.lookahead", f"must be at least 1 (chunks buffered for packing), got {c.data.lookahead}")
     if c.eval_subset_num_batches == 0 or c.eval_subset_num_batches < -1:
