@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import struct
 import sys
 import time
@@ -62,6 +63,9 @@ _worker_dtype: np.dtype | None = None
 
 def _init_worker(tokenizer_json: str, dtype: str) -> None:
     global _worker_tokenizer, _worker_dtype
+    # Ctrl-C reaches the whole process group: the parent reports it and terminates the pool; a worker's own
+    # KeyboardInterrupt would only print its traceback (one per worker) above the parent's line.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker_tokenizer = for_sharding(Tokenizer.from_str(tokenizer_json))
     _worker_dtype = np.dtype(dtype)
 
