@@ -113,12 +113,15 @@ def read_run(run: str) -> Run:
     path = metrics_path(run)
     text = storage.decode_text(storage.read_bytes(path), path)
     rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    lines = text.splitlines()
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
+            if number == len(lines) and not text.endswith("\n"):
+                continue  # a row cut short by a kill mid-write: the run's next start drops it too
             raise ReportError(f"{path}:{number}: not JSON ({error.msg})") from None
         if not isinstance(row, dict):
             raise ReportError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
