@@ -21,7 +21,7 @@ def parse_tokens(text: str) -> int:
         tokens = float(text.removesuffix("tok"))
     except ValueError:
         tokens = 0.0
-    if not tokens > 0:
+    if not 0 < tokens < float("inf"):
         raise UsageError(f"--tokens {text}: expected a positive number of tokens, e.g. 1.7e12")
     return int(tokens)
 
@@ -57,6 +57,15 @@ def _source_tokens(recipe: Path, i: int, source: dict) -> int:
 
 def plan(recipe: Path, tokens: int) -> list[dict]:
     sources = recipe_sources(recipe)
+    for i, source in enumerate(sources):
+        if not isinstance(source, dict):
+            raise UsageError(f"plan {recipe}: train.{i} is not a source (a mapping with local or remote)")
+        for key in ("proportion", "repeat"):
+            value = source.get(key)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int | float) or not value > 0
+            ):
+                raise UsageError(f"plan {recipe}: train.{i}.{key} must be a positive number, got {value!r}")
     with_proportion = [s for s in sources if s.get("proportion") is not None]
     if with_proportion and len(with_proportion) != len(sources):
         raise UsageError(f"plan {recipe}: give every source a proportion, or none")

@@ -45,6 +45,16 @@ def test_plan_errors_name_the_source(tiny_data, tmp_path, capsys):
     assert "train.0: no modernbert_data.json in" in capsys.readouterr().err
     assert main(["plan", str(recipe), "--tokens", "lots"]) == 2
     assert "--tokens lots: expected a positive number" in capsys.readouterr().err
+    assert main(["plan", str(recipe), "--tokens", "inf"]) == 2
+    assert "--tokens inf: expected a positive number" in capsys.readouterr().err
+    # A negative share was printed as -100% and 200%, exit 0.
+    for bad, shown in (("-1", "-1"), ('"lots"', "'lots'")):
+        recipe.write_text(f"train: [{{local: {tiny_data / 'train'}, proportion: {bad}}}]")
+        assert main(["plan", str(recipe), "--tokens", "1e9"]) == 2
+        assert f"train.0.proportion must be a positive number, got {shown}" in capsys.readouterr().err
+    recipe.write_text(f"train: [{tiny_data / 'train'}]")
+    assert main(["plan", str(recipe), "--tokens", "1e9"]) == 2
+    assert "train.0 is not a source" in capsys.readouterr().err
 
 
 def test_the_2t_mix_recipe_names_remote_streams():
