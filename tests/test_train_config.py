@@ -120,6 +120,21 @@ def test_a_recipe_in_a_bucket_is_read_and_named_by_its_uri(tmp_path, s3_bucket):
     assert error_of(gone) == f"config file not found: {gone}"
 
 
+def test_a_recipe_of_the_wrong_shape_or_encoding_is_named(tmp_path):
+    """They were an OSError (exit 1), a TypeError with a traceback file, "bad value for '?'" and a decode
+    error that named no file."""
+    assert error_of(write(tmp_path, "42\n")).endswith("recipe.yaml: a recipe must be a mapping of keys to "
+                                                     "values (Invalid loaded object type: int)")  # fmt: skip
+    path = write(tmp_path, GOOD + "model:\n  overrides: [x]\n")
+    assert error_of(path) == f"{path}:8: 'model.overrides' must be a mapping of keys to values, got a list"
+    assert error_of(write(tmp_path, GOOD + "profile: true\n")).endswith(
+        "recipe.yaml:7: 'profile' must be a mapping of keys to values, got True"
+    )
+    assert "'model.overrides' must be a mapping" in error_of(write(tmp_path, GOOD), "model.overrides=[1]")
+    path.write_bytes(GOOD.encode() + b"\xff\xfe\n")
+    assert error_of(path) == f"{path}: not UTF-8 text (byte 0xff at offset {len(GOOD)})"
+
+
 def test_missing_and_malformed_files(tmp_path):
     assert error_of(tmp_path / "nope.yaml") == f"config file not found: {tmp_path / 'nope.yaml'}"
     path = write(tmp_path, "max_duration: [10ba\n")

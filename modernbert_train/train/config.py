@@ -109,7 +109,15 @@ def _read_yaml(path: Path) -> DictConfig:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
+        path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})"
+        ) from None
+    try:
         loaded = OmegaConf.load(path)
+    except OSError as e:  # OmegaConf's "Invalid loaded object type": a YAML scalar, not a mapping
+        raise ConfigError(f"{path}: a recipe must be a mapping of keys to values ({e})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
@@ -143,6 +151,13 @@ def _check_known_keys(schema: DictConfig, given: DictConfig, where, prefix: str 
             raise ConfigError(f"{where(full)}: unknown key '{full}'{hint}")
         schema_value = schema._get_node(key)
         given_value = given._get_node(key)
+        if (
+            isinstance(schema_value, DictConfig)
+            and not isinstance(given_value, DictConfig)
+            and given_value._value() is not None
+        ):
+            kind = "a list" if isinstance(given_value, ListConfig) else repr(given_value._value())
+            raise ConfigError(f"{where(full)}: '{full}' must be a mapping of keys to values, got {kind}")
         if isinstance(schema_value, DictConfig) and schema_value._is_none():
             # An optional section left null (loggers.wandb): check against its dataclass.
             ref_type = schema_value._metadata.ref_type
