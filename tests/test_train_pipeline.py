@@ -101,10 +101,12 @@ def test_bad_pipelines_are_one_line_errors(tmp_path, write_recipe):
         "phases: [recipe.yaml, recipe.yaml]": "phases.1: save_folder",
         "phases: [recipe.yaml]\nname: x": "unknown key 'name'",
         "phases: [{recipe: recipe.yaml, overrides: [nope=1]}]": "nope",
+        "phases: [{recipe: recipe.yaml, overrides: ['model.overrides=[1]']}]": "must be a mapping",
+        "phases: [recipe.yaml]\n# \udcff": "not UTF-8 text",
     }
     for text, message in cases.items():
         path = tmp_path / "pipeline.yaml"
-        path.write_text(text)
+        path.write_bytes(text.encode("utf-8", "surrogateescape"))
         with pytest.raises(ConfigError, match=message) as error:
             load_pipeline(path)
         assert "\n" not in str(error.value)
