@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.errors import UsageError
+from data_prep.output_dir import read_marker
 from data_prep.shard import METADATA_FILE
 
 
@@ -95,7 +96,7 @@ def inspect_folder(folder: Path) -> dict:
     }
     metadata_path = folder / METADATA_FILE
     if metadata_path.is_file():
-        result["tokenizer"] = json.loads(metadata_path.read_text())["tokenizer"]
+        result["tokenizer"] = read_marker(metadata_path, f"inspect {folder}", ("tokenizer",))["tokenizer"]
     return result
 
 

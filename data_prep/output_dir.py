@@ -8,6 +8,7 @@ readers open first (`index.json`, then `modernbert_data.json`, which marks a fin
 reader never sees a half-uploaded dataset, and an interrupted upload is simply redone by the next run.
 """
 
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -19,6 +20,19 @@ from modernbert_train import storage
 
 FINISHED_MARKER = "modernbert_data.json"  # written last by every command that fills an output folder
 UPLOADED_LAST = ("index.json", FINISHED_MARKER)
+
+
+def read_marker(path: str | Path, doing: str, keys: tuple[str, ...]) -> dict:
+    """A folder's modernbert_data.json with `keys`; one that is damaged or not ours is a one-line UsageError
+    naming it (`doing`: the command, for the message). FileNotFoundError when there is none."""
+    try:
+        values = json.loads(storage.decode_text(storage.read_bytes(path), path))
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{doing}: {path} is not a {FINISHED_MARKER} (not JSON: {e.msg})") from None
+    missing = [key for key in keys if not isinstance(values, dict) or key not in values]
+    if missing:
+        raise UsageError(f"{doing}: {path} is not a {FINISHED_MARKER} (no '{missing[0]}')")
+    return values
 
 
 def check_output_free(output: Path | str, overwrite: bool) -> None:

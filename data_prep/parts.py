@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 from data_prep.errors import UsageError
-from data_prep.output_dir import FINISHED_MARKER
+from data_prep.output_dir import FINISHED_MARKER, read_marker
 from data_prep.readers import InputSource
 from modernbert_train import storage
 
@@ -90,7 +90,10 @@ def merge(output: str) -> dict:
             f"merge {output}: {len(missing)} of {count} parts are missing or unfinished: {', '.join(missing)}"
         )
     names = [part_name(i, count) for i in range(count)]
-    metadata = [json.loads(storage.read_text(storage.join(output, name, FINISHED_MARKER))) for name in names]
+    keys = ("tokenizer", "columns", "documents")
+    metadata = [
+        read_marker(storage.join(output, name, FINISHED_MARKER), f"merge {output}", keys) for name in names
+    ]
     for name, part in zip(names[1:], metadata[1:]):
         if part["tokenizer"] != metadata[0]["tokenizer"] or part["columns"] != metadata[0]["columns"]:
             raise UsageError(f"merge {output}: {name} was sharded with another tokenizer than {names[0]}")

@@ -6,13 +6,12 @@ remote: one small file per source, no shard is downloaded. A source's share of t
 epochs it implies are its tokens in the run over the tokens it holds (> 1: its documents repeat).
 """
 
-import json
 from pathlib import Path
 
 import yaml
 
 from data_prep.errors import UsageError
-from data_prep.output_dir import FINISHED_MARKER
+from data_prep.output_dir import FINISHED_MARKER, read_marker
 from modernbert_train import storage
 
 
@@ -48,11 +47,14 @@ def _source_tokens(recipe: Path, i: int, source: dict) -> int:
     storage.check(location, f"train.{i}")
     marker = storage.join(location, FINISHED_MARKER)
     try:
-        return int(json.loads(storage.read_text(marker))["tokens"])
+        tokens = read_marker(marker, f"plan {recipe}: train.{i}", ("tokens",))["tokens"]
     except FileNotFoundError:
         raise UsageError(
             f"plan {recipe}: train.{i}: no {FINISHED_MARKER} in {location} (shard it with modernbert-data)"
         ) from None
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+        raise UsageError(f"plan {recipe}: train.{i}: {marker} has no token count ('tokens': {tokens!r})")
+    return tokens
 
 
 def plan(recipe: Path, tokens: int) -> list[dict]:

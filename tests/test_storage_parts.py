@@ -135,3 +135,13 @@ def test_merge_of_parts_without_a_document_is_an_error(tiny_data, tmp_path, caps
     error = capsys.readouterr().err.strip()
     assert error.endswith("the 2 parts hold 0 documents together; nothing to merge") and "\n" not in error
     assert not (tmp_path / "out" / "index.json").exists()
+    # A damaged part marker, and inspect reading one: named in one line (were a JSONDecodeError or KeyError).
+    markers = sorted((tmp_path / "out").glob("*/modernbert_data.json"))
+    markers[1].write_text('{"tokenizer": ')
+    assert main(["merge", str(tmp_path / "out")]) == 2
+    assert f"{markers[1]} is not a modernbert_data.json (not JSON: " in capsys.readouterr().err
+    markers[1].write_text('{"columns": {}}')
+    assert main(["merge", str(tmp_path / "out")]) == 2
+    assert f"{markers[1]} is not a modernbert_data.json (no 'tokenizer')" in capsys.readouterr().err
+    assert main(["inspect", str(markers[1].parent)]) == 2
+    assert f"{markers[1]} is not a modernbert_data.json (no 'tokenizer')" in capsys.readouterr().err
