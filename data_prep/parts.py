@@ -29,11 +29,18 @@ def task_from_environment() -> tuple[int, int]:
     A Kubernetes indexed job gives only the index: its count comes from --num-tasks."""
     environ = os.environ
     if "SLURM_ARRAY_TASK_ID" in environ and "SLURM_ARRAY_TASK_COUNT" in environ:
-        first = int(environ.get("SLURM_ARRAY_TASK_MIN", "0"))
-        return int(environ["SLURM_ARRAY_TASK_ID"]) - first, int(environ["SLURM_ARRAY_TASK_COUNT"])
+        first = _environment_count("SLURM_ARRAY_TASK_MIN", "0")
+        return _environment_count("SLURM_ARRAY_TASK_ID") - first, _environment_count("SLURM_ARRAY_TASK_COUNT")
     if "JOB_COMPLETION_INDEX" in environ:
-        return int(environ["JOB_COMPLETION_INDEX"]), 1
+        return _environment_count("JOB_COMPLETION_INDEX"), 1
     return 0, 1
+
+
+def _environment_count(name: str, default: str | None = None) -> int:
+    value = os.environ.get(name, default)
+    if value is None or not value.strip().isdigit():
+        raise UsageError(f"environment variable {name}={value!r}: expected a non-negative integer")
+    return int(value)
 
 
 def resolve_task(task_index: int | None, num_tasks: int | None) -> tuple[int, int]:
@@ -41,7 +48,12 @@ def resolve_task(task_index: int | None, num_tasks: int | None) -> tuple[int, in
     index = index if task_index is None else task_index
     count = count if num_tasks is None else num_tasks
     if count < 1 or not 0 <= index < count:
-        raise UsageError(f"--task-index {index}: must be between 0 and --num-tasks - 1 ({count - 1})")
+        given = (
+            f"--task-index {index}"
+            if task_index is not None
+            else f"the task index {index} (from the environment)"
+        )
+        raise UsageError(f"{given}: must be between 0 and --num-tasks - 1 ({count - 1})")
     return index, count
 
 

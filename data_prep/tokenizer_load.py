@@ -142,7 +142,15 @@ def _special_token_ids(tokenizer: Tokenizer, json_path: Path, named: dict[str, s
     """Each special token's id: as `named` (from flags), else as tokenizer_config.json names it, else the
     first usual spelling the vocabulary has."""
     config_path = json_path.with_name("tokenizer_config.json")
-    configured = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    configured = {}
+    if config_path.is_file():
+        try:
+            configured = json.loads(config_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            reason = " ".join(str(error).split())[:200]
+            raise UsageError(f"{config_path}: not a tokenizer_config.json (not JSON: {reason})") from None
+        if not isinstance(configured, dict):
+            raise UsageError(f"{config_path}: not a tokenizer_config.json (not a JSON object)")
     ids = {}
     for key, spellings in SPECIAL_TOKEN_SPELLINGS.items():
         if named.get(key):
@@ -169,7 +177,10 @@ def load_tokenizer(spec: str, named: dict[str, str] | None = None) -> LoadedToke
     mask_token to their spelling where the tokenizer's own files do not say. A tokenizer that lacks one
     of those is refused, naming the flag that would name it."""
     json_path = _resolve_json(spec)
-    json_text = json_path.read_text(encoding="utf-8")
+    try:
+        json_text = json_path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UsageError(f"--tokenizer {spec}: {json_path} is not UTF-8 text (byte {error.start})") from None
     try:
         tokenizer = Tokenizer.from_str(json_text)
         special_token_ids = _special_token_ids(tokenizer, json_path, named or {})

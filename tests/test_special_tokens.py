@@ -90,6 +90,20 @@ def test_a_configured_token_the_tokenizer_lacks_is_named(tmp_path, capsys):
     assert "--mask-token TOKEN" in err and not (tmp_path / "shards").exists()
 
 
+def test_a_damaged_tokenizer_config_or_a_non_utf8_tokenizer_is_named(tmp_path, capsys):
+    """Were blamed on tokenizer.json, and a bare UnicodeDecodeError (exit 1)."""
+    tokenizer = write_roberta_tokenizer(tmp_path / "damaged")
+    config = tokenizer / "tokenizer_config.json"
+    config.write_text('{"mask_token": ')
+    code, err = shard(tmp_path, capsys, tokenizer)
+    assert code == 2 and f"{config}: not a tokenizer_config.json (not JSON:" in err
+    config.unlink()
+    (tokenizer / "tokenizer.json").write_bytes(b"\xff\xfe{}")
+    code, err = shard(tmp_path, capsys, tokenizer)
+    assert code == 2 and f"{tokenizer / 'tokenizer.json'} is not UTF-8 text" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "shards").exists()
+
+
 def test_flags_name_special_tokens_spelled_otherwise(tmp_path, capsys):
     tokenizer = write_roberta_tokenizer(tmp_path / "custom", mask="[[hole]]")
     code, err = shard(tmp_path, capsys, tokenizer, "--mask-token", "<nope>")

@@ -110,6 +110,15 @@ def test_task_defaults_from_slurm_and_kubernetes(monkeypatch):
 
     with pytest.raises(UsageError, match="--task-index 4: must be between 0 and --num-tasks - 1 \\(3\\)"):
         resolve_task(4, None)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "x1")  # a bare ValueError, exit 1
+    with pytest.raises(
+        UsageError, match="^environment variable SLURM_ARRAY_TASK_ID='x1': expected a non-neg"
+    ):
+        resolve_task(None, None)
+    for name in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN"):
+        monkeypatch.delenv(name)
+    with pytest.raises(UsageError, match="^the task index 3 \\(from the environment\\): must be between 0"):
+        resolve_task(None, None)  # JOB_COMPLETION_INDEX=3 without --num-tasks: no flag to blame
 
 
 def test_merge_of_parts_without_a_document_is_an_error(tiny_data, tmp_path, capsys):
