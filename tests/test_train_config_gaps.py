@@ -74,3 +74,15 @@ def test_a_warmup_starting_below_one_micro_batch_per_rank_is_refused_at_a_fresh_
         "(1 rank(s) x 4 rows = 4), where the batch starts instead: set start to 4 or more, or lower "
         "device_train_microbatch_size"
     )
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="flash may be usable on a GPU")
+def test_a_forced_attention_backend_that_cannot_train_here_is_refused_before_training(write_recipe, capsys):
+    """It was accepted, then failed at the first forward with exit 1 and a traceback file."""
+    from modernbert_train.train.main import main
+
+    with pytest.raises(SystemExit) as exited:
+        main([str(write_recipe()), "model.attn_backend=flash"])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("modernbert-train: error: model config: attn_backend='flash' needs the flash")

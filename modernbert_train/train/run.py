@@ -22,6 +22,7 @@ from modernbert_train import storage
 from modernbert_train.data.tokens import tokenizer_identity
 from modernbert_train.hf import from_hf, read_hf_config
 from modernbert_train.model import ModernBertConfig, pad_vocab_size
+from modernbert_train.model.attention import resolve_backend
 from modernbert_train.optim import build_optimizer
 from modernbert_train.train.checkpoint import CheckpointError, PhaseChange, explain_mismatch
 from modernbert_train.train.checkpoint_files import METRICS, AtomicCheckpointSaver
@@ -307,6 +308,9 @@ def build_run(
     reproducibility.seed_all(config.seed)  # before the model exists: its initial weights follow the seed
     init_from = config.model.init_from_hf
     model = ModernBertMLM(model_config(config, data, read_hf_config(init_from) if init_from else None))
+    # A forced backend that cannot train on this device is refused now, not at the first forward.
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolve_backend(model.config.attn_backend, device, model.config.attention_dropout > 0, backward=True)
     # The released weights only start a run: a resumed or loaded checkpoint replaces them.
     if init_from and start.kind is StartKind.FRESH:
         load_pretrained(model, from_hf(init_from), init_from)
