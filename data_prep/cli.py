@@ -14,17 +14,11 @@ from pathlib import Path
 
 from data_prep.errors import UsageError
 from data_prep.read_report import ReadReport
+from modernbert_train.cli_parser import OneLineErrorParser
 from modernbert_train.storage import StorageError
 
 EXIT_INPUT_PROBLEM = 1
 EXIT_USAGE = 2
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse, but a usage error is a single line naming the problem (no usage dump)."""
-
-    def error(self, message: str):
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _positive_int(text: str) -> int:

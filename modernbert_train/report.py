@@ -7,7 +7,6 @@ series (train loss, throughput) are drawn faint as logged with an exponential mo
 folders may be local or in a bucket (s3://...).
 """
 
-import argparse
 import json
 import math
 import re
@@ -17,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from modernbert_train import storage
+from modernbert_train.cli_parser import OneLineErrorParser
 
 METRICS_FILE = "metrics.jsonl"
 X_KEYS = ("tokens", "samples", "batch")  # the first one every row of a run has is its x axis
@@ -269,7 +269,7 @@ def build_figure(runs: list[Run], smoothing: float | None, log_x: bool):
 
 
 def cli(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="modernbert-report", description=__doc__.splitlines()[0])
+    parser = OneLineErrorParser(prog="modernbert-report", description=__doc__.splitlines()[0])
     parser.add_argument(
         "runs",
         nargs="+",

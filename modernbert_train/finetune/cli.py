@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from modernbert_train import storage
+from modernbert_train.cli_parser import OneLineErrorParser
 from modernbert_train.hf import HFCheckpointError
 from modernbert_train.model import ModelConfigError
 
@@ -14,7 +15,7 @@ from .train import FinetuneSettings, finetune
 
 def parser() -> argparse.ArgumentParser:
     defaults = FinetuneSettings()
-    p = argparse.ArgumentParser(prog="modernbert-finetune", description=__doc__.splitlines()[0])
+    p = OneLineErrorParser(prog="modernbert-finetune", description=__doc__.splitlines()[0])
     p.add_argument(
         "model_dir",
         metavar="MODEL_DIR",

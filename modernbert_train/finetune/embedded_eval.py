@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from modernbert_train import storage
+from modernbert_train.cli_parser import OneLineErrorParser
 from modernbert_train.hf import HFCheckpointError, read_hf_config
 
 from . import keyword_task, stdlib_task
@@ -99,7 +100,7 @@ def evaluate(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m modernbert_train.finetune.embedded_eval")
+    parser = OneLineErrorParser(prog="python -m modernbert_train.finetune.embedded_eval")
     parser.add_argument(
         "model_dir", help="a transformers ModernBERT folder (runs/default/hf), or its URI (fetched first)"
     )

@@ -7,7 +7,6 @@ average is exact to the weights' own precision. They must share the model config
 `tokenizer_identity` compares them); `--tokenizer` may ship another file of that tokenizer, never another.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 from tokenizers import Tokenizer
 
 from modernbert_train import storage
+from modernbert_train.cli_parser import OneLineErrorParser
 from modernbert_train.data.tokens import tokenizer_identity
 from modernbert_train.hf import to_hf
 from modernbert_train.model import ModernBertConfig, ModernBertForMaskedLM
@@ -85,7 +85,7 @@ def average_checkpoints(paths: list[str | Path]) -> tuple[ModernBertForMaskedLM,
 
 
 def average_cli(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="modernbert-export",
         usage="modernbert-export --average CKPT [CKPT ...] OUT_DIR [--tokenizer FILE] [--overwrite]",
         description=__doc__.splitlines()[0],

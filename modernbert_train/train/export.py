@@ -5,7 +5,6 @@ refuses a target folder holding anything but an earlier export (unless overwritt
 written beside it, then swapped in: a failed export leaves the target as it was.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -19,6 +18,7 @@ from tokenizers import Tokenizer
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from modernbert_train import storage
+from modernbert_train.cli_parser import OneLineErrorParser
 from modernbert_train.data.tokens import tokenizer_identity
 from modernbert_train.hf import to_hf
 from modernbert_train.model import ModernBertConfig, ModernBertForMaskedLM
@@ -164,7 +164,7 @@ def cli(argv: list[str] | None = None) -> None:
 
         average_cli(argv)
         return
-    parser = argparse.ArgumentParser(prog="modernbert-export", description=__doc__.splitlines()[0])
+    parser = OneLineErrorParser(prog="modernbert-export", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="a Composer checkpoint (.pt) written by modernbert-train")
     parser.add_argument("out_dir", help="folder to write config.json, model.safetensors and the tokenizer to")
     parser.add_argument(

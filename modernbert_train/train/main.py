@@ -14,12 +14,13 @@ import tempfile
 import traceback
 from pathlib import Path
 
+from modernbert_train.cli_parser import OneLineErrorParser
 from modernbert_train.train.config import ConfigError, load_config
 from modernbert_train.train.schema import TrainConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="modernbert-train",
         description="Pretrain a ModernBERT encoder from a YAML recipe.",
         epilog="example: modernbert-train yamls/default.yaml max_duration=200ba save_folder=runs/try",

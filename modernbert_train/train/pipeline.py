@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from modernbert_train.cli_parser import OneLineErrorParser
 from modernbert_train.train.config import ConfigError, load_config
 
 
@@ -86,7 +87,7 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> list[Phase]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="modernbert-pipeline",
         description="Run a recipe's phases (pretrain, context extension, decay) in order, resumably.",
         epilog="example: modernbert-pipeline yamls/modernbert-base/pipeline.yaml",
