@@ -317,6 +317,14 @@ def test_output_that_is_a_file_is_refused_before_training(model_dir, tmp_path, c
     error = capsys.readouterr().err.strip()
     assert error == f"modernbert-finetune: error: --output {taken}: is a file; name a folder for results.json"
     assert taken.read_text() == "someone's file"
+    # Under a file; and a run refused for its input leaves no empty --output folder behind.
+    with pytest.raises(SystemExit):
+        cli([str(model_dir), "--train", str(train), "--eval", str(train), "--output", str(taken / "x")])
+    assert f"{taken} is a file, so the folder cannot be created" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli([str(model_dir), "--train", str(tmp_path / "missing.jsonl"), "--eval", str(train),
+             "--output", str(tmp_path / "new" / "out")])  # fmt: skip
+    assert "missing.jsonl" in capsys.readouterr().err and not (tmp_path / "new").exists()
 
 
 def test_tsv_is_unquoted_csv_is_quoted_and_a_byte_order_mark_is_dropped(tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -217,10 +218,12 @@ def check_output(output: str) -> str:
     folder = Path(output)
     if folder.exists() and not folder.is_dir():
         raise FinetuneError(f"--output {output}: is a file; name a folder for {RESULTS_FILE}")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise FinetuneError(f"--output {output}: cannot create it: {error.strerror or error}") from None
+    # Created when the results are written: a run refused for its input leaves no empty folder behind.
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise FinetuneError(f"--output {output}: {existing} is a file, so the folder cannot be created")
+    if not os.access(existing, os.W_OK):
+        raise FinetuneError(f"--output {output}: cannot create it: {existing} is not writable")
     return str(folder / RESULTS_FILE)
 
 
