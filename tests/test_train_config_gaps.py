@@ -22,6 +22,11 @@ from test_train_config import GOOD, error_of, write
         ("eval_subset_num_batches=0", "'eval_subset_num_batches' must be a batch count, or -1 for the whole"),
         ("eval_subset_num_batches=-2", "eval split; got -2"),
         ("speed_window=0", "'speed_window' must be at least 1 batch, got 0"),
+        (
+            "data.eval_batch_size=0",
+            "'data.eval_batch_size' must be at least 1 row (null: the micro-batch size)",
+        ),
+        ("dist_timeout=-1", "'dist_timeout' must be a positive number of seconds, got -1"),
         ("model.overrides.global_rope_theta=.nan", "global_rope_theta=nan must be a positive, finite number"),
     ],
 )

@@ -301,6 +301,13 @@ def _check_values(c: TrainConfig, path: Path) -> None:
                 fail(f"data.{split}.{i}", "needs 'local' (an MDS folder) or 'remote'")
     if c.data.max_seq_len < 8:
         fail("data.max_seq_len", "must be at least 8")
+    if c.data.eval_batch_size is not None and c.data.eval_batch_size < 1:
+        fail(
+            "data.eval_batch_size",
+            f"must be at least 1 row (null: the micro-batch size), got {c.data.eval_batch_size}",
+        )
+    if not c.dist_timeout > 0:
+        fail("dist_timeout", f"must be a positive number of seconds, got {c.dist_timeout}")
     if c.speed_window < 1:
         fail("speed_window", f"must be at least 1 batch, got {c.speed_window}")
     if c.data.lookahead < 1:
