@@ -272,7 +272,8 @@ def test_a_gpu_batch_waits_for_nothing_from_its_forward_to_its_optimizer_step(wr
     from modernbert_train.train.config import load_config
     from modernbert_train.train.run import build_run
 
-    run = build_run(load_config(write_recipe(max_duration="3ba", data={"eval": []})))
+    recipe = write_recipe(max_duration="3ba", data={"eval": []}, grad_clip_norm=0.5)  # clipping too
+    run = build_run(load_config(recipe))
     optimizer = run.trainer.state.optimizers[0]
     assert next(run.model.parameters()).is_cuda and optimizer.skips_on_device()
     modes = []
