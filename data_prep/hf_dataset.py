@@ -6,12 +6,26 @@ from pathlib import Path
 from data_prep.errors import UsageError
 from data_prep.read_report import ReadReport
 from data_prep.readers import Document, accept
+from data_prep.tokenizer_load import hub_reachable
 
 BATCH_ROWS = 1024
 
 
 def _one_line(error: BaseException) -> str:
     return " ".join(f"{type(error).__name__}: {error}".split())
+
+
+def _offline(load):
+    """`load()` with the hub clients in offline mode (their module-level switches, read at each call)."""
+    import datasets
+    from huggingface_hub import constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        return load()
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
 
 
 def open_hf_dataset(name: str, split: str, config: str | None, text_field: str):
@@ -35,8 +49,16 @@ def open_hf_dataset(name: str, split: str, config: str | None, text_field: str):
                 if split not in dataset:
                     raise UsageError(f"--hf-split {split}: {name} has the splits {', '.join(dataset)}")
                 dataset = dataset[split]
-        else:
+        elif folder.exists() or hub_reachable():
             dataset = datasets.load_dataset(name, config, split=split)
+        else:  # only the local cache: the hub client would retry for about half a minute, a line each
+            try:
+                dataset = _offline(lambda: datasets.load_dataset(name, config, split=split))
+            except Exception:
+                raise UsageError(
+                    f"--hf-dataset {name}: no such local folder, and the hub is unreachable from here (its "
+                    f"local cache has no split {split!r} of it either)"
+                ) from None
     except UsageError:
         raise
     except Exception as error:  # datasets raises many types (network, missing split, bad files)

@@ -61,7 +61,7 @@ def for_sharding(tokenizer: Tokenizer) -> Tokenizer:
     return tokenizer
 
 
-def _hub_reachable(timeout_s: float = 3.0) -> bool:
+def hub_reachable(timeout_s: float = 3.0) -> bool:
     """Whether the hub's host takes a connection. Unreachable, hf_hub_download retries for about half a
     minute, printing each retry, before it says so: a typo in a local path on an offline node."""
     from urllib.parse import urlsplit
@@ -82,7 +82,7 @@ def _hub_reachable(timeout_s: float = 3.0) -> bool:
 def _hub_tokenizer_json(name: str) -> Path:
     from huggingface_hub import hf_hub_download
 
-    online = _hub_reachable()
+    online = hub_reachable()
     try:  # offline, the hub cache may still hold it
         path = Path(hf_hub_download(name, "tokenizer.json", local_files_only=not online))
     except Exception as error:  # unknown repo, no tokenizer.json, not cached: all mean "not found"

@@ -525,6 +525,28 @@ def test_local_hf_datasets(tmp_path, capsys, tokenizer_dir, reference_tokenizer)
     assert len(samples(tmp_path / "o3")) == 2
 
 
+def test_a_hub_dataset_name_on_an_offline_node_is_one_line_at_once(
+    tmp_path, capsys, tokenizer_dir, monkeypatch
+):
+    """Only the hub cache is asked: datasets' client retried for about 25 s, printing each retry."""
+    import time
+
+    from data_prep import hf_dataset
+
+    monkeypatch.setattr(hf_dataset, "hub_reachable", lambda: False)  # as on an offline GPU node
+    started = time.perf_counter()
+    code, _, err = run_cli(
+        capsys, "shard", "--hf-dataset", "typo-user/no-such-dataset", "--output", tmp_path / "out",
+        "--tokenizer", tokenizer_dir,
+    )  # fmt: skip
+    assert code == 2 and time.perf_counter() - started < 15
+    assert err.strip() == (
+        "modernbert-data shard: error: --hf-dataset typo-user/no-such-dataset: no such local folder, and the "
+        "hub is unreachable from here (its local cache has no split 'train' of it either)"
+    )
+    assert not (tmp_path / "out").exists()
+
+
 def test_hf_dataset_without_the_datasets_package_is_a_usage_error(tmp_path, tokenizer_dir):
     # A None entry in sys.modules makes `import datasets` raise ImportError, as on a machine without it.
     script = (
