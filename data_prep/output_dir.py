@@ -48,6 +48,13 @@ def check_output_free(output: Path | str, overwrite: bool) -> None:
     taken = output.exists() and (not output.is_dir() or any(output.iterdir()))
     if taken and not overwrite:
         raise UsageError(f"--output {output}: already exists; pass --overwrite to replace it")
+    # The staging folder goes beside it: its parent must be (or become) a writable folder.
+    parent = Path(os.path.abspath(output)).parent
+    existing = next(p for p in (parent, *parent.parents) if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"--output {output}: cannot create it: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--output {output}: cannot create it: {existing} is not writable")
 
 
 @contextmanager

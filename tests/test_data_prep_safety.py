@@ -39,6 +39,21 @@ def test_an_output_inside_the_input_is_refused(corpus, tiny_data, capsys):
     assert not (corpus / "mds").exists()
 
 
+def test_an_output_whose_folder_cannot_be_made_is_named(corpus, tiny_data, capsys, tmp_path):
+    """It failed at the hidden staging folder: a bare NotADirectoryError or PermissionError, exit 1."""
+    import os
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    code, err = shard(capsys, tiny_data, "--input", corpus, "--output", a_file / "mds")
+    assert code == 2 and err.endswith(f"--output {a_file / 'mds'}: cannot create it: {a_file} is a file")
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        code, err = shard(capsys, tiny_data, "--input", corpus, "--output", locked / "mds")
+        assert code == 2 and err.endswith(f"cannot create it: {locked} is not writable")
+
+
 def test_no_documents_is_an_error_and_writes_nothing(corpus, tiny_data, capsys, tmp_path):
     out = tmp_path / "mds"
     code, err = shard(capsys, tiny_data, "--input", corpus, "--output", out, "--text-field", "body")
