@@ -49,12 +49,8 @@ def check_output_free(output: Path | str, overwrite: bool) -> None:
     if taken and not overwrite:
         raise UsageError(f"--output {output}: already exists; pass --overwrite to replace it")
     # The staging folder goes beside it: its parent must be (or become) a writable folder.
-    parent = Path(os.path.abspath(output)).parent
-    existing = next(p for p in (parent, *parent.parents) if p.exists())
-    if not existing.is_dir():
-        raise UsageError(f"--output {output}: cannot create it: {existing} is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"--output {output}: cannot create it: {existing} is not writable")
+    if (problem := storage.why_not_creatable(output)) is not None:
+        raise UsageError(f"--output {output}: cannot create it: {problem}")
 
 
 @contextmanager

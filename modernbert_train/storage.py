@@ -91,6 +91,20 @@ def expand_home(path: str | None) -> str | None:
     return os.path.expanduser(path) if isinstance(path, str) and path.startswith("~") else path
 
 
+def why_not_creatable(path: str | os.PathLike) -> str | None:
+    """Why a local file or folder at `path` could not be created: its nearest existing ancestor is a file, or
+    a folder this process cannot write into. None when it could (a URI: the bucket's check says)."""
+    if is_uri(path):
+        return None
+    absolute = Path(os.path.abspath(path))
+    existing = next(p for p in absolute.parents if p.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
 def file_in(path: str | os.PathLike, name: str) -> str | Path:
     """The file `path` names where it may name a file or the folder holding `name` (a tokenizer.json, say):
     a local folder's `name`, a URI's `name` below it unless the URI ends in name's suffix; else itself."""

@@ -320,7 +320,7 @@ def test_output_that_is_a_file_is_refused_before_training(model_dir, tmp_path, c
     # Under a file; and a run refused for its input leaves no empty --output folder behind.
     with pytest.raises(SystemExit):
         cli([str(model_dir), "--train", str(train), "--eval", str(train), "--output", str(taken / "x")])
-    assert f"{taken} is a file, so the folder cannot be created" in capsys.readouterr().err
+    assert f"--output {taken / 'x'}: cannot create it: {taken} is a file" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli([str(model_dir), "--train", str(tmp_path / "missing.jsonl"), "--eval", str(train),
              "--output", str(tmp_path / "new" / "out")])  # fmt: skip

@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -219,11 +218,8 @@ def check_output(output: str) -> str:
     if folder.exists() and not folder.is_dir():
         raise FinetuneError(f"--output {output}: is a file; name a folder for {RESULTS_FILE}")
     # Created when the results are written: a run refused for its input leaves no empty folder behind.
-    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
-    if not existing.is_dir():
-        raise FinetuneError(f"--output {output}: {existing} is a file, so the folder cannot be created")
-    if not os.access(existing, os.W_OK):
-        raise FinetuneError(f"--output {output}: cannot create it: {existing} is not writable")
+    if (problem := storage.why_not_creatable(folder / RESULTS_FILE)) is not None:
+        raise FinetuneError(f"--output {output}: cannot create it: {problem}")
     return str(folder / RESULTS_FILE)
 
 
