@@ -178,9 +178,9 @@ def load_tokenizer(spec: str, named: dict[str, str] | None = None) -> LoadedToke
     of those is refused, naming the flag that would name it."""
     json_path = _resolve_json(spec)
     try:
-        json_text = json_path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise UsageError(f"--tokenizer {spec}: {json_path} is not UTF-8 text (byte {error.start})") from None
+        json_text = storage.decode_text(json_path.read_bytes(), json_path)
+    except storage.StorageError as error:  # names the line and the byte
+        raise UsageError(f"--tokenizer {spec}: {error}") from None
     try:
         tokenizer = Tokenizer.from_str(json_text)
         special_token_ids = _special_token_ids(tokenizer, json_path, named or {})

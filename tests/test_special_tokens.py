@@ -100,7 +100,7 @@ def test_a_damaged_tokenizer_config_or_a_non_utf8_tokenizer_is_named(tmp_path, c
     config.unlink()
     (tokenizer / "tokenizer.json").write_bytes(b"\xff\xfe{}")
     code, err = shard(tmp_path, capsys, tokenizer)
-    assert code == 2 and f"{tokenizer / 'tokenizer.json'} is not UTF-8 text" in err
+    assert code == 2 and f"{tokenizer / 'tokenizer.json'}:1: not UTF-8 text (byte 0xff)" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "shards").exists()
 
 

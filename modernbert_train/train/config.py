@@ -108,12 +108,12 @@ def to_dict(config: TrainConfig) -> dict[str, Any]:
 def _read_yaml(path: Path) -> DictConfig:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    from modernbert_train import storage
+
     try:
-        path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(
-            f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})"
-        ) from None
+        storage.decode_text(path.read_bytes(), path)
+    except storage.StorageError as e:  # names the line and the byte
+        raise ConfigError(str(e)) from None
     try:
         loaded = OmegaConf.load(path)
     except OSError as e:  # OmegaConf's "Invalid loaded object type": a YAML scalar, not a mapping

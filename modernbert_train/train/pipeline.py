@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from modernbert_train import storage
 from modernbert_train.cli_parser import OneLineErrorParser
 from modernbert_train.train.config import ConfigError, load_config
 
@@ -38,13 +39,11 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> list[Phase]:
     """Every phase's recipe and overrides, each checked as modernbert-train would check it (ConfigError)."""
     path = Path(path)
     try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+        document = yaml.safe_load(storage.decode_text(path.read_bytes(), path))
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the pipeline: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(
-            f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})"
-        ) from None
+    except storage.StorageError as e:  # not UTF-8: names the line and the byte
+        raise ConfigError(str(e)) from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not YAML: {str(e).splitlines()[0]}") from None
     entries = document.get("phases") if isinstance(document, dict) else None
