@@ -234,8 +234,10 @@ def read_hf_config(path: str | Path) -> ModernBertConfig:
 def _read_json(file: Path):
     """A JSON file of a model folder; one that is not UTF-8 JSON is a one-line HFCheckpointError."""
     try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        return json.loads(storage.decode_text(file.read_bytes(), file))
+    except storage.StorageError as error:  # not UTF-8: the file, line and byte
+        raise HFCheckpointError(str(error)) from None
+    except json.JSONDecodeError as error:
         raise HFCheckpointError(f"{file}: not valid JSON ({' '.join(str(error).split())[:200]})") from None
 
 
