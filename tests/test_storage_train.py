@@ -150,15 +150,19 @@ def test_a_damaged_checkpoint_in_a_bucket_is_skipped_and_moved_aside(s3_bucket, 
 def test_a_bucket_keeps_the_newest_checkpoints_across_a_resume(s3_bucket, write_recipe, tmp_path):
     """save_num_checkpoints_to_keep=2 with a checkpoint every batch: once each upload is done, the bucket
     holds the newest 2 with their checksums; the resumed run counts (and deletes) the first attempt's too,
-    and the run's other objects (a damaged checkpoint moved aside among them) stay."""
+    and the run's other objects (a damaged checkpoint moved aside among them) stay. The metrics' local copy
+    is deleted once uploaded."""
     run = storage.join(s3_bucket, "kept")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
 
     def train(duration: str) -> None:
         recipe = write_recipe(
             tmp_path / f"{duration}.yaml", max_duration=duration, autoresume=True, save_interval="1ba",
             save_num_checkpoints_to_keep=2, save_folder=run, data={"eval": []},
         )  # fmt: skip
-        run_train(recipe, timeout=600)
+        run_train(recipe, timeout=600, TMPDIR=str(scratch))
+        assert not list(scratch.glob("modernbert-metrics-*"))
 
     def checkpoints() -> set[str]:
         return {

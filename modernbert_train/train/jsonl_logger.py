@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -40,7 +41,7 @@ class JSONLLogger(LoggerDestination):
     `float()` reads back) and its key listed in the row's `non_finite`.
 
     A URI `path` (a run in a bucket) is written to a local copy, fetched at the start and uploaded at every
-    checkpoint and at the end: a crash loses at most the rows since the last checkpoint. Once `lock_lost` (the
+    checkpoint and at the end (then deleted): a crash loses at most the rows since the last checkpoint. Once `lock_lost` (the
     run lock's `lost()`) says why the bucket folder may be another run's, nothing more is uploaded.
     """
 
@@ -117,6 +118,9 @@ class JSONLLogger(LoggerDestination):
             self.final = True
         self._flush()
         self._upload()
+        if self.remote:
+            # The local copy is uploaded; a long campaign of bucket runs would otherwise fill the node's /tmp.
+            shutil.rmtree(self.path.parent, ignore_errors=True)
 
     def _upload(self) -> None:
         if self.lock_lost() is not None:
