@@ -41,8 +41,9 @@ class JSONLLogger(LoggerDestination):
     `float()` reads back) and its key listed in the row's `non_finite`.
 
     A URI `path` (a run in a bucket) is written to a local copy, fetched at the start and uploaded at every
-    checkpoint and at the end (then deleted): a crash loses at most the rows since the last checkpoint. Once `lock_lost` (the
-    run lock's `lost()`) says why the bucket folder may be another run's, nothing more is uploaded.
+    checkpoint and at the end (then deleted): a crash loses at most the rows since the last checkpoint. Once
+    `lock_lost` (the run lock's `lost()`) says why the bucket folder may be another run's, nothing more is
+    uploaded.
     """
 
     def __init__(
