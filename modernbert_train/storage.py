@@ -6,6 +6,7 @@ Anything else that looks like `scheme://` is an unsupported-scheme error, never 
 Errors are one-line `StorageError`s naming the URI.
 """
 
+import atexit
 import os
 import re
 import shutil
@@ -190,7 +191,11 @@ def _streaming_uploader(folder: Uri):
     from streaming.base.storage.upload import CloudUploader
 
     staging = tempfile.mkdtemp(prefix="modernbert-upload-")
-    return CloudUploader.get((staging, str(folder)), keep_local=True), staging
+    try:
+        return CloudUploader.get((staging, str(folder)), keep_local=True), staging
+    except BaseException:  # no client for the scheme, no credentials: nothing of ours left in /tmp
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def _streaming_list(uri: Uri) -> list[str]:
@@ -352,12 +357,17 @@ def upload_file(local: str | os.PathLike, path: str | os.PathLike) -> None:
         _s3_call(uri, "write", _s3().upload_file, Filename=str(local), Bucket=uri.bucket, Key=uri.key)
         return
     parent, _, name = uri.key.rpartition("/")
-    uploader, staging = _streaming_uploader(Uri(uri.scheme, uri.bucket, parent))
+    staging = None
     try:
+        uploader, staging = _streaming_uploader(Uri(uri.scheme, uri.bucket, parent))
         shutil.copyfile(local, Path(staging, name))
         uploader.upload_file(name)
+    except Exception as e:  # the client's own errors (no credentials, no network) as one line
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise StorageError(f"{uri}: cannot write: {reason}") from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def move(path: str | os.PathLike, target: str | os.PathLike) -> None:
@@ -450,6 +460,13 @@ def download_folder(path: str | os.PathLike, local: str | os.PathLike) -> Path:
     for name in names:
         download_file(join(path, name), Path(local, name))
     return Path(local)
+
+
+def scratch_folder(prefix: str) -> Path:
+    """A new local temporary folder for what a process needs until it exits, deleted at its exit."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 @contextmanager

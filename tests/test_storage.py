@@ -1,6 +1,11 @@
 """modernbert_train.storage against local folders and the real S3 API server (moto) the suite starts."""
 
+import os
 import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -96,6 +101,34 @@ def test_a_failed_upload_and_another_schemes_client_are_one_line_errors(s3_serve
         storage.download_file("gs://some-bucket/x.txt", tmp_path / "fetched.txt")
     assert "\n" not in str(caught.value) and not (tmp_path / "fetched.txt").exists()
     assert storage.is_uri("s3:/bucket/key") and not storage.is_uri("c:/data") and not storage.is_uri("a/b:/c")
+
+
+def test_another_schemes_refused_client_is_one_line_and_leaves_nothing_in_tmp(tmp_path, monkeypatch):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    local = tmp_path / "x.txt"
+    local.write_text("x")
+    with pytest.raises(StorageError, match=r"^gs://some-bucket/run: cannot list it: "):
+        storage.list_files("gs://some-bucket/run")
+    with pytest.raises(StorageError, match=r"^gs://some-bucket/x.txt: cannot write: ") as caught:
+        storage.upload_file(local, "gs://some-bucket/x.txt")
+    assert "\n" not in str(caught.value)
+    assert list(scratch.iterdir()) == []
+
+
+def test_a_scratch_folder_is_deleted_at_exit(tmp_path):
+    """What a run fetches for its whole life (a tokenizer from a bucket) goes there, not into /tmp for good."""
+    code = (
+        "from modernbert_train import storage; "
+        "folder = storage.scratch_folder('modernbert-x-'); (folder / 'f').write_text('x'); print(folder)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, "TMPDIR": str(tmp_path)}, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    folder = Path(done.stdout.strip())
+    assert folder.parent == tmp_path and folder.name.startswith("modernbert-x-") and not folder.exists()
 
 
 def test_a_malformed_endpoint_is_named(monkeypatch):

@@ -1,7 +1,6 @@
 """The recipe's `data` section -> train and eval loaders over MDS shards, and their tokenizer."""
 
 import math
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,7 +42,7 @@ def tokenizer_file(config: TrainConfig) -> Path:
     given = config.data.tokenizer
     first = config.data.train[0]
     if given is None and first.remote:
-        cache = Path(first.local or tempfile.mkdtemp(prefix="modernbert-tokenizer-"))
+        cache = Path(first.local or storage.scratch_folder("modernbert-tokenizer-"))
         try:
             return storage.download_file(
                 storage.join(first.remote, "tokenizer.json"), cache / "tokenizer.json"
@@ -53,7 +52,7 @@ def tokenizer_file(config: TrainConfig) -> Path:
                 f"data.train.0.remote: no tokenizer.json in {first.remote} (set data.tokenizer)"
             ) from None
     if storage.is_uri(given):
-        cache = Path(tempfile.mkdtemp(prefix="modernbert-tokenizer-"))
+        cache = storage.scratch_folder("modernbert-tokenizer-")
         uri = storage.file_in(given, "tokenizer.json")
         try:
             return storage.download_file(uri, cache / uri.rpartition("/")[2])
