@@ -118,13 +118,17 @@ def test_another_schemes_refused_client_is_one_line_and_leaves_nothing_in_tmp(tm
 
 
 def test_a_scratch_folder_is_deleted_at_exit(tmp_path):
-    """What a run fetches for its whole life (a tokenizer from a bucket) goes there, not into /tmp for good."""
+    """What a run fetches for its whole life (a tokenizer from a bucket) goes there, not into /tmp for
+    good."""
     code = (
         "from modernbert_train import storage; "
         "folder = storage.scratch_folder('modernbert-x-'); (folder / 'f').write_text('x'); print(folder)"
     )
     done = subprocess.run(
-        [sys.executable, "-c", code], env={**os.environ, "TMPDIR": str(tmp_path)}, capture_output=True, text=True
+        [sys.executable, "-c", code],
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr
     folder = Path(done.stdout.strip())
