@@ -105,6 +105,23 @@ def test_auto_picks_sdpa_on_cpu_and_forcing_an_unusable_backend_fails():
         resolve_backend("flex", cpu, dropout=True)
 
 
+def test_a_float32_model_is_never_given_a_half_precision_kernel():
+    """flash and varlen compute in bf16: a float32 model (precision fp32) gets sdpa or flex from auto, and
+    forcing one is refused, where the kernels would have cast its attention to bf16 without a word."""
+    cuda = torch.device("cuda")  # the choice alone: no kernel runs
+    for name in ("flash", "varlen"):
+        assert name not in available_backends(cuda, dropout=False, backward=True, half_precision=False)
+        with pytest.raises(ModelConfigError, match=f"attn_backend='{name}' computes in bf16/fp16 only"):
+            resolve_backend(name, cuda, dropout=False, backward=True, half_precision=False)
+    values = dict(vocab_size=64, pad_token_id=0, cls_token_id=1, sep_token_id=2, mask_token_id=3)
+    model = ModernBertForMaskedLM(ModernBertConfig.from_preset("tiny", **values)).model
+    cpu = torch.device("cpu")
+    assert not model._half_precision(cpu)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model._half_precision(cpu)
+    assert model.bfloat16()._half_precision(cpu)
+
+
 def tiles_of(counts: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """A BlockMask's (num_blocks, indices) pair as a dense [q tiles, kv tiles] boolean matrix."""
     dense = torch.zeros(counts.shape[-1], indices.shape[-1], dtype=torch.bool)
@@ -204,6 +221,8 @@ def test_auto_backend_model_on_cuda_matches_cpu():
     ids = torch.randint(4, 64, (3, 50))
     mask = torch.ones_like(ids)
     mask[1, 30:] = 0
+    cuda = torch.device("cuda")
+    assert resolve_backend("auto", cuda, False, True, half_precision=False) in ("flex", "sdpa")  # float32
     with torch.no_grad():
         expected = model(ids, attention_mask=mask).logits
         got = model.cuda()(ids.cuda(), attention_mask=mask.cuda()).logits.cpu()

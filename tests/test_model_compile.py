@@ -14,14 +14,15 @@ from modernbert_train.train.composer_model import split_batch
 VOCAB, SEQ_LEN = 90, 32
 
 
-def packed_inputs(seed: int) -> dict:
-    """Four rows of SEQ_LEN slots, packed with documents of random lengths (a different layout per seed)."""
+def packed_inputs(seed: int, min_doc: int = 1, max_doc: int = SEQ_LEN - 1, full: bool = False) -> dict:
+    """Four rows of SEQ_LEN slots, packed with documents of random lengths (a different layout per seed);
+    full: every slot taken."""
     rng = np.random.default_rng(seed)
     rows, labels = [], {}
     for r in range(4):
-        row, left = [], int(rng.integers(SEQ_LEN - 6, SEQ_LEN + 1))
+        row, left = [], SEQ_LEN if full else int(rng.integers(SEQ_LEN - 6, SEQ_LEN + 1))
         while left > 0:
-            n = min(left, int(rng.integers(1, SEQ_LEN)))
+            n = min(left, int(rng.integers(min_doc, max_doc + 1)))
             ids = rng.integers(4, VOCAB, n)
             row.append(Chunk((r, len(row)), ids))
             labels[row[-1].key] = np.where(rng.random(n) < 0.4, ids, -100)
@@ -71,8 +72,27 @@ def test_compiled_layers_do_not_recompile_per_batch():
     called object by identity) until its recompile limit, and then run eager."""
     model = tiny_model()
     counter = CompileCounterWithBackend("eager")
-    for layer in model.model.layers:
-        layer.compile(backend=counter, dynamic=True)
+    model.model.compile_layers(backend=counter)
     for seed in range(4):
         model(**packed_inputs(seed), return_logits=False).loss.backward()
     assert counter.frame_count == 3
+
+
+def test_every_variant_of_the_compiled_layers_stays_compiled():
+    """All layers share one code object, so one compile cache: training and evaluation, batches whose rows
+    are each one whole document (no scatter index) and batches of documents shorter than the window (the
+    local mask is the global one) each need graphs of their own. torch's default limit of 8 per code object
+    was met by a long-document corpus with evaluation, and past it layers ran eager with one warning line."""
+    model = tiny_model()
+    counter = CompileCounterWithBackend("eager")
+    model.model.compile_layers(backend=counter)
+    kinds = [packed_inputs(0), packed_inputs(1, SEQ_LEN, SEQ_LEN, full=True), packed_inputs(2, max_doc=4)]
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):  # past the limit: raise, not eager
+        for _ in range(2):
+            for inputs in kinds:
+                model.train()(**inputs, return_logits=False).loss.backward()
+                with torch.no_grad():
+                    model.eval()(**inputs, return_logits=False)
+            compiled = counter.frame_count
+    assert compiled > 8  # more than torch's default limit, all compiled once, none again
+    assert counter.frame_count == compiled

@@ -91,10 +91,14 @@ def _flex_backward_runs_on_cpu() -> bool:
     return True
 
 
-def available_backends(device: torch.device, dropout: bool, backward: bool = False) -> list[str]:
+def available_backends(
+    device: torch.device, dropout: bool, backward: bool = False, half_precision: bool = True
+) -> list[str]:
     """The backends that can run on `device`, best first. dropout: whether attention dropout is on;
-    backward: whether the pass must also backpropagate (training)."""
-    cuda = device.type == "cuda"
+    backward: whether the pass must also backpropagate (training); half_precision: whether the attention
+    inputs are bf16 or fp16 (autocast, or a half-precision model). flash and varlen compute in half
+    precision only, so a float32 model is never given them: its attention would silently be bf16."""
+    cuda = device.type == "cuda" and half_precision
     found = []
     if cuda and _flash_attn_func() is not None:
         found.append("flash")
@@ -104,15 +108,17 @@ def available_backends(device: torch.device, dropout: bool, backward: bool = Fal
     if (
         not dropout
         and _flex_attention_funcs(False) is not None
-        and (cuda or not backward or _flex_backward_runs_on_cpu())
+        and (device.type == "cuda" or not backward or _flex_backward_runs_on_cpu())
     ):
         found.append("flex")
     return found + ["sdpa"]
 
 
-def resolve_backend(name: str, device: torch.device, dropout: bool, backward: bool = False) -> str:
+def resolve_backend(
+    name: str, device: torch.device, dropout: bool, backward: bool = False, half_precision: bool = True
+) -> str:
     """Pick the backend for `auto`, or check that a forced one can run here (and train, with backward)."""
-    usable = available_backends(device, dropout, backward)
+    usable = available_backends(device, dropout, backward, half_precision)
     if name == "auto":
         # Eager FlexAttention on a CPU is slower than SDPA, so auto only takes it on a GPU.
         return next(b for b in usable if device.type == "cuda" or b != "flex")
@@ -122,6 +128,8 @@ def resolve_backend(name: str, device: torch.device, dropout: bool, backward: bo
             "varlen": "needs torch.nn.attention.varlen with window_size (newer torch) and a CUDA device",
             "flex": "needs torch FlexAttention",
         }[name]
+        if name in ("flash", "varlen") and device.type == "cuda" and not half_precision:
+            why = "computes in bf16/fp16 only and this model runs in float32 (use precision amp_bf16)"
         if name == "flex" and not dropout and backward and _flex_attention_funcs(False) is not None:
             why = f"cannot train on a CPU with torch {torch.__version__} (FlexAttention has no CPU backward)"
         extra = (

@@ -42,7 +42,7 @@ def flops_per_token(
     config: ModernBertConfig, seq_len: int, labelled_fraction: float = MLM_PROBABILITY
 ) -> float:
     """Training FLOPs per token when `labelled_fraction` of the tokens carry a label
-    (base at 1024 tokens and 30% masking: 0.8245 GFLOP/token)."""
+    (base at 1024 tokens and 30% masking: 0.8246 GFLOP/token)."""
     return encoder_flops_per_token(config, seq_len) + labelled_fraction * head_flops_per_labelled_token(
         config
     )

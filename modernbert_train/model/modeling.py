@@ -41,6 +41,9 @@ pytree.register_pytree_node(
 )
 
 
+LAYER_GRAPHS = 64  # compiled graphs kept per code object: see ModernBertModel.compile_layers
+
+
 class ModernBertModel(nn.Module):
     """Embeddings, the encoder layers and the final norm, over a flat token stream."""
 
@@ -68,13 +71,22 @@ class ModernBertModel(nn.Module):
         config = self.config
         dropout = self.training and config.attention_dropout > 0
         backward = torch.is_grad_enabled()
-        backend = resolve_backend(config.attn_backend, input_ids.device, dropout, backward)
+        half = self._half_precision(input_ids.device)
+        backend = resolve_backend(config.attn_backend, input_ids.device, dropout, backward, half)
         half_window = config.local_attention // 2 if self.has_local_layers else None
         # Built once per forward and shared by all layers. Outside `encode`: the backend is picked by
         # probing what this torch and device can run, and FlexAttention's block masks are made by calls
         # torch.compile cannot trace.
         attention = build_attention(backend, layout, half_window)
         return self.encode(input_ids, layout.positions, attention, keep)
+
+    def _half_precision(self, device: torch.device) -> bool:
+        """Whether the attention inputs are bf16/fp16 here: autocast's dtype, else the weights'."""
+        if torch.is_autocast_enabled(device.type):
+            dtype = torch.get_autocast_dtype(device.type)
+        else:
+            dtype = self.embeddings.tok_embeddings.weight.dtype
+        return dtype in (torch.float16, torch.bfloat16)
 
     def encode(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attention, keep: torch.Tensor | None = None
@@ -89,6 +101,19 @@ class ModernBertModel(nn.Module):
             rotary = rotary_global if layer.attn.is_global else rotary_local
             hidden = layer(hidden, rotary, attention, keep if i == last else None)
         return self.final_norm(hidden)
+
+    def compile_layers(self, backend="inductor") -> None:
+        """torch.compile each encoder layer in place (parameter names unchanged, so checkpoints and exports
+        are the same compiled or not), with dynamic shapes: the token count varies per batch.
+
+        All layers share one forward, hence one compile cache, which needs up to 3 layer kinds (global,
+        local, the last with `keep`) x training or evaluation x a batch with or without a scatter index
+        (every row one whole document) x a local mask of its own or the global one (documents shorter than
+        the window) = 24 graphs. torch runs a function eager past its recompile limit (default 8, with one
+        warning line), so the limit is raised to LAYER_GRAPHS."""
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, LAYER_GRAPHS)
+        for layer in self.layers:
+            layer.compile(backend=backend, dynamic=True)
 
 
 class ModernBertForMaskedLM(nn.Module):

@@ -157,14 +157,6 @@ def load_pretrained(model: ModernBertMLM, pretrained: torch.nn.Module, path: str
         raise ConfigError(f"model.init_from_hf: {path} does not fit the configured model: {detail}") from None
 
 
-def compile_layers(model: ModernBertMLM) -> None:
-    """torch.compile each encoder layer in place (parameter names unchanged, so checkpoints and exports
-    are the same compiled or not). The unpadding and sparse head around them have data-dependent shapes
-    that would break one whole-model graph; the token count varies per batch, hence dynamic shapes."""
-    for layer in model.model.model.layers:
-        layer.compile(dynamic=True)
-
-
 def precision(config: TrainConfig) -> str:
     if config.precision != "auto":
         return config.precision
@@ -310,12 +302,15 @@ def build_run(
     model = ModernBertMLM(model_config(config, data, read_hf_config(init_from) if init_from else None))
     # A forced backend that cannot train on this device is refused now, not at the first forward.
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolve_backend(model.config.attn_backend, device, model.config.attention_dropout > 0, backward=True)
+    half = precision(config) != "fp32"
+    resolve_backend(model.config.attn_backend, device, model.config.attention_dropout > 0, True, half)
     # The released weights only start a run: a resumed or loaded checkpoint replaces them.
     if init_from and start.kind is StartKind.FRESH:
         load_pretrained(model, from_hf(init_from), init_from)
     if config.model.compile:
-        compile_layers(model)
+        # The unpadding and sparse head around the layers have data-dependent shapes that would break one
+        # whole-model graph.
+        model.model.model.compile_layers()
     optimizer = build_optimizer(
         model.model,
         lr=config.optimizer.lr,
