@@ -13,6 +13,7 @@ loads the same model.
 
 import dataclasses
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -290,13 +291,19 @@ def to_hf(model: ModernBertForMaskedLM, out_dir: str | Path, tokenizer=None) -> 
             storage.upload_folder(staging, out_dir, last=["config.json"])
         return out_dir
     model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    weights = model.state_dict()
+    if TIED_KEY in weights and not torch.equal(weights[TIED_KEY], weights[EMBEDDING_KEY]):
+        # transformers ties them on load: an untied decoder would be replaced by the embeddings silently.
+        raise ValueError(f"cannot export: {TIED_KEY} is not tied to {EMBEDDING_KEY}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config_to_hf(model.config), indent=2) + "\n")
-    state = {
-        key: value.detach().cpu().contiguous() for key, value in model.state_dict().items() if key != TIED_KEY
-    }
+    state = {key: value.detach().cpu().contiguous() for key, value in weights.items() if key != TIED_KEY}
     save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    # safetensors 0.8 writes through a temporary file and leaves it 0600; the umask decides, as for the rest.
+    umask = os.umask(0)
+    os.umask(umask)
+    (out / "model.safetensors").chmod(0o666 & ~umask)
     if tokenizer is not None:
         save_tokenizer(tokenizer, out, model.config)
     return out

@@ -1,6 +1,7 @@
 """Our model against transformers' ModernBertForMaskedLM: same logits, loss and gradients; export/import."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -151,6 +152,14 @@ def test_to_hf_writes_tied_weights_and_token_ids(tmp_path):
     assert written["architectures"] == ["ModernBertForMaskedLM"]
     assert {key: written[key] for key in TOKEN_IDS} == TOKEN_IDS
     assert config_from_hf(written) == config
+    # As every other file (safetensors 0.8 writes 0600 through a temporary file): others can load it.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+    # transformers ties the decoder to the embeddings on load: an untied one is refused, never replaced.
+    model.decoder.weight = torch.nn.Parameter(model.decoder.weight.detach() + 1)
+    with pytest.raises(ValueError, match="decoder.weight is not tied to model.embeddings.tok_embeddings"):
+        to_hf(model, tmp_path / "untied")
 
 
 def test_to_hf_writes_both_dialects_with_the_local_theta_resolved(tmp_path):

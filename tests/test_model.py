@@ -200,6 +200,9 @@ def test_input_shape_errors():
         model(torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match="input_ids must be flat"):
         model(torch.zeros(1, 5, dtype=torch.long), cu_seqlens=torch.tensor([0, 5], dtype=torch.int32))
+    # Documents of 30 and 20 tokens given max_seqlen=20 were mixed up in attention, without a word.
+    with pytest.raises(ValueError, match=r"max_seqlen=20 is below the longest document \(30 tokens\)"):
+        model(torch.ones(50, dtype=torch.long), cu_seqlens=torch.tensor([0, 30, 50]).int(), max_seqlen=20)
 
 
 def test_flops_per_token_counts_the_head_for_labelled_tokens_only():

@@ -142,7 +142,7 @@ class ModernBertForMaskedLM(nn.Module):
         Unpadded/packed: input_ids [T], cu_seqlens int32 [D + 1], optional max_seqlen, labels [T], and
         optionally labelled_index int64 [N], the positions in [T] whose label is not -100, ascending.
         max_seqlen and labelled_index given by a caller that knows them on the host spare the device
-        a sync each.
+        a sync each; max_seqlen must be at least the longest document (checked on a CPU only).
 
         return_logits=False (training, with labels): the loss comes from a chunked cross-entropy that
         never holds the [N, vocab] logits, and the output's logits are None."""
@@ -163,6 +163,9 @@ class ModernBertForMaskedLM(nn.Module):
                 )
             if max_seqlen is None:
                 max_seqlen = int(cu_seqlens.diff().max())
+            elif cu_seqlens.device.type == "cpu" and max_seqlen < (longest := int(cu_seqlens.diff().max())):
+                # A short max_seqlen mixes documents up in attention. Checked where it costs no device sync.
+                raise ValueError(f"max_seqlen={max_seqlen} is below the longest document ({longest} tokens)")
         layout = DocumentLayout.from_cu_seqlens(cu_seqlens, max_seqlen, input_ids.shape[0])
 
         if labels is not None:
