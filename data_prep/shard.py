@@ -242,7 +242,7 @@ def shard(
             )
         # Here, once the workers are done: the data package imports torch, which makes the pool spawn workers
         # that each import it again.
-        from modernbert_train.data.tokens import tokenizer_identity
+        from modernbert_train.data.tokens import IDENTITY_RULE, tokenizer_identity
 
         shutil.copyfile(tokenizer.json_path, folder / "tokenizer.json")
         for companion in tokenizer.companion_files():
@@ -255,8 +255,9 @@ def shard(
                 "from": tokenizer.spec,
                 "vocab_size": tokenizer.vocab_size,
                 **tokenizer.special_token_ids,
-                # What decides the ids (vocabulary, merges, added tokens), compared by training.
+                # What decides the ids (data.tokens.IDENTITY_PARTS), compared by training.
                 "identity": tokenizer_identity(Path(tokenizer.json_path).read_text(encoding="utf-8")),
+                "identity_rule": IDENTITY_RULE,
             },
             "columns": mds_columns(tokenizer.dtype),
             "dtype": tokenizer.dtype,

@@ -159,7 +159,11 @@ def _build(root: Path) -> None:
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A folder with `tokenizer/`, `train/` and `val/` (MDS, each with its tokenizer.json)."""
-    shared = tmp_path_factory.getbasetemp().parent
+    # Built once per session: under xdist the workers' temp folders share the session's as their parent; a
+    # run without xdist has its own (that parent is /tmp/pytest-of-USER, kept across sessions and code
+    # changes).
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
     root = shared / "tiny_data"
     with FileLock(str(shared / "tiny_data.lock")):
         if not (root / "val" / "index.json").exists():

@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from modernbert_train import storage
-from modernbert_train.data.tokens import tokenizer_identity
+from modernbert_train.data.tokens import IDENTITY_RULE, tokenizer_identity
 from modernbert_train.train.config import ConfigError, load_config
 from modernbert_train.train.data_checks import check_sources
 
@@ -61,8 +61,14 @@ def test_shard_records_the_identity_and_training_compares_it(write_recipe, tiny_
     tokenizer = tiny_data / "tokenizer" / "tokenizer.json"
     recorded = json.loads((tiny_data / "train" / "modernbert_data.json").read_text())["tokenizer"]
     assert recorded["identity"] == tokenizer_identity(tokenizer.read_text())
+    assert recorded["identity_rule"] == IDENTITY_RULE
     # Formatting is not identity: the same tokenizer written another way has the same one.
     assert tokenizer_identity(json.dumps(json.loads(tokenizer.read_text()), indent=4)) == recorded["identity"]
+    # What changes the ids beyond the vocabulary is: a lowercasing normalizer, another pre-tokenizer.
+    for part, value in (("normalizer", {"type": "Lowercase"}), ("pre_tokenizer", {"type": "Whitespace"})):
+        changed = json.loads(tokenizer.read_text())
+        changed[part] = value
+        assert tokenizer_identity(json.dumps(changed)) != recorded["identity"]
 
     # The recorded identity decides, with no tokenizer.json beside the shards.
     copy = shutil.copytree(tiny_data / "train", tmp_path / "train")
@@ -75,12 +81,18 @@ def test_shard_records_the_identity_and_training_compares_it(write_recipe, tiny_
         check_sources(config_over(write_recipe, tiny_data / "train", copy), tokenizer)
     assert str(error.value) == (
         f"data.train.1.local: {copy} was tokenized with another tokenizer (its tokenizer identity "
-        f"recorded in modernbert_data.json differs from the run's {tokenizer} in vocabulary, merges or "
-        "added tokens)"
+        f"recorded in modernbert_data.json differs from the run's {tokenizer} in vocabulary, merges, added "
+        "tokens, normalizer, pre-tokenizer or post-processor)"
     )
+    # An identity recorded by the older rule (model and added tokens only) is not compared: the copy decides.
+    metadata["tokenizer"].pop("identity_rule")
+    (copy / "modernbert_data.json").write_text(json.dumps(metadata))
+    shutil.copyfile(tokenizer, copy / "tokenizer.json")
+    check_sources(config_over(write_recipe, copy), tokenizer)
 
     # Nothing recorded at all (MDS written by another tool): said, not silent.
     (copy / "modernbert_data.json").unlink()
+    (copy / "tokenizer.json").unlink()
     with caplog.at_level(logging.WARNING, logger="modernbert_train.train.data_checks"):
         check_sources(config_over(write_recipe, copy), tokenizer)
     assert f"data.train.0.local: {copy} records no tokenizer" in caplog.text

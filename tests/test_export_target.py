@@ -120,7 +120,7 @@ def test_a_bucket_target_is_checked_like_a_folder_and_an_overwrite_leaves_no_sta
 def test_another_tokenizer_is_refused_and_a_reformatted_one_ships(tmp_path, capsys, s3_bucket):
     """--tokenizer may ship the checkpoint's own tokenizer in another file (reformatted, say), not another
     tokenizer: its ids would name other tokens in the exported model's config."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
     def tokenizer(vocab: list[str], path):
         made = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token=vocab[4]))
@@ -139,6 +139,14 @@ def test_another_tokenizer_is_refused_and_a_reformatted_one_ships(tmp_path, caps
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert f"--tokenizer {other}: not the tokenizer checkpoint {tmp_path / 'ck.pt'} was trained with" in err
     assert not (tmp_path / "out").exists()
+    # The same vocabulary with a lowercasing normalizer maps text to other ids: another tokenizer too.
+    lowered = Tokenizer.from_file(str(trained))
+    lowered.normalizer = normalizers.Lowercase()
+    lowered.save(str(tmp_path / "lowered.json"))
+    code, err = export_cli(
+        capsys, tmp_path / "ck.pt", tmp_path / "out", "--tokenizer", tmp_path / "lowered.json"
+    )
+    assert code == 2 and "not the tokenizer checkpoint" in err and not (tmp_path / "out").exists()
     missing = tmp_path / "none.json"
     code, err = export_cli(capsys, tmp_path / "ck.pt", tmp_path / "out", "--tokenizer", missing)
     assert code == 2 and f"--tokenizer {missing}: {missing} does not exist" in err

@@ -4,13 +4,27 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+# What the identity covers, for messages; the rule's number is recorded beside an identity (shard records made
+# under rule 1, which hashed the model and added tokens only, are not compared by it).
+IDENTITY_PARTS = "vocabulary, merges, added tokens, normalizer, pre-tokenizer or post-processor"
+IDENTITY_RULE = 2
+
 
 def tokenizer_identity(text: str) -> str:
-    """A hash of what decides a tokenizer.json's ids (model: vocabulary and merges; added tokens), not of its
-    formatting. `modernbert-data shard` records it in modernbert_data.json; training compares it."""
+    """A hash of what decides a tokenizer.json's ids, not of its formatting: the model (vocabulary and
+    merges), the added tokens with their matching flags, and the normalizer, pre-tokenizer and
+    post-processor (a lowercasing normalizer alone changes the ids). The decoder, truncation and padding
+    settings are left out. `modernbert-data shard` records it in modernbert_data.json; training compares
+    it."""
     tokenizer = json.loads(text)
-    added = sorted((token["id"], token["content"]) for token in tokenizer.get("added_tokens") or [])
-    essential = {"model": tokenizer.get("model"), "added_tokens": added}
+    added = sorted(
+        (token.get("id"), json.dumps(token, sort_keys=True)) for token in tokenizer.get("added_tokens") or []
+    )
+    essential = {
+        "model": tokenizer.get("model"),
+        "added_tokens": added,
+        **{part: tokenizer.get(part) for part in ("normalizer", "pre_tokenizer", "post_processor")},
+    }
     return hashlib.sha256(json.dumps(essential, sort_keys=True).encode()).hexdigest()
 
 

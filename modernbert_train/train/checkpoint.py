@@ -72,7 +72,7 @@ class CheckpointSummary:
     clock: dict[str, int]  # the training time it was saved at: {"batch": 10, "token": 4934, ...}
     # The recipe of the run that saved it (None: saved before checkpoints kept their recipe).
     recipe: dict[str, Any] | None
-    # The tokenizer it was trained with, as `tokenizer_identity` (vocabulary, merges, added tokens) names it
+    # The tokenizer it was trained with, as `tokenizer_identity` (the parts that decide the ids) names it
     tokenizer_identity: str | None = None
     wandb_run_id: str | None = None  # the W&B run it logged to (None: none, or saved before ids were kept)
 

@@ -1,7 +1,7 @@
 """The recipe's data checked before training starts, where a fault would otherwise strike hours in: every
 stream's index.json read and every shard it lists present (a local folder or a bucket: one listing per
 stream), and every stream tokenized with the run's tokenizer (its tokenizer.json, which `modernbert-data
-shard` copies into the folder, has the same vocabulary, merges and added tokens: same-sized vocabularies with
+shard` copies into the folder, maps text to the same ids (`tokenizer_identity`): same-sized vocabularies with
 the same special ids can still map text differently).
 """
 
@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 from modernbert_train import storage
-from modernbert_train.data.tokens import tokenizer_identity
+from modernbert_train.data.tokens import IDENTITY_PARTS, IDENTITY_RULE, tokenizer_identity
 from modernbert_train.train.config import ConfigError
 from modernbert_train.train.schema import TrainConfig
 
@@ -38,7 +38,7 @@ def check_sources(config: TrainConfig, tokenizer_file: Path) -> None:
             elif theirs != ours:
                 raise ConfigError(
                     f"{key}: {folder} was tokenized with another tokenizer (its {where} differs from the "
-                    f"run's {tokenizer_file} in vocabulary, merges or added tokens)"
+                    f"run's {tokenizer_file} in {IDENTITY_PARTS})"
                 )
 
 
@@ -57,11 +57,10 @@ def _recorded_identity(key: str, folder: str, files: set[str]) -> tuple[str | No
     """The identity of the tokenizer a stream was sharded with: recorded in its modernbert_data.json at shard
     time, else (shards from before it was recorded) computed from the tokenizer.json shard copies there."""
     if METADATA_FILE in files:
-        recorded = (
-            read_metadata(storage.join(folder, METADATA_FILE), key).get("tokenizer", {}).get("identity")
-        )
-        if recorded is not None:
-            return recorded, f"tokenizer identity recorded in {METADATA_FILE}"
+        recorded = read_metadata(storage.join(folder, METADATA_FILE), key).get("tokenizer", {})
+        # An identity recorded by an older rule is another hash of the same tokenizer: the copy decides.
+        if recorded.get("identity") is not None and recorded.get("identity_rule") == IDENTITY_RULE:
+            return recorded["identity"], f"tokenizer identity recorded in {METADATA_FILE}"
     if "tokenizer.json" in files:
         return tokenizer_identity(storage.read_text(storage.join(folder, "tokenizer.json"))), "tokenizer.json"
     return None, ""

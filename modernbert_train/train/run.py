@@ -19,7 +19,7 @@ from composer.loggers import WandBLogger
 from composer.utils import FSDP2Config, collect_env, dist, reproducibility
 
 from modernbert_train import storage
-from modernbert_train.data.tokens import tokenizer_identity
+from modernbert_train.data.tokens import IDENTITY_PARTS, tokenizer_identity
 from modernbert_train.hf import from_hf, read_hf_config
 from modernbert_train.model import ModernBertConfig, pad_vocab_size
 from modernbert_train.model.attention import resolve_backend
@@ -262,7 +262,7 @@ def _check_tokenizer(start: RunStart, tokenizer_file: Path) -> None:
     if tokenizer_identity(Path(tokenizer_file).read_text()) != start.tokenizer_identity:
         raise CheckpointError(
             f"tokenizer {tokenizer_file} is not the one checkpoint {start.checkpoint} was trained with (its "
-            "vocabulary, merges or added tokens differ); use that tokenizer and data sharded with it, or "
+            f"{IDENTITY_PARTS} differ); use that tokenizer and data sharded with it, or "
             "start a new run"
         )
 
