@@ -161,7 +161,23 @@ GOOD = '{"text": "red cat", "label": "a"}\n{"text": "blue dog", "label": "b"}\n'
         ("t.jsonl", GOOD, ["--dropout", "1.5"], "--dropout must be in [0, 1), got 1.5"),
         ("t.jsonl", GOOD, ["--dropout", "1"], "--dropout must be in [0, 1), got 1.0"),
         ("t.jsonl", GOOD, ["--warmup-ratio", "-2"], "--warmup-ratio must be in [0, 1], got -2.0"),
-        ("t.jsonl", GOOD, ["--weight-decay", "-1"], "--weight-decay must be in at least 0, got -1.0"),
+        ("t.jsonl", GOOD, ["--weight-decay", "-1"], "--weight-decay must be finite and at least 0, got -1.0"),
+        ("t.jsonl", GOOD, ["--weight-decay", "inf"], "--weight-decay must be finite and at least 0, got inf"),
+        ("t.jsonl", GOOD, ["--weight-decay", "nan"], "--weight-decay must be finite and at least 0, got nan"),
+        ("t.jsonl", GOOD, ["--lr", "inf"], "--lr must be a positive finite number, got inf"),
+        ("t.jsonl", GOOD, ["--lr", "nan"], "--lr must be a positive finite number, got nan"),
+        ("t.jsonl", GOOD, ["--dropout", "nan"], "--dropout must be in [0, 1), got nan"),
+        # A quote left open in a CSV: the file and the line it opens on, not a "missing" label field.
+        (
+            "t.csv",
+            'text,label\nred,a\n"blue,b\ngreen,a\nsea,b\n',
+            [],
+            "t.csv:3: a quoted field in the record starting here is never closed",
+        ),
+        ("t.csv", 'text,label\nred,a\n"blue"x,b\n', [], "t.csv:3: ',' expected after '\"'"),
+        # Line numbers count blank lines and the lines of a quoted cell that spans several.
+        ("t.csv", 'text,label\n"red\ncat",a\n\n\nblue,b,x\n', [], "t.csv:6: more columns than the header"),
+        ("t.csv", "text,label\nred,a\nblue, \n", [], "t.csv:3: label ' ' is blank"),
         ("t.jsonl", GOOD, ["--seeds", "0", "-1"], "--seeds must be non-negative integers, got [0, -1]"),
         ("t.jsonl", GOOD, ["--device", "tpu"], "--device must be auto, cpu or cuda, got 'tpu'"),
     ],
@@ -380,3 +396,123 @@ def test_model_data_and_results_in_a_bucket(model_dir, tmp_path, s3_bucket, caps
         error
         == f"modernbert-finetune: error: {missing}: no config.json (expected an exported ModernBERT folder)"
     )
+
+
+def run_cli(capsys, model, train, output, *flags) -> tuple[int, str]:
+    """(exit code, stderr) of modernbert-finetune; stderr must be one line when it fails."""
+    try:
+        cli([str(model), "--train", str(train), "--eval", str(train), "--output", str(output), *flags])
+    except SystemExit as exit:
+        error = capsys.readouterr().err.strip()
+        assert len(error.splitlines()) == 1, error
+        return exit.code, error
+    return 0, capsys.readouterr().err
+
+
+def test_diverging_training_is_an_error_not_a_score(model_dir, tmp_path, capsys, monkeypatch):
+    """A learning rate that blows the loss up used to be scored (argmax of NaN logits is class 0) and left
+    "train_loss": NaN, invalid JSON, in results.json."""
+    from modernbert_train.finetune import train as train_module
+
+    data = write(tmp_path / "train.jsonl", examples(32, seed=1))
+    flags = ("--text-field", "sentence", "--label-field", "colour", "--epochs", "2", "--batch-size", "8")
+    code, error = run_cli(capsys, model_dir, data, tmp_path / "out", *flags, "--lr", "1e4")
+    assert code == 2
+    assert error.startswith("modernbert-finetune: error: seed 0, epoch 1, step "), error
+    assert "the training loss is nan" in error and "try a lower --lr than 10000" in error
+    assert not (tmp_path / "out").exists()
+    # A finite loss but outputs that are not (weights gone bad in the epoch's last steps): an error too.
+    monkeypatch.setattr(
+        train_module, "predict", lambda model, sequences, *_: np.full((len(sequences), 2), np.nan, np.float32)
+    )
+    code, error = run_cli(capsys, model_dir, data, tmp_path / "out", *flags, "--lr", "1e-3")
+    assert code == 2 and "seed 0, epoch 1: the model's outputs on --eval are not finite" in error, error
+    assert not (tmp_path / "out").exists()
+
+
+def test_constant_predictions_have_no_correlation_and_results_stay_valid_json(
+    model_dir, tmp_path, capsys, monkeypatch
+):
+    """A regressor that collapsed to one value scored 0.0 (a weak correlation, seemingly); scipy says NaN."""
+    from modernbert_train.finetune import train as train_module
+
+    constant = regression_scores(np.full(4, 0.5), np.array([1.0, 2.0, 3.0, 4.0]))
+    assert np.isnan(constant["pearson"]) and np.isnan(constant["spearman"])
+    monkeypatch.setattr(
+        train_module, "predict", lambda model, sequences, *_: np.full((len(sequences), 1), 0.5, np.float32)
+    )
+    data = write(tmp_path / "train.jsonl", examples(16, seed=3))
+    cli([str(model_dir), "--train", str(data), "--eval", str(data), "--output", str(tmp_path / "out"),
+         "--task", "regression", "--text-field", "sentence", "--label-field", "score", "--epochs", "1",
+         "--seeds", "0", "1"])  # fmt: skip
+    out = capsys.readouterr().out.strip()
+    assert "pearson nan ± nan, spearman nan ± nan (2 seed(s)); pearson and spearman nan: " in out, out
+    assert out.endswith("(a collapsed regressor)")
+
+    def strict(constant):
+        raise AssertionError(f"results.json holds a bare {constant}, not JSON")
+
+    results = json.loads((tmp_path / "out" / "results.json").read_text(), parse_constant=strict)
+    assert results["final"]["pearson"] == {"mean": "nan", "std": "nan"}  # as metrics.jsonl writes NaN
+    assert results["runs"][1]["epochs"][0]["spearman"] == "nan"
+
+
+def test_seed_spread_is_the_sample_standard_deviation():
+    from modernbert_train.finetune.train import summarise
+
+    runs = [{"seed": i, "epochs": [{"epoch": 1, "train_loss": 0.1, "accuracy": a}]} for i, a in
+            enumerate([0.65, 0.58, 0.79])]  # fmt: skip
+    assert summarise(runs)["accuracy"]["std"] == pytest.approx(np.std([0.65, 0.58, 0.79], ddof=1))
+    assert summarise(runs)["accuracy"]["std"] == pytest.approx(0.10693, abs=1e-5)  # population: 0.0873
+    assert summarise(runs[:1])["accuracy"] == {"mean": 0.65, "std": 0.0}
+
+
+def test_labels_with_surrounding_spaces_are_one_class(tmp_path):
+    from modernbert_train.finetune.data import read_examples
+
+    train = tmp_path / "train.csv"
+    train.write_text("text,label\nred,neg \nblue,neg\nsea,pos\nsky, pos\n")
+    examples_read = read_examples(train, "text", "label")
+    assert examples_read.label_names == ["neg", "pos"] and examples_read.labels == [0, 0, 1, 1]
+    evaluation = tmp_path / "eval.jsonl"
+    evaluation.write_text('{"text": "red", "label": "neg  "}\n{"text": "sky", "label": "pos"}\n')
+    assert read_examples(evaluation, "text", "label", label_names=["neg", "pos"]).labels == [0, 1]
+
+
+@pytest.fixture
+def wide_tokenizer_model(model_dir, tmp_path):
+    """The tiny model (vocab_size=64) holding an 8192-token tokenizer.json: ids past its embedding table."""
+    import shutil
+
+    folder = tmp_path / "wide-model"
+    shutil.copytree(model_dir, folder)
+    words = [f"w{i}" for i in range(8192 - len(SPECIALS) - len(WORDS))]
+    vocab = {token: i for i, token in enumerate(SPECIALS + WORDS + words)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def test_a_tokenizer_wider_than_the_models_vocabulary_is_refused_before_any_work(
+    wide_tokenizer_model, tmp_path, capsys, monkeypatch
+):
+    from modernbert_train.finetune import embedded_eval, stdlib_task
+
+    data = write(tmp_path / "train.jsonl", examples(8, seed=1))
+    code, error = run_cli(capsys, wide_tokenizer_model, data, tmp_path / "out", "--text-field", "sentence",
+                          "--label-field", "colour", "--epochs", "1")  # fmt: skip
+    expected = f"{wide_tokenizer_model}: tokenizer: its 8192 tokens do not fit the model's vocab_size=64"
+    assert code == 2 and error.startswith(f"modernbert-finetune: error: {expected}"), error
+    assert not (tmp_path / "out").exists()
+    # make eval: refused before its task is built (that used to leave a half-built work folder behind).
+    monkeypatch.setattr(stdlib_task, "build_task", lambda folder: pytest.fail("built the task"))
+    for task in ("package", "keyword"):
+        with pytest.raises(SystemExit) as exit:
+            embedded_eval.main(
+                [str(wide_tokenizer_model), "--task", task, "--output", str(tmp_path / "e.json")]
+            )
+        error = capsys.readouterr().err.strip()
+        assert exit.value.code == 2 and error == f"embedded_eval: error: {expected}; export the tokenizer " \
+            "the model was trained with", error  # fmt: skip
+        assert not (tmp_path / "e").exists() and not (tmp_path / "e.json").exists()

@@ -2,6 +2,7 @@
 labelled JSONL/CSV/TSV data over one or more seeds; scores per epoch go to DIR/results.json."""
 
 import argparse
+import math
 import sys
 
 from modernbert_train import storage
@@ -53,8 +54,17 @@ def cli(argv: list[str] | None = None) -> None:
     except (FinetuneError, HFCheckpointError, ModelConfigError, storage.StorageError) as error:
         print(f"modernbert-finetune: error: {error}", file=sys.stderr)
         sys.exit(2)
-    scores = ", ".join(f"{name} {s['mean']:.4f} ± {s['std']:.4f}" for name, s in results["final"].items())
-    print(f"wrote {storage.join(paths['output'], 'results.json')}: {scores} ({len(results['runs'])} seed(s))")
+    final = results["final"]
+    scores = ", ".join(f"{name} {s['mean']:.4f} ± {s['std']:.4f}" for name, s in final.items())
+    collapsed = [name for name, s in final.items() if math.isnan(s["mean"])]
+    note = (
+        f"; {' and '.join(collapsed)} nan: a seed's predictions (or the --eval labels) were all equal, "
+        "which has no correlation (a collapsed regressor)"
+        if collapsed
+        else ""
+    )
+    written = storage.join(paths["output"], "results.json")
+    print(f"wrote {written}: {scores} ({len(results['runs'])} seed(s)){note}")
 
 
 if __name__ == "__main__":

@@ -61,16 +61,34 @@ def _records(path: str) -> Iterator[tuple[int, dict]]:
             yield number, record
         return
     # GLUE's TSV files are unquoted (a cell may begin with a quotation mark that never closes); CSV
-    # files follow the usual quoting.
-    options = {"delimiter": ","} if kind == "csv" else {"delimiter": "\t", "quoting": csv.QUOTE_NONE}
-    reader = csv.DictReader(file, **options)
-    try:
-        for record in reader:
-            if None in record:  # more cells than the header names
-                raise FinetuneError(f"{path}:{reader.line_num}: more columns than the header has")
-            yield reader.line_num, record
-    except csv.Error as error:
-        raise FinetuneError(f"{path}:{reader.line_num}: {error}") from None
+    # files follow the usual quoting, strictly: a quote left open would otherwise swallow the rest of the
+    # file into one cell, reported as a missing field.
+    options = (
+        {"delimiter": ",", "strict": True}
+        if kind == "csv"
+        else {"delimiter": "\t", "quoting": csv.QUOTE_NONE}
+    )
+    reader = csv.reader(file, **options)
+    header = None
+    while True:
+        start = reader.line_num + 1  # the line the next record starts on (a quoted cell may span lines)
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as error:
+            if str(error) == "unexpected end of data":
+                raise FinetuneError(
+                    f"{path}:{start}: a quoted field in the record starting here is never closed (its "
+                    "quotation mark runs to the end of the file)"
+                ) from None
+            raise FinetuneError(f"{path}:{start}: {error}") from None
+        if header is None:
+            header = row
+        elif row:  # blank lines hold no record
+            if len(row) > len(header):
+                raise FinetuneError(f"{path}:{start}: more columns than the header has")
+            yield start, {**dict.fromkeys(header), **dict(zip(header, row))}
 
 
 def _text(path: str, number: int, record: dict, field: str) -> str:
@@ -102,7 +120,10 @@ def _label(path: str, number: int, record: dict, field: str, regression: bool) -
         return number_value
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise FinetuneError(f"{path}:{number}: label {value!r} is not a class name or integer")
-    return str(value)
+    # "neg " and "neg" are one class (spreadsheets and hand-edited files leave such spaces).
+    if not (name := str(value).strip()):
+        raise FinetuneError(f"{path}:{number}: label {value!r} is blank")
+    return name
 
 
 def read_examples(

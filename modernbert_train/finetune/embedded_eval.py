@@ -9,8 +9,8 @@ learns it from the snippets' names as well as a pretrained one does, so it measu
 """
 
 import argparse
-import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -18,10 +18,11 @@ from pathlib import Path
 from modernbert_train import storage
 from modernbert_train.cli_parser import OneLineErrorParser
 from modernbert_train.hf import HFCheckpointError, read_hf_config
+from modernbert_train.model import ModelConfigError
 
 from . import keyword_task, stdlib_task
 from .data import FinetuneError
-from .train import FinetuneSettings, finetune, load_tokenizer
+from .train import FinetuneSettings, finetune, json_text, load_tokenizer
 
 METRIC = "accuracy"
 # A clear win: the pretrained mean above random init's by more than twice the noise of the difference (the
@@ -41,16 +42,39 @@ TASKS = {
 }
 
 
-def build_task(name: str, model_dir: Path, folder: Path) -> dict[str, Path]:
-    if name == "package":
-        return stdlib_task.build_task(folder)
+def mask_token(model_dir: Path) -> str:
+    """The model's mask token, its tokenizer checked against its config (vocabulary size included) before
+    any task is built or trained on."""
     config = read_hf_config(model_dir)
-    mask_token = load_tokenizer(model_dir).id_to_token(config.mask_token_id)
-    if mask_token is None:
+    token = load_tokenizer(model_dir, config).id_to_token(config.mask_token_id)
+    if token is None:
         raise FinetuneError(
             f"{model_dir}: the tokenizer has no token for mask_token_id {config.mask_token_id}"
         )
-    return keyword_task.build_task(folder, mask_token=mask_token)
+    return token
+
+
+def build_task(name: str, mask: str, folder: Path) -> dict[str, Path]:
+    if name == "package":
+        return stdlib_task.build_task(folder)
+    return keyword_task.build_task(folder, mask_token=mask)
+
+
+def check_output(output: Path) -> Path:
+    """--output, checked before any work: a file to write (replacing an earlier one), with the task's work
+    folder (OUTPUT without its suffix) beside it. Returns the work folder."""
+    work = output.with_suffix("")  # runs/default/eval.json -> runs/default/eval/ for the task and runs
+    if output.is_dir():
+        raise FinetuneError(f"--output {output}: is a folder; name a file for the scores, such as eval.json")
+    if work == output:
+        raise FinetuneError(
+            f"--output {output}: needs a suffix such as .json (the work folder is OUTPUT without it)"
+        )
+    if (problem := storage.why_not_creatable(output)) is not None:
+        raise FinetuneError(f"--output {output}: cannot create it: {problem}")
+    if work.exists() and not work.is_dir():
+        raise FinetuneError(f"--output {output}: its work folder {work} is a file")
+    return work
 
 
 def _local_output(text: str) -> Path:
@@ -66,16 +90,24 @@ def evaluate(
     model_dir: Path, output: Path, task_name: str = "keyword", settings: dict | None = None, shown: str = ""
 ) -> dict:
     settings = {**SETTINGS, **(settings or {})}
-    work = output.with_suffix("")  # runs/default/eval.json -> runs/default/eval/ for the task and runs
-    task = build_task(task_name, model_dir, work / f"task-{task_name}")
+    FinetuneSettings(**settings).check()
+    work = check_output(output)
+    mask = mask_token(model_dir)
     start = time.perf_counter()
     scores = {}
-    for name, random_init in (("pretrained", False), ("random_init", True)):
-        start_settings = FinetuneSettings(**settings, random_init=random_init)
-        results = finetune(
-            model_dir, task["train"], task["eval"], work / f"{task_name}-{name}", start_settings
-        )
-        scores[name] = results["final"]
+    new_work = not work.exists()
+    try:
+        task = build_task(task_name, mask, work / f"task-{task_name}")
+        for name, random_init in (("pretrained", False), ("random_init", True)):
+            start_settings = FinetuneSettings(**settings, random_init=random_init)
+            results = finetune(
+                model_dir, task["train"], task["eval"], work / f"{task_name}-{name}", start_settings
+            )
+            scores[name] = results["final"]
+    except BaseException:
+        if new_work:  # a failed run leaves no half-built work folder behind
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     pretrained, random_init = scores["pretrained"][METRIC], scores["random_init"][METRIC]
     margin = pretrained["mean"] - random_init["mean"]
     needed = max(MIN_MARGIN, 2 * math.hypot(pretrained["std"], random_init["std"]))
@@ -94,8 +126,7 @@ def evaluate(
         "model": shown or str(model_dir),
         "seconds": time.perf_counter() - start,
     }
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(summary, indent=2) + "\n")
+    storage.write_text(output, json_text(summary))  # whole: staged beside it, then renamed into place
     return summary
 
 
@@ -110,13 +141,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     try:
+        check_output(args.output)  # before a model URI is fetched (evaluate checks it again)
         with storage.local_folder(args.model_dir) as model_dir:
             summary = evaluate(model_dir, args.output, args.task, shown=storage.display(args.model_dir))
-    except FileNotFoundError:
-        print(f"embedded_eval: error: {args.model_dir}: nothing there", file=sys.stderr)
-        sys.exit(2)
-    except (FinetuneError, HFCheckpointError, storage.StorageError) as error:
+    except (FinetuneError, HFCheckpointError, ModelConfigError, storage.StorageError) as error:
         print(f"embedded_eval: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except FileNotFoundError as error:  # a model URI with nothing there, or a file gone mid-run
+        print(f"embedded_eval: error: {error.filename or error}: nothing there", file=sys.stderr)
+        sys.exit(2)
+    except OSError as error:  # a full disk, a permission taken away mid-run
+        print(f"embedded_eval: error: {error.filename or ''}: {error.strerror or error}", file=sys.stderr)
         sys.exit(2)
     pretrained, random_init, std = summary["pretrained"], summary["random_init"], summary["std"]
     print(

@@ -27,12 +27,15 @@ def _ranks(values: np.ndarray) -> np.ndarray:
 
 
 def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """NaN where either side is constant (as scipy has it): a regressor that predicts one value for every
+    example has no correlation to report, and 0.0 would pass for a weak one."""
     x, y = x - x.mean(), y - y.mean()
     denominator = np.sqrt(np.sum(x * x) * np.sum(y * y))
-    return float(np.sum(x * y) / denominator) if denominator > 0 else 0.0
+    return float(np.sum(x * y) / denominator) if denominator > 0 else float("nan")
 
 
 def regression_scores(predicted: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Pearson and Spearman correlations; NaN when the predictions (or the labels) are all equal."""
     return {
         "pearson": _pearson(predicted, labels),
         "spearman": _pearson(_ranks(predicted), _ranks(labels)),

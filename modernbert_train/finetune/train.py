@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from modernbert_train import storage
-from modernbert_train.hf import from_hf, read_hf_config
+from modernbert_train.hf import HFCheckpointError, _check_vocabulary, from_hf, read_hf_config
 from modernbert_train.model import ModernBertConfig, ModernBertForMaskedLM
 
 from .data import Examples, FinetuneError, read_examples
@@ -47,20 +47,24 @@ class FinetuneSettings:
                 raise FinetuneError(f"{flag} must be at least 1, got {value}")
         if self.max_length < 4:
             raise FinetuneError(f"--max-length must be at least 4, got {self.max_length}")
-        if not self.lr > 0:
-            raise FinetuneError(f"--lr must be positive, got {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise FinetuneError(f"--lr must be a positive finite number, got {self.lr}")
         if not self.seeds:
             raise FinetuneError("--seeds needs at least one seed")
         if any(seed < 0 for seed in self.seeds):
             raise FinetuneError(f"--seeds must be non-negative integers, got {self.seeds}")
-        for flag, value, low, high in (
-            ("--dropout", self.dropout, 0.0, 1.0),
-            ("--warmup-ratio", self.warmup_ratio, 0.0, 1.0),
-            ("--weight-decay", self.weight_decay, 0.0, math.inf),
+        for flag, value, fits, wanted in (
+            ("--dropout", self.dropout, 0.0 <= self.dropout < 1.0, "in [0, 1)"),
+            ("--warmup-ratio", self.warmup_ratio, 0.0 <= self.warmup_ratio <= 1.0, "in [0, 1]"),
+            (
+                "--weight-decay",
+                self.weight_decay,
+                0.0 <= self.weight_decay < math.inf,
+                "finite and at least 0",
+            ),
         ):
-            if not (low <= value <= high) or (flag == "--dropout" and value == 1.0):
-                bounds = "[0, 1)" if flag == "--dropout" else "[0, 1]" if high == 1.0 else "at least 0"
-                raise FinetuneError(f"{flag} must be in {bounds}, got {value}")
+            if not fits:  # NaN fails every comparison
+                raise FinetuneError(f"{flag} must be {wanted}, got {value}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise FinetuneError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -74,14 +78,20 @@ class FinetuneSettings:
         )
 
 
-def load_tokenizer(model_dir: Path) -> Tokenizer:
+def load_tokenizer(model_dir: Path, config: ModernBertConfig) -> Tokenizer:
+    """model_dir's tokenizer.json, checked to fit the model's vocabulary (as hf.py checks an export's)."""
     file = model_dir / "tokenizer.json"
     if not file.is_file():
         raise FinetuneError(f"{model_dir}: no tokenizer.json (export the model with its tokenizer)")
     try:
-        return Tokenizer.from_file(str(file))
+        tokenizer = Tokenizer.from_file(str(file))
     except Exception as error:  # tokenizers raises its own Exception type for a damaged file
         raise FinetuneError(f"{file}: not a tokenizer.json the tokenizers library reads ({error})") from None
+    try:
+        _check_vocabulary(tokenizer.get_vocab_size(with_added_tokens=True), config)
+    except HFCheckpointError as error:  # ids past the embedding table: an IndexError deep in training
+        raise FinetuneError(f"{model_dir}: {error}") from None
+    return tokenizer
 
 
 def encode(
@@ -123,16 +133,23 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def predict(model, sequences, batch_size: int, regression: bool, device: torch.device) -> np.ndarray:
+def predict(model, sequences, batch_size: int, device: torch.device) -> np.ndarray:
+    """The model's outputs (examples x labels) in float32: the caller checks them before taking argmax,
+    which would make NaN logits class 0."""
     model.eval()
     out = []
     with torch.no_grad(), autocast(device):
         for flat, cu_seqlens, max_seqlen, _ in batches(
             sequences, np.arange(len(sequences)), batch_size, device
         ):
-            logits = model(flat, cu_seqlens, max_seqlen).float()
-            out.append(logits.squeeze(1) if regression else logits.argmax(dim=1))
-    return torch.cat(out).float().cpu().numpy()
+            out.append(model(flat, cu_seqlens, max_seqlen).float())
+    return torch.cat(out).cpu().numpy()
+
+
+def diverged(where: str, what: str, settings: FinetuneSettings) -> FinetuneError:
+    return FinetuneError(
+        f"{where}: {what} (training diverged; no results written); try a lower --lr than {settings.lr:g}"
+    )
 
 
 def build_model(model_dir: Path, num_labels: int, settings: FinetuneSettings):
@@ -186,27 +203,57 @@ def run_seed(model_dir, seed, train_ids, train, eval_ids, eval_labels, num_label
             optimizer.step()
             schedule.step()
             losses.append(loss.detach())
-        predicted = predict(model, eval_ids, settings.batch_size, regression, device)
+        # Checked once an epoch (one host sync, which the mean below needs anyway): a diverged run is an
+        # error, never a score (NaN logits would all be class 0).
+        epoch_losses = torch.stack(losses).double()
+        train_loss = float(epoch_losses.mean())
+        if not math.isfinite(train_loss):
+            bad = torch.nonzero(~torch.isfinite(epoch_losses)).flatten().tolist()
+            step = f", step {bad[0] + 1} of {len(losses)}" if bad else ""
+            raise diverged(
+                f"seed {seed}, epoch {epoch}{step}", f"the training loss is {train_loss}", settings
+            )
+        logits = predict(model, eval_ids, settings.batch_size, device)
+        if not np.isfinite(logits).all():
+            raise diverged(
+                f"seed {seed}, epoch {epoch}", "the model's outputs on --eval are not finite", settings
+            )
         scores = (
-            regression_scores(predicted, eval_labels)
+            regression_scores(logits[:, 0], eval_labels)
             if regression
-            else classification_scores(predicted, eval_labels, num_labels)
+            else classification_scores(logits.argmax(axis=1), eval_labels, num_labels)
         )
-        history.append({"epoch": epoch, "train_loss": float(torch.stack(losses).mean()), **scores})
+        history.append({"epoch": epoch, "train_loss": train_loss, **scores})
     return history
 
 
 def summarise(runs: list[dict]) -> dict[str, dict[str, float]]:
-    """Each score's mean and standard deviation over seeds, at the last epoch."""
+    """Each score's mean and sample standard deviation (ddof=1; 0 for one seed) over seeds, at the last
+    epoch. A score that is NaN for any seed (a correlation of constant predictions) makes both NaN."""
     finals = [run["epochs"][-1] for run in runs]
     names = [name for name in finals[0] if name not in ("epoch", "train_loss")]
-    return {
-        name: {
-            "mean": float(np.mean([f[name] for f in finals])),
-            "std": float(np.std([f[name] for f in finals])),
-        }
-        for name in names
-    }
+    summary = {}
+    for name in names:
+        values = [f[name] for f in finals]
+        spread = float(np.std(values, ddof=1)) if len(values) >= 2 else 0.0
+        summary[name] = {"mean": float(np.mean(values)), "std": spread}
+    return summary
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(item) for item in value]
+    return value
+
+
+def json_text(value) -> str:
+    """Indented JSON. JSON has no NaN or infinity: such a number is written as the string "nan", "inf" or
+    "-inf" (which float() reads back), as metrics.jsonl writes them."""
+    return json.dumps(_json_safe(value), indent=2, allow_nan=False) + "\n"
 
 
 def check_output(output: str) -> str:
@@ -227,8 +274,9 @@ def finetune(
     model_dir: str | Path, train_file: str | Path, eval_file: str | Path, output: str | Path,
     settings: FinetuneSettings,
 ) -> dict:  # fmt: skip
-    """Fine-tune over settings.seeds; writes and returns output/results.json's content. MODEL_DIR, the
-    files and the output may be local or URIs."""
+    """Fine-tune over settings.seeds; writes and returns output/results.json's content (a NaN score is a
+    float here, "nan" in the file). MODEL_DIR, the files and the output may be local or URIs. A run whose
+    training diverges is a FinetuneError and writes nothing."""
     settings.check()
     results_path = check_output(str(output))
     regression = settings.task == "regression"
@@ -244,7 +292,7 @@ def finetune(
     with storage.local_folder(str(model_dir)) as local_model:
         config = read_hf_config(local_model)
         max_length = min(settings.max_length, config.max_position_embeddings)
-        tokenizer = load_tokenizer(local_model)
+        tokenizer = load_tokenizer(local_model, config)
         train_ids = encode(tokenizer, train, config, max_length)
         eval_ids = encode(tokenizer, evaluation, config, max_length)
         num_labels = 1 if regression else len(train.label_names)
@@ -270,5 +318,5 @@ def finetune(
         "final": summarise(runs),
         "seconds": time.perf_counter() - start,
     }
-    storage.write_text(results_path, json.dumps(results, indent=2) + "\n")  # whole: staged, then renamed
+    storage.write_text(results_path, json_text(results))  # whole: staged, then renamed
     return results
