@@ -2,24 +2,29 @@
 
 Panels share one x axis, tokens seen, so runs with other batch sizes line up: train loss, eval loss and
 accuracy, learning rate, masking ratio, tokens/s, MFU and data-wait time, each drawn only when some run
-logged it. Several runs are overlaid in one colour each, named by their config.yaml's run_name. Noisy
+logged it. Every run is drawn in one unit: tokens where each plotted row of every run has them, else samples,
+else batches. Several runs are overlaid in one colour each, named by their config.yaml's run_name. Noisy
 series (train loss, throughput) are drawn faint as logged with an exponential moving average on top. Run
 folders may be local or in a bucket (s3://...).
 """
 
 import json
 import math
+import os
 import re
 import sys
 import tempfile
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 from modernbert_train import storage
 from modernbert_train.cli_parser import OneLineErrorParser
 
 METRICS_FILE = "metrics.jsonl"
-X_KEYS = ("tokens", "samples", "batch")  # the first one every row of a run has is its x axis
+X_KEYS = ("tokens", "samples", "batch")  # the x units, preferred first
+# Formats that need no program outside Python (pgf needs a LaTeX installation).
+NEEDS_A_PROGRAM = {"pgf"}
 
 
 class ReportError(ValueError):
@@ -52,10 +57,17 @@ PANELS = (
 
 @dataclass
 class Run:
+    """A run's plotted rows: those with a finite value of some panel's metric (a row that only says a run
+    stopped adds no point, so it does not decide the x unit)."""
+
     name: str
     source: str
-    x_key: str
+    units: tuple[str, ...]  # the X_KEYS every plotted row has, preferred first
     rows: list[dict] = field(default_factory=list)
+    x_key: str = ""  # the unit drawn: units[0] until `common_unit` picks one for all the runs in a picture
+
+    def __post_init__(self):
+        self.x_key = self.x_key or self.units[0]
 
     def series(self, key: str) -> tuple[list[float], list[float]]:
         """(x, y) of the rows that logged `key` with a finite value."""
@@ -65,6 +77,16 @@ class Run:
 
 def _finite(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def plotted(row: dict) -> bool:
+    """Whether a row adds a point to some panel."""
+    return any(_finite(value) and _drawn_key(key) for key, value in row.items())
+
+
+@cache
+def _drawn_key(key: str) -> bool:
+    return any(re.fullmatch(panel.pattern, key) for panel in PANELS)
 
 
 def metrics_path(run: str) -> str:
@@ -128,12 +150,24 @@ def read_run(run: str) -> Run:
         rows.append(row)
     if not rows:
         raise ReportError(f"{path}: no metrics logged yet")
-    rows = latest_run(rows)
-    x_key = next((key for key in X_KEYS if all(_finite(row.get(key)) for row in rows)), None)
-    if x_key is None:
+    rows = [row for row in latest_run(rows) if plotted(row)]
+    units = tuple(key for key in X_KEYS if all(_finite(row.get(key)) for row in rows))
+    if not units:
         raise ReportError(f"{path}: rows lack a numeric 'tokens', 'samples' or 'batch' to plot against")
-    rows.sort(key=lambda row: row[x_key])
-    return Run(run_name(path), path, x_key, rows)
+    rows.sort(key=lambda row: row[units[0]])
+    return Run(run_name(path), path, units, rows)
+
+
+def common_unit(runs: list[Run]) -> str:
+    """The preferred x unit every run has, set as each run's `x_key`: one axis never mixes units."""
+    unit = next((key for key in X_KEYS if all(key in run.units for run in runs)), None)
+    if unit is None:
+        has = "; ".join(f"{run.source} has only {'/'.join(run.units)}" for run in runs)
+        raise ReportError(f"the runs share no x unit ('tokens', 'samples' or 'batch') to draw them on: {has}")
+    for run in runs:
+        run.x_key = unit
+        run.rows.sort(key=lambda row: row[unit])
+    return unit
 
 
 def unique_names(runs: list[Run]) -> None:
@@ -172,11 +206,11 @@ def panel_series(panel: Panel, run: Run) -> dict[str, tuple[list[float], list[fl
 
 
 def picture_format(output: str) -> str:
-    """The file format `output`'s suffix names, when matplotlib can write it."""
+    """The file format `output`'s suffix names, when matplotlib can write it by itself."""
     from matplotlib.backend_bases import FigureCanvasBase
 
     suffix = output.rstrip("/").rpartition("/")[2].rpartition(".")[2].lower() if "." in output else ""
-    formats = FigureCanvasBase.get_supported_filetypes()
+    formats = set(FigureCanvasBase.get_supported_filetypes()) - NEEDS_A_PROGRAM
     if suffix not in formats:
         raise ReportError(
             f"--output {output}: name a picture file ending in one of .{', .'.join(sorted(formats))}"
@@ -190,20 +224,30 @@ def draw(runs: list[Run], output: str, smoothing: float | None, log_x: bool) -> 
 
     suffix = picture_format(output)
     figure, titles = build_figure(runs, smoothing, log_x)
+    staged = None
     try:
         if storage.is_uri(output):
             with tempfile.TemporaryDirectory(prefix="modernbert-report-") as staging:
                 local = Path(staging, f"report.{suffix}")
-                figure.savefig(local, dpi=110)
+                figure.savefig(local, dpi=110, format=suffix)
                 storage.upload_file(local, output)
         else:
+            # Written beside the picture, then renamed over it: a failed write leaves no half a picture.
             path = Path(output)
             path.parent.mkdir(parents=True, exist_ok=True)
-            figure.savefig(path, dpi=110)
+            staged = path.with_name(f".{path.name}.partial-{os.getpid()}")
+            figure.savefig(staged, dpi=110, format=suffix)
+            os.replace(staged, path)
+            staged = None
     except OSError as error:
         raise ReportError(f"--output {output}: cannot write it: {error.strerror or error}") from None
+    except (RuntimeError, ValueError) as error:  # a format whose writer is missing here (Pillow's, say)
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ReportError(f"--output {output}: cannot write a .{suffix} file here: {reason}") from None
     finally:
         plt.close(figure)
+        if staged is not None:
+            staged.unlink(missing_ok=True)
     return titles
 
 
@@ -215,6 +259,7 @@ def build_figure(runs: list[Run], smoothing: float | None, log_x: bool):
     import matplotlib.pyplot as plt
     from matplotlib.ticker import EngFormatter, FuncFormatter, PercentFormatter, ScalarFormatter
 
+    unit = common_unit(runs)
     drawn = [(panel, [panel_series(panel, run) for run in runs]) for panel in PANELS]
     drawn = [(panel, per_run) for panel, per_run in drawn if any(per_run)]
     if not drawn:
@@ -224,8 +269,7 @@ def build_figure(runs: list[Run], smoothing: float | None, log_x: bool):
     rows = math.ceil(len(drawn) / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(6.5 * columns, 3.4 * rows), squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    x_keys = {run.x_key for run in runs}
-    x_label = f"{'/'.join(sorted(x_keys))} seen" if x_keys != {"batch"} else "batches"
+    x_label = f"{unit} seen" if unit != "batch" else "batches"
     for ax, (panel, per_run) in zip(axes.flat, drawn):
         for i, (run, series) in enumerate(zip(runs, per_run)):
             colour = colours[i % len(colours)]
@@ -295,6 +339,12 @@ def cli(argv: list[str] | None = None) -> None:
     except (ReportError, storage.StorageError) as error:
         print(f"modernbert-report: error: {error}", file=sys.stderr)
         sys.exit(2)
+    unit = runs[0].x_key
+    if preferred := [run.units[0] for run in runs if run.units[0] != unit]:
+        best = min(preferred, key=X_KEYS.index)
+        forcing = ", ".join(run.name for run in runs if best not in run.units)
+        print(f"modernbert-report: note: every run is drawn by {unit}, as {forcing} has plotted rows without "
+              f"{best}", file=sys.stderr)  # fmt: skip
     print(f"wrote {args.output} ({len(runs)} run(s): {', '.join(panels)})")
 
 

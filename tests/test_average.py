@@ -42,10 +42,67 @@ def test_average_of_checkpoints_is_exact(tmp_path, tokenizer_file, capsys):
         expected = (sum(state[key].double() for state in states) / 3).float()
         assert torch.equal(value, expected), key
     assert (tmp_path / "avg" / "tokenizer.json").is_file()
-    # One checkpoint twice averages to itself, bit for bit.
-    cli(["--average", str(tmp_path / "ba1.pt"), str(tmp_path / "ba1.pt"), str(tmp_path / "same")])
-    for key, value in from_hf(tmp_path / "same").state_dict().items():
-        assert torch.equal(value, states[1][key]), key
+
+
+def test_one_checkpoint_given_twice_is_refused_naming_both(tmp_path, tokenizer_file, capsys, monkeypatch):
+    """A glob over a run folder matches a checkpoint and the latest-rank0.pt link to it: averaged, the newest
+    would weigh double. Refused in one line naming both arguments, however the second spells the file."""
+    run = tmp_path / "run0"
+    run.mkdir()
+    write_checkpoint(run / "ep0-ba400-rank0.pt", tokenizer_file, seed=0)
+    write_checkpoint(run / "ep1-ba800-rank0.pt", tokenizer_file, seed=1)
+    (run / "latest-rank0.pt").symlink_to("ep1-ba800-rank0.pt")
+    monkeypatch.chdir(tmp_path)
+    cases = [
+        (sorted(str(p) for p in run.glob("*.pt")), "run0/latest-rank0.pt is a link to"),  # a shell's glob
+        (["run0/ep1-ba800-rank0.pt", "run0/ep1-ba800-rank0.pt"], ""),
+        (["run0/ep1-ba800-rank0.pt", "run0/../run0/ep1-ba800-rank0.pt"], ""),
+        (["run0/ep1-ba800-rank0.pt", str(run / "ep1-ba800-rank0.pt")], ""),
+    ]
+    for checkpoints, link in cases:
+        with pytest.raises(SystemExit) as exit:
+            cli(["--average", *checkpoints, "out"])
+        assert exit.value.code == 2
+        error = capsys.readouterr().err.strip()
+        twice = [c for c in checkpoints if (tmp_path / c).resolve() == (run / "ep1-ba800-rank0.pt")]
+        assert f"checkpoints {twice[0]} and {twice[1]} are the same checkpoint" in error, error
+        assert link in error and len(error.splitlines()) == 1, error
+        assert not (tmp_path / "out").exists()
+    # Two distinct files are averaged; the link alone stands for its file.
+    cli(["--average", "run0/ep0-ba400-rank0.pt", "run0/latest-rank0.pt", "out"])
+    assert "the average of 2 checkpoints" in capsys.readouterr().out
+
+
+def test_the_same_uri_twice_is_refused(tmp_path, tokenizer_file, s3_bucket, capsys):
+    from modernbert_train import storage
+
+    write_checkpoint(tmp_path / "a.pt", tokenizer_file, seed=0)
+    uri = storage.join(s3_bucket, "run", "ep0-ba1-rank0.pt")
+    storage.upload_file(tmp_path / "a.pt", uri)
+    with pytest.raises(SystemExit) as exit:
+        cli(["--average", uri, str(tmp_path / "a.pt"), uri, str(tmp_path / "out")])
+    assert exit.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert f"checkpoints {uri} and {uri} are the same checkpoint" in error and len(error.splitlines()) == 1
+
+
+def test_weights_that_do_not_fit_their_own_config_are_one_line(tmp_path, tokenizer_file, capsys):
+    """As for a single checkpoint's export: the first checkpoint, or a later one, named in one line."""
+    write_checkpoint(tmp_path / "a.pt", tokenizer_file, seed=0)
+    write_checkpoint(tmp_path / "b.pt", tokenizer_file, seed=1)
+    torch.manual_seed(2)
+    wider = ModernBertForMaskedLM(ModernBertConfig(**{**SHAPE, "intermediate_size": 64}))
+    checkpoint = torch.load(tmp_path / "a.pt", weights_only=False)  # a's config, wider weights
+    checkpoint["state"]["model"] = {f"model.{key}": value for key, value in wider.state_dict().items()}
+    torch.save(checkpoint, tmp_path / "misfit.pt")
+    for checkpoints in (["misfit.pt", "a.pt"], ["a.pt", "b.pt", "misfit.pt"]):
+        with pytest.raises(SystemExit) as exit:
+            cli(["--average", *(str(tmp_path / name) for name in checkpoints), str(tmp_path / "out")])
+        assert exit.value.code == 2
+        error = capsys.readouterr().err.strip()
+        expected = f"checkpoint {tmp_path / 'misfit.pt'}: its weights do not fit its model config (size"
+        assert expected in error and len(error.splitlines()) == 1, error
+        assert not (tmp_path / "out").exists()
 
 
 def test_average_refuses_mismatched_or_missing_checkpoints(tmp_path, tokenizer_file, capsys):

@@ -162,3 +162,52 @@ def test_another_tokenizer_is_refused_and_a_reformatted_one_ships(tmp_path, caps
     gone = storage.join(s3_bucket, "gone")
     code, err = export_cli(capsys, tmp_path / "ck.pt", tmp_path / "out3", "--tokenizer", gone)
     assert code == 2 and err.strip().endswith(f"--tokenizer {gone}: {gone}/tokenizer.json does not exist")
+
+
+def write_checkpoint(path, seed: int = 0) -> None:
+    from tokenizers import Tokenizer, models
+
+    tokenizer = path.with_suffix(".tokenizer.json")
+    Tokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1}, unk_token="[UNK]")).save(str(tokenizer))
+    model = tiny_model(seed)
+    metadata = RunMetadata(model.config.to_dict(), str(tokenizer), {}).state_dict()
+    weights = {f"model.{key}": value for key, value in model.state_dict().items()}
+    torch.save({"state": {"model": weights, "callbacks": {"RunMetadata": metadata}}}, path)
+
+
+def test_a_target_below_a_file_is_refused_naming_it_before_any_work(tmp_path, capsys):
+    a_file = tmp_path / "afile"
+    a_file.write_text("a file where a folder would go")
+    target = a_file / "sub"
+    # the checkpoint is missing: the target is refused first, as the argument was given
+    code, err = export_cli(capsys, tmp_path / "missing.pt", target)
+    assert code == 2
+    assert (
+        err.strip()
+        == f"modernbert-export: error: export target {target} cannot be written: {a_file} is a file"
+    )
+    write_checkpoint(tmp_path / "ck.pt")
+    code, err = export_cli(capsys, tmp_path / "ck.pt", target)
+    assert code == 2 and err.strip().endswith(f"{a_file} is a file") and ".staging" not in err
+    code, err = export_cli(capsys, "--average", tmp_path / "ck.pt", tmp_path / "missing.pt", target)
+    assert code == 2 and err.strip().endswith(f"export target {target} cannot be written: {a_file} is a file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "ck.pt", "ck.tokenizer.json"]  # no staging
+
+
+def test_a_transformers_folder_is_named_as_one_not_a_sharded_checkpoint(tmp_path, capsys, s3_bucket):
+    hf = tmp_path / "run0" / "hf"
+    with staged_export(hf) as staging:
+        to_hf(tiny_model(0), staging)
+    for args in ([hf, tmp_path / "out"], ["--average", hf, hf.parent, tmp_path / "out"]):
+        code, err = export_cli(capsys, *args)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"checkpoint {hf} is already a transformers model folder" in err and "nothing to export" in err
+        assert "sharded" not in err and not (tmp_path / "out").exists()
+    # A folder without them is still taken for a sharded checkpoint.
+    code, err = export_cli(capsys, tmp_path / "run0", tmp_path / "out")
+    assert code == 2 and "is a folder (a sharded checkpoint)" in err
+    # In a bucket too (a prefix there, no object).
+    remote = storage.join(s3_bucket, "run0", "hf")
+    storage.upload_folder(hf, remote)
+    code, err = export_cli(capsys, remote, tmp_path / "out")
+    assert code == 2 and f"checkpoint {remote} is already a transformers model folder" in err

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import matplotlib.image
 import pytest
@@ -195,3 +196,101 @@ def test_a_constant_share_is_drawn_from_zero(tmp_path):
     axes = {ax.get_title(): ax for ax in figure.axes if ax.get_visible()}
     assert axes["masking ratio"].get_ylim() == (0.0, 0.3 * 1.25)  # a flat line, not a zoomed-in wiggle
     assert axes["MFU"].get_ylim()[0] == 0.0  # 40% throughout: also a constant share
+
+
+def test_pgf_needs_latex_so_it_is_not_offered(tmp_path, capsys):
+    write_run(tmp_path / "ok", "ok", rows_count=3)
+    out = tmp_path / "r.pgf"
+    with pytest.raises(SystemExit) as exit:
+        cli([str(tmp_path / "ok"), "--output", str(out)])
+    assert exit.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert f"--output {out}: name a picture file ending in one of" in error and len(error.splitlines()) == 1
+    offered = error.partition("ending in one of ")[2].split(", ")
+    assert ".pgf" not in offered and ".png" in offered and ".svg" in offered
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok"]
+
+
+def test_a_failed_write_is_one_line_and_leaves_no_half_picture(tmp_path, capsys, monkeypatch):
+    from matplotlib.figure import Figure
+
+    write_run(tmp_path / "ok", "ok", rows_count=3)
+    out = tmp_path / "r.png"
+    out.write_bytes(b"the earlier picture")
+
+    def half_then_fail(self, path, **kwargs):
+        Path(path).write_bytes(b"\x89PNG half")
+        raise RuntimeError("the writer gave up\nmore detail")
+
+    monkeypatch.setattr(Figure, "savefig", half_then_fail)
+    with pytest.raises(SystemExit) as exit:
+        cli([str(tmp_path / "ok"), "--output", str(out)])
+    assert exit.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert (
+        error
+        == f"modernbert-report: error: --output {out}: cannot write a .png file here: the writer gave up"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok", "r.png"]
+    assert out.read_bytes() == b"the earlier picture"
+
+
+def stopped_by_the_guard(folder, name, last_row):
+    """A run whose last row is the non-finite guard's: no tokens or samples, the non-finite loss."""
+    write_run(folder, name)
+    with (folder / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(last_row) + "\n")
+    return folder
+
+
+def test_a_row_without_a_point_does_not_decide_the_unit(tmp_path, capsys):
+    guard_row = {"batch": 61, "loss/train/total": "nan", "throughput/tokens_per_sec": 9000.0,
+                 "non_finite": ["loss/train/total"]}  # fmt: skip
+    stopped = read_run(str(stopped_by_the_guard(tmp_path / "stopped", "stopped", guard_row)))
+    assert stopped.x_key == "tokens" and len(stopped.rows) == 60
+    runs = [read_run(str(write_run(tmp_path / "full", "full", tokens_per_batch=8192))), stopped]
+    figure, _ = build_figure(runs, smoothing=None, log_x=False)
+    for ax in (ax for ax in figure.axes if ax.get_visible()):
+        assert ax.get_xlabel() == "tokens seen"
+        named = [line for line in ax.get_lines() if not line.get_label().startswith("_")]
+        assert max(named[0].get_xdata()) == 8192 * 60 and max(named[1].get_xdata()) == 4096 * 60
+    cli([str(tmp_path / "full"), str(tmp_path / "stopped"), "--output", str(tmp_path / "r.png")])
+    assert capsys.readouterr().err == ""
+
+
+def test_runs_are_drawn_in_one_unit_or_refused(tmp_path, capsys):
+    # The guard's row here carries a finite learning rate: a point, but without tokens or samples.
+    guard_row = {"batch": 61, "loss/train/total": "nan", "lr-StableAdamW/group0": 1e-3,
+                 "non_finite": ["loss/train/total"]}  # fmt: skip
+    stopped_by_the_guard(tmp_path / "stopped", "stopped", guard_row)
+    write_run(tmp_path / "full", "full", tokens_per_batch=8192)
+    runs = [read_run(str(tmp_path / "full")), read_run(str(tmp_path / "stopped"))]
+    assert [run.x_key for run in runs] == ["tokens", "batch"]
+    figure, _ = build_figure(runs, smoothing=None, log_x=False)
+    assert [run.x_key for run in runs] == ["batch", "batch"]
+    lr = next(ax for ax in figure.axes if ax.get_title() == "learning rate")
+    assert lr.get_xlabel() == "batches"
+    named = [line for line in lr.get_lines() if not line.get_label().startswith("_")]
+    assert [max(line.get_xdata()) for line in named] == [60, 61]
+    cli([str(tmp_path / "full"), str(tmp_path / "stopped"), "--output", str(tmp_path / "r.png")])
+    err = capsys.readouterr().err.strip()
+    assert (
+        err
+        == "modernbert-report: note: every run is drawn by batch, as stopped has plotted rows without tokens"
+    )
+
+    # No unit in common: refused in one line naming both runs, nothing written.
+    (tmp_path / "by-tokens").mkdir()
+    rows = [{"tokens": 100 * step, "loss/train/total": 3.0} for step in (1, 2)]
+    (tmp_path / "by-tokens" / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (tmp_path / "by-batch").mkdir()
+    rows = [{"batch": step, "loss/train/total": 3.0} for step in (1, 2)]
+    (tmp_path / "by-batch" / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(SystemExit) as exit:
+        cli([str(tmp_path / "by-tokens"), str(tmp_path / "by-batch"), "--output", str(tmp_path / "x.png")])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "the runs share no x unit" in err and len(err.splitlines()) == 1, err
+    assert f"{tmp_path / 'by-tokens' / 'metrics.jsonl'} has only tokens" in err
+    assert f"{tmp_path / 'by-batch' / 'metrics.jsonl'} has only batch" in err
+    assert not (tmp_path / "x.png").exists()

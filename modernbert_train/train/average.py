@@ -2,11 +2,12 @@
 weights (checkpoint averaging: LAWA, model soups) as one transformers ModernBERT folder. Checkpoints and
 the folder may be local or URIs.
 
-Checkpoints are read one at a time and summed in float64, so N checkpoints cost two models of memory and the
-average is exact to the weights' own precision. They must share the model config and the tokenizer (as
-`tokenizer_identity` compares them); `--tokenizer` may ship another file of that tokenizer, never another.
+Checkpoints are read one at a time and summed in float64, so memory does not grow with N and the average is
+exact to the weights' own precision. They must be distinct files, share the model config and the tokenizer
+(as `tokenizer_identity` compares them); `--tokenizer` may ship another file of that tokenizer, never another.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -18,11 +19,13 @@ from modernbert_train.cli_parser import OneLineErrorParser
 from modernbert_train.data.tokens import tokenizer_identity
 from modernbert_train.hf import to_hf
 from modernbert_train.model import ModernBertConfig, ModernBertForMaskedLM
-from modernbert_train.train.checkpoint import CheckpointError, model_weights, read_checkpoint
+from modernbert_train.train.checkpoint import CheckpointError, model_weights
 from modernbert_train.train.export import (
     check_export_target,
     check_same_tokenizer,
+    load_weights,
     os_error_line,
+    read_checkpoint_at,
     staged_export,
 )
 from modernbert_train.train.run_metadata import metadata_from_checkpoint
@@ -38,22 +41,17 @@ def model_config_of(path: str | Path, checkpoint: dict) -> dict:
 
 def average_checkpoints(paths: list[str | Path]) -> tuple[ModernBertForMaskedLM, str | None]:
     """The averaged model and the first checkpoint's tokenizer.json text."""
+    check_distinct(paths)
     total: dict[str, torch.Tensor] = {}
     dtypes: dict[str, torch.dtype] = {}
-    first_config = tokenizer_json = None
+    model = first_config = tokenizer_json = None
     for path in paths:
-        try:
-            with storage.local_file(path) as local:  # a bucket's checkpoint is fetched, read, then dropped
-                checkpoint = read_checkpoint(local)
-        except FileNotFoundError:
-            raise CheckpointError(f"checkpoint not found: {path}") from None
+        checkpoint = read_checkpoint_at(path)
         config = model_config_of(path, checkpoint)
         weights = model_weights(checkpoint)
-        if first_config is None:
+        if model is None:
             first_config, tokenizer_json = config, metadata_from_checkpoint(checkpoint).get("tokenizer_json")
-            dtypes = {key: value.dtype for key, value in weights.items()}
-            total = {key: value.to(torch.float64) for key, value in weights.items()}
-            continue
+            model = ModernBertForMaskedLM(ModernBertConfig.from_dict(first_config))
         differing = sorted(
             k for k in first_config.keys() | config.keys() if first_config.get(k) != config.get(k)
         )
@@ -73,15 +71,32 @@ def average_checkpoints(paths: list[str | Path]) -> tuple[ModernBertForMaskedLM,
                 f"checkpoint {path} was trained with another tokenizer than {paths[0]}: the same ids mean "
                 "other tokens, so their weights cannot be averaged"
             )
-        if weights.keys() != total.keys():
-            odd = sorted(weights.keys() ^ total.keys())[0]
-            raise CheckpointError(f"checkpoint {path} and {paths[0]} differ in their weights ({odd})")
-        for key, value in weights.items():
-            total[key] += value.to(torch.float64)
+        # Every checkpoint must fit the (shared) config, names and shapes, as a single export requires.
+        load_weights(model, weights, path)
+        if not total:
+            dtypes = {key: value.dtype for key, value in weights.items()}
+            total = {key: value.to(torch.float64) for key, value in weights.items()}
+        else:
+            for key, value in weights.items():
+                total[key] += value.to(torch.float64)
         del checkpoint, weights
-    model = ModernBertForMaskedLM(ModernBertConfig.from_dict(first_config))
-    model.load_state_dict({key: (value / len(paths)).to(dtypes[key]) for key, value in total.items()})
+    load_weights(model, {key: (value / len(paths)).to(dtypes[key]) for key, value in total.items()}, paths[0])
     return model, tokenizer_json
+
+
+def check_distinct(paths: list[str | Path]) -> None:
+    """One checkpoint given twice (a glob matching a file and the `latest-rank0.pt` link to it, say) would
+    silently weigh double: refused. Local paths are compared resolved (links, `..`), URIs as written."""
+    seen: dict[str, str | Path] = {}
+    for path in paths:
+        key = str(path) if storage.is_uri(path) else os.path.realpath(path)
+        if key in seen:
+            links = [p for p in (seen[key], path) if not storage.is_uri(p) and Path(p).is_symlink()]
+            why = f" ({links[0]} is a link to {key})" if links else ""
+            raise CheckpointError(
+                f"checkpoints {seen[key]} and {path} are the same checkpoint{why}: give each one once"
+            )
+        seen[key] = path
 
 
 def average_cli(argv: list[str]) -> None:

@@ -28,6 +28,8 @@ from modernbert_train.train.run_metadata import metadata_from_checkpoint
 # What an export writes (to_hf, and save_tokenizer through transformers).
 EXPORT_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json"}  # fmt: skip
+# What marks a folder as a transformers model: nothing left to export.
+TRANSFORMERS_FILES = ("config.json", "model.safetensors")
 
 
 class ExportTargetError(ValueError):
@@ -46,6 +48,9 @@ def check_export_target(out_dir: str | Path, overwrite: bool) -> None:
         out = Path(out_dir)
         if out.exists() and not out.is_dir():
             raise ExportTargetError(f"export target {out} is a file, not a folder")
+        # The export is staged beside the target: its parent must be a folder this process can write into.
+        if (problem := storage.why_not_creatable(out)) is not None:
+            raise ExportTargetError(f"export target {out} cannot be written: {problem}")
         names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if overwrite or not names:
         return
@@ -94,11 +99,7 @@ def export_checkpoint(
 ) -> Path | str:
     """Either path may be a URI: the checkpoint is fetched, the folder uploaded."""
     check_export_target(out_dir, overwrite)
-    try:
-        with storage.local_file(checkpoint_path) as local:
-            checkpoint = read_checkpoint(local)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint not found: {checkpoint_path}") from None
+    checkpoint = read_checkpoint_at(checkpoint_path)
     metadata = metadata_from_checkpoint(checkpoint)
     if not metadata or "model_config" not in metadata:
         raise CheckpointError(
@@ -113,6 +114,30 @@ def export_checkpoint(
     with staged_export(out_dir) as staging:
         to_hf(model, staging, tokenizer)
     return out_dir
+
+
+def read_checkpoint_at(path: str | Path) -> dict:
+    """The Composer checkpoint at `path` (local or a URI); a transformers model folder, where a checkpoint
+    was expected, is named as one."""
+    if is_transformers_folder(path):
+        raise CheckpointError(
+            f"checkpoint {path} is already a transformers model folder (config.json, model.safetensors): "
+            "nothing to export; load it with from_pretrained, or give a .pt checkpoint"
+        )
+    try:
+        with storage.local_file(path) as local:  # a bucket's checkpoint is fetched, read, then dropped
+            return read_checkpoint(local)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {path}") from None
+
+
+def is_transformers_folder(path: str | Path) -> bool:
+    """A folder (local, or a URI prefix that is no object itself) holding what to_hf writes."""
+    if storage.is_uri(path):
+        if storage.exists(path):
+            return False
+        return all(storage.exists(storage.join(path, name)) for name in TRANSFORMERS_FILES)
+    return Path(path).is_dir() and all(Path(path, name).is_file() for name in TRANSFORMERS_FILES)
 
 
 def check_same_tokenizer(tokenizer: str, trained_with: str, checkpoint_path: str | Path) -> None:
