@@ -8,6 +8,7 @@ with labels, through the last layer past its attention: nothing reads the other 
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
@@ -163,9 +164,14 @@ class ModernBertForMaskedLM(nn.Module):
                 )
             if max_seqlen is None:
                 max_seqlen = int(cu_seqlens.diff().max())
-            elif cu_seqlens.device.type == "cpu" and max_seqlen < (longest := int(cu_seqlens.diff().max())):
-                # A short max_seqlen mixes documents up in attention. Checked where it costs no device sync.
-                raise ValueError(f"max_seqlen={max_seqlen} is below the longest document ({longest} tokens)")
+            elif cu_seqlens.device.type == "cpu":
+                # A short max_seqlen mixes documents up in attention. Checked on a CPU only, reading the
+                # tensor's memory in place (no device, nothing to sync); a GPU's check would cost a sync.
+                longest = int(np.diff(cu_seqlens.numpy()).max(initial=0))
+                if max_seqlen < longest:
+                    raise ValueError(
+                        f"max_seqlen={max_seqlen} is below the longest document ({longest} tokens)"
+                    )
         layout = DocumentLayout.from_cu_seqlens(cu_seqlens, max_seqlen, input_ids.shape[0])
 
         if labels is not None:
