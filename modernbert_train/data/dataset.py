@@ -35,9 +35,10 @@ unit "row") masks each batch at the ratio of the rows trained before it.
 Another topology. A state saved by another number of ranks or workers cannot restart its producers
 (the epoch's partition depends on both). The rest of the epoch is then read as this topology's
 partition without the documents the old producers had read (each old producer's order up to its
-cursor, recomputed from streaming's partition); the chunks that waited in the old packers' lookahead
-are skipped, and logged. The global batch index and the rows trained go on. A state keeps
-these earlier topologies (`history`) until its epoch ends, so a later change still knows them.
+cursor, recomputed from streaming's partition; of a sample the mixture repeats, as many occurrences as
+were read); the chunks that waited in the old packers' lookahead are skipped, and logged. The global batch
+index and the rows trained go on. A state keeps these earlier topologies (`history`) until its epoch ends,
+so a later change still knows them.
 """
 
 import json
@@ -66,6 +67,10 @@ from modernbert_train.data.packing import BestFitPacker, Chunk, rows_to_batch
 from modernbert_train.data.tokens import TokenizerInfo
 
 STATE_FORMAT = "modernbert_train.data/packed-v2"
+# How a topology's producers leave out what earlier topologies of the epoch read (kept in the state, so a
+# state saved by older code is read by its own rule): 1, every occurrence of a read sample id (which
+# dropped the later repeats of a source the mixture repeats); 2, as many occurrences as were read.
+READ_RULE = 2
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +236,7 @@ class PackedMLMDataset(IterableDataset):
             "dry": [],
             "producers": {},
             "history": [],
+            "read_rule": READ_RULE,
         }
 
     def _continue_elsewhere(self, ranks: list[dict[str, Any]]) -> dict[str, Any]:
@@ -252,6 +258,7 @@ class PackedMLMDataset(IterableDataset):
                 "num_nodes": saved["num_nodes"],
                 "num_canonical_nodes": saved["num_canonical_nodes"],
                 "num_producers": num_producers,
+                "read_rule": saved.get("read_rule", 1),  # how its producers left out earlier reads
                 "cursors": [
                     [rank["producers"].get(p, {"cursor": 0})["cursor"] for p in range(num_producers)]
                     for rank in ranks
@@ -268,31 +275,53 @@ class PackedMLMDataset(IterableDataset):
             )  # fmt: skip
         return plan
 
-    def _read_before(self, epoch: int, history: list[dict[str, Any]]) -> np.ndarray:
-        """Which sample ids of `epoch` the producers of earlier topologies read: each its own order (minus
-        what the topologies before it read) up to its cursor."""
-        read = np.zeros(self.samples.num_samples, dtype=bool)
+    def _topology_lists(self, epoch: int, num_nodes: int, num_ranks: int, num_producers: int) -> list:
+        """Every producer's sample ids of `epoch` under a topology, in (rank, producer) order: streaming's
+        partition (its work, minus the -1 padding), at the dataset's current canonical node count."""
+        ranks_per_node = num_ranks // num_nodes
+        world = World(num_nodes, ranks_per_node, num_producers, 0)
+        work = generate_work(self.samples.batching_method, self.samples, world, epoch, 0)
+        lists = []
+        for rank in range(num_ranks):
+            node, rank_of_node = divmod(rank, ranks_per_node)
+            for producer in range(num_producers):
+                ids = work[node, rank_of_node, producer].ravel()
+                lists.append(ids[ids >= 0])
+        return lists
+
+    def _read_counts(self, epoch: int, history: list[dict[str, Any]]) -> np.ndarray:
+        """How many times the producers of earlier topologies read each sample id of `epoch`: each its own
+        order, minus what the topologies before it read (by its `read_rule`), up to its cursor."""
+        counts = np.zeros(self.samples.num_samples, dtype=np.int64)
         own_canonical_nodes = self.samples.num_canonical_nodes
         try:
             for segment in history:
                 # The shuffle depends on the canonical node count, which follows the node count by default.
                 self.samples.num_canonical_nodes = segment["num_canonical_nodes"]
-                num_ranks, num_producers = len(segment["cursors"]), segment["num_producers"]
-                ranks_per_node = num_ranks // segment["num_nodes"]
-                world = World(segment["num_nodes"], ranks_per_node, num_producers, 0)
-                work = generate_work(self.samples.batching_method, self.samples, world, epoch, 0)
-                newly_read = []
-                for rank, cursors in enumerate(segment["cursors"]):
-                    node, rank_of_node = divmod(rank, ranks_per_node)
-                    for producer, cursor in enumerate(cursors):
-                        ids = work[node, rank_of_node, producer].ravel()
-                        ids = ids[ids >= 0]
-                        newly_read.append(ids[~read[ids]][:cursor])
-                for ids in newly_read:
-                    read[ids] = True
+                cursors, num_producers = segment["cursors"], segment["num_producers"]
+                lists = self._topology_lists(epoch, segment["num_nodes"], len(cursors), num_producers)
+                unread = _not_read(lists, counts, segment.get("read_rule", 1))
+                flat_cursors = [cursor for rank_cursors in cursors for cursor in rank_cursors]
+                newly_read = [ids[keep][:cursor] for ids, keep, cursor in zip(lists, unread, flat_cursors)]
+                np.add.at(counts, np.concatenate(newly_read), 1)
         finally:
             self.samples.num_canonical_nodes = own_canonical_nodes
-        return read
+        return counts
+
+    def _unread_part(self, epoch: int, plan: dict[str, Any], producer: int, own: np.ndarray) -> np.ndarray:
+        """`own` (this producer's sample ids) without what earlier topologies of the epoch read."""
+        counts = self._read_counts(epoch, plan["history"])
+        rule = plan.get("read_rule", 1)
+        if rule == 1:
+            return own[_not_read([own], counts, 1)[0]]
+        # Rule 2: a sample the mixture repeats appears several times in an epoch: as many of its
+        # occurrences are left out as were read, the first ones over this topology's producers in (rank,
+        # producer) order, so every producer decides alike.
+        lists = self._topology_lists(epoch, self.num_nodes, self.world_size, plan["num_producers"])
+        index = self.rank * plan["num_producers"] + producer
+        if not np.array_equal(lists[index], own):
+            raise RuntimeError("data: streaming's partition for this producer differs from the epoch's work")
+        return own[_not_read(lists, counts, rule)[index]]
 
     def _rank_state(self, num_samples: int) -> dict[str, Any]:
         if self._pending is not None:
@@ -313,6 +342,7 @@ class PackedMLMDataset(IterableDataset):
             "num_nodes": self.num_nodes,
             "num_canonical_nodes": self.samples.num_canonical_nodes,
             "history": self._plan["history"],
+            "read_rule": self._plan.get("read_rule", 1),
         }
 
     # -- producers (DataLoader workers, or the main process with num_workers=0) ---------------
@@ -338,7 +368,7 @@ class PackedMLMDataset(IterableDataset):
         if producer in plan.get("dry", ()):
             return  # it ran dry before the state was saved
         if plan["history"]:
-            sample_ids = sample_ids[~self._read_before(epoch, plan["history"])[sample_ids]]
+            sample_ids = self._unread_part(epoch, plan, producer, sample_ids)
         packer = BestFitPacker(self.max_seq_len, self.lookahead)
         cursor, emitted = 0, 0
         stream = 0 if self.resumable else 1  # row starts: a generator per (stream, rank, global batch)
@@ -423,3 +453,19 @@ def batch_num_rows(batch: dict[str, Any]) -> int:
 def batch_num_tokens(batch: dict[str, Any]) -> int:
     """Real (non-pad) tokens in a batch."""
     return int(torch.count_nonzero(batch["attention_mask"]))
+
+
+def _not_read(lists: list[np.ndarray], counts: np.ndarray, rule: int) -> list[np.ndarray]:
+    """Per list, which entries were not read before: rule 1, ids never read; rule 2, an id's occurrences
+    over all the lists (in their order) past the first counts[id], the ones read."""
+    if rule == 1:
+        return [counts[ids] == 0 for ids in lists]
+    flat = np.concatenate(lists) if lists else np.zeros(0, dtype=np.int64)
+    order = np.argsort(flat, kind="stable")
+    ordered = flat[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]]) if len(flat) else np.zeros(0, int)
+    first_of_group = np.repeat(starts, np.diff(np.r_[starts, len(flat)]))
+    occurrence = np.empty(len(flat), dtype=np.int64)
+    occurrence[order] = np.arange(len(flat)) - first_of_group
+    unread = occurrence >= counts[flat]
+    return np.split(unread, np.cumsum([len(ids) for ids in lists])[:-1])
