@@ -1,9 +1,12 @@
 """`modernbert-data plan RECIPE --tokens N`: what a run of N tokens takes from each source of a mixture.
 
-Each source's token count comes from its `modernbert_data.json` (written by shard and merge), local or
-remote: one small file per source, no shard is downloaded. A source's share of the run is its
-`proportion` (normalized over the sources), or, without proportions, its tokens times `repeat`; the
-epochs it implies are its tokens in the run over the tokens it holds (> 1: its documents repeat).
+Each source's token and document counts come from its `modernbert_data.json` (written by shard and merge),
+local or remote: one small file per source, no shard is downloaded. streaming mixes by document (sample):
+a source's draws per epoch are its `proportion` of the epoch's documents (normalized over the sources),
+else its `choose`, else its documents times `repeat`. Its share of the run's tokens is its draws times its
+mean document length over all the sources'; the epochs it implies are its tokens in the run over the
+tokens it holds (> 1: its documents repeat). A proportion is a share of documents, not of tokens: a source
+of long documents takes more of the run's tokens than its proportion.
 """
 
 from pathlib import Path
@@ -40,21 +43,24 @@ def recipe_sources(recipe: Path | str) -> list[dict]:
     return sources
 
 
-def _source_tokens(recipe: Path, i: int, source: dict) -> int:
+def _source_size(recipe: Path, i: int, source: dict) -> tuple[int, int]:
+    """(tokens, documents) a source holds, from its modernbert_data.json."""
     location = source.get("remote") or source.get("local")
     if not location:
         raise UsageError(f"plan {recipe}: train.{i} has neither 'remote' nor 'local'")
     storage.check(location, f"train.{i}")
     marker = storage.join(location, FINISHED_MARKER)
     try:
-        tokens = read_marker(marker, f"plan {recipe}: train.{i}", ("tokens",))["tokens"]
+        values = read_marker(marker, f"plan {recipe}: train.{i}", ("tokens", "documents"))
     except FileNotFoundError:
         raise UsageError(
             f"plan {recipe}: train.{i}: no {FINISHED_MARKER} in {location} (shard it with modernbert-data)"
         ) from None
-    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
-        raise UsageError(f"plan {recipe}: train.{i}: {marker} has no token count ('tokens': {tokens!r})")
-    return tokens
+    for key in ("tokens", "documents"):
+        count = values[key]
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise UsageError(f"plan {recipe}: train.{i}: {marker} has no {key} count ('{key}': {count!r})")
+    return values["tokens"], values["documents"]
 
 
 def plan(recipe: Path, tokens: int) -> list[dict]:
@@ -62,30 +68,38 @@ def plan(recipe: Path, tokens: int) -> list[dict]:
     for i, source in enumerate(sources):
         if not isinstance(source, dict):
             raise UsageError(f"plan {recipe}: train.{i} is not a source (a mapping with local or remote)")
-        for key in ("proportion", "repeat"):
+        for key in ("proportion", "repeat", "choose"):
             value = source.get(key)
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, int | float) or not value > 0
             ):
                 raise UsageError(f"plan {recipe}: train.{i}.{key} must be a positive number, got {value!r}")
+        given = [key for key in ("proportion", "repeat", "choose") if source.get(key) is not None]
+        if len(given) > 1:
+            raise UsageError(f"plan {recipe}: train.{i} gives {' and '.join(given)}; give at most one")
     with_proportion = [s for s in sources if s.get("proportion") is not None]
     if with_proportion and len(with_proportion) != len(sources):
         raise UsageError(f"plan {recipe}: give every source a proportion, or none")
-    available = [_source_tokens(recipe, i, s) for i, s in enumerate(sources)]
+    sizes = [_source_size(recipe, i, s) for i, s in enumerate(sources)]
     if with_proportion:
-        weights = [float(s["proportion"]) for s in sources]
+        draws = [float(s["proportion"]) for s in sources]  # relative: shares of the epoch's documents
     else:
-        weights = [n * float(s.get("repeat", 1.0)) for n, s in zip(available, sources)]
+        draws = [
+            float(s["choose"]) if s.get("choose") is not None else documents * float(s.get("repeat", 1.0))
+            for s, (_, documents) in zip(sources, sizes)
+        ]
+    weights = [d * held / documents if documents else 0.0 for d, (held, documents) in zip(draws, sizes)]
     total = sum(weights)
     if total <= 0:
-        raise UsageError(f"plan {recipe}: the sources' proportions (or sizes) add up to 0")
+        raise UsageError(f"plan {recipe}: the sources' draws (proportions or sizes) hold no tokens")
     rows = []
-    for i, (source, held, weight) in enumerate(zip(sources, available, weights)):
+    for i, (source, (held, _), draw, weight) in enumerate(zip(sources, sizes, draws, weights)):
         share = weight / total
         rows.append(
             {
                 "source": source.get("name") or source.get("remote") or source.get("local") or f"train.{i}",
                 "tokens_available": held,
+                "documents_share": draw / sum(draws),
                 "share": share,
                 "tokens_in_run": round(share * tokens),
                 "epochs": share * tokens / held if held else float("inf"),
@@ -95,12 +109,15 @@ def plan(recipe: Path, tokens: int) -> list[dict]:
 
 
 def format_plan(rows: list[dict], tokens: int) -> str:
-    lines = [f"{'source':<40} {'available':>18} {'share':>7} {'in run':>18} {'epochs':>7}"]
+    lines = [f"{'source':<40} {'available':>18} {'docs':>7} {'tokens':>7} {'in run':>18} {'epochs':>7}"]
     for row in rows:
         lines.append(
-            f"{row['source']:<40} {row['tokens_available']:>18,} {row['share']:>7.1%} "
-            f"{row['tokens_in_run']:>18,} {row['epochs']:>7.2f}"
+            f"{row['source']:<40} {row['tokens_available']:>18,} {row['documents_share']:>7.1%} "
+            f"{row['share']:>7.1%} {row['tokens_in_run']:>18,} {row['epochs']:>7.2f}"
         )
     held = sum(row["tokens_available"] for row in rows)
-    lines.append(f"{'total':<40} {held:>18,} {1:>7.1%} {tokens:>18,} {tokens / held if held else 0:>7.2f}")
+    ratio = tokens / held if held else 0
+    lines.append(f"{'total':<40} {held:>18,} {1:>7.1%} {1:>7.1%} {tokens:>18,} {ratio:>7.2f}")
+    lines.append("docs: a source's share of the documents drawn (streaming mixes by document)")
+    lines.append("tokens: its share of the run's tokens (its draws times its mean document length)")
     return "\n".join(lines)

@@ -25,8 +25,12 @@ def test_plan_reads_each_source_without_downloading_shards(s3_bucket, tiny_data,
     rows = {row["source"]: row for row in json.loads(capsys.readouterr().out)["sources"]}
     train, val = metadata_tokens(tiny_data / "train"), metadata_tokens(tiny_data / "val")
     assert rows["train"]["tokens_available"] == train and rows["val"]["tokens_available"] == val
-    assert rows["train"]["share"] == 0.75 and rows["val"]["tokens_in_run"] == 250_000
-    assert rows["val"]["epochs"] == pytest.approx(250_000 / val)
+    # streaming mixes by document: 3:1 of the documents drawn, tokens by each source's mean length.
+    train_length, val_length = (mean_length(tiny_data / name) for name in ("train", "val"))
+    val_share = val_length / (3 * train_length + val_length)
+    assert rows["train"]["documents_share"] == 0.75 and rows["val"]["share"] == pytest.approx(val_share)
+    assert rows["val"]["tokens_in_run"] == round(val_share * 1e6)
+    assert rows["val"]["epochs"] == pytest.approx(val_share * 1e6 / val)
     assert not (tmp_path / "cache").exists()
     assert main(["plan", str(recipe), "--tokens", "1.7e12"]) == 0
     assert "epochs" in capsys.readouterr().out
@@ -36,6 +40,40 @@ def test_plan_reads_each_source_without_downloading_shards(s3_bucket, tiny_data,
     assert {row["source"] for row in json.loads(capsys.readouterr().out)["sources"]} == {"train", "val"}
     assert main(["plan", storage.join(s3_bucket, "gone.yaml"), "--tokens", "1e6"]) == 2
     assert f"plan {s3_bucket}/gone.yaml: cannot read it: no such file" in capsys.readouterr().err
+
+
+def mean_length(folder) -> float:
+    metadata = json.loads((folder / "modernbert_data.json").read_text())
+    return metadata["tokens"] / metadata["documents"]
+
+
+def test_plan_takes_choose_and_repeat_as_streaming_draws_them(tiny_data, tmp_path, capsys):
+    """`choose` documents (it was taken as repeat 1) and `repeat` x documents, each at its mean length; the
+    documents drawn are streaming's own count for the epoch."""
+    from modernbert_train.data.mixture import build_sample_space, evaluation_sample_ids
+
+    sources = [
+        {"name": "train", "local": str(tiny_data / "train"), "choose": 30},
+        {"name": "val", "local": str(tiny_data / "val"), "repeat": 2},
+    ]
+    recipe = tmp_path / "mix.yaml"
+    recipe.write_text(yaml.safe_dump({"train": sources}))
+    assert main(["plan", str(recipe), "--tokens", "1e6", "--json"]) == 0
+    rows = {row["source"]: row for row in json.loads(capsys.readouterr().out)["sources"]}
+    val_documents = json.loads((tiny_data / "val" / "modernbert_data.json").read_text())["documents"]
+    samples = build_sample_space(
+        [{k: v for k, v in s.items() if k != "name"} for s in sources], shuffle=False, seed=1
+    )
+    drawn = evaluation_sample_ids(samples, 0, 0, 1)
+    from_train = int((drawn < samples.num_samples - val_documents).sum())
+    assert from_train == 30 and len(drawn) - from_train == 2 * val_documents
+    assert rows["train"]["documents_share"] == pytest.approx(30 / len(drawn))
+    train_tokens = 30 * mean_length(tiny_data / "train")
+    val_tokens = 2 * val_documents * mean_length(tiny_data / "val")
+    assert rows["train"]["share"] == pytest.approx(train_tokens / (train_tokens + val_tokens))
+    recipe.write_text(yaml.safe_dump({"train": [{**sources[0], "repeat": 2}]}))
+    assert main(["plan", str(recipe), "--tokens", "1e6"]) == 2
+    assert "train.0 gives repeat and choose; give at most one" in capsys.readouterr().err
 
 
 def test_plan_errors_name_the_source(tiny_data, tmp_path, capsys):

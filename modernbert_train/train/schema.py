@@ -29,7 +29,7 @@ class DataSourceConfig:
     remote: str | None = None  # a remote URI streaming understands (s3://, gs://, ...)
     name: str | None = None
     split: str | None = None
-    proportion: float | None = None  # share of the mixture
+    proportion: float | None = None  # share of the mixture's documents (not tokens: see `plan`)
     repeat: float | None = None  # times to repeat this source per epoch
     choose: int | None = None  # samples to draw from this source per epoch
 
