@@ -138,3 +138,24 @@ def test_a_damaged_modernbert_data_json_is_one_line_naming_key_and_file(
         recorded_special_ids(config)
     assert str(error.value).startswith(f"data.train.0.local: {copy / 'modernbert_data.json'} is not ")
     assert "\n" not in str(error.value)
+
+
+def test_a_split_sources_recorded_ids_are_read_from_its_split_folder(write_recipe, tiny_data, tmp_path):
+    """`local: ROOT, split: train` reads ROOT/train (as streaming does): its modernbert_data.json there
+    decides the special ids and is compared, where ROOT/modernbert_data.json was looked for and, absent,
+    both were skipped without a word."""
+    from modernbert_train.train.data import check_shards_match, recorded_special_ids, tokenizer_info
+
+    root = tmp_path / "root"
+    shutil.copytree(tiny_data / "train", root / "train")
+    recipe = write_recipe(data={"train": [{"local": str(root), "split": "train"}], "eval": []})
+    config = load_config(recipe)
+    recorded = recorded_special_ids(config)
+    metadata = json.loads((root / "train" / "modernbert_data.json").read_text())["tokenizer"]
+    assert recorded is not None and recorded["mask_id"] == metadata["mask_token_id"]
+    info = tokenizer_info(tiny_data / "tokenizer" / "tokenizer.json", recorded)
+    check_shards_match(config, info)
+    metadata["vocab_size"] += 1
+    (root / "train" / "modernbert_data.json").write_text(json.dumps({"tokenizer": metadata}))
+    with pytest.raises(ConfigError, match=r"^data\.train\.0\.local: .*/train was tokenized with another"):
+        check_shards_match(config, info)

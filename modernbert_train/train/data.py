@@ -20,7 +20,7 @@ from modernbert_train.data import (
     build_train_dataset,
 )
 from modernbert_train.train.config import ConfigError, time_unit, time_value
-from modernbert_train.train.data_checks import check_sources, read_metadata
+from modernbert_train.train.data_checks import check_sources, read_metadata, source_folder
 from modernbert_train.train.schema import DataSourceConfig, TrainConfig
 
 METADATA_FILE = "modernbert_data.json"  # written by data_prep next to the shards
@@ -76,9 +76,8 @@ def recorded_special_ids(config: TrainConfig) -> dict[str, int] | None:
     """The special-token ids data_prep found (BERT or RoBERTa spellings, or named by flags) and recorded in
     the first train source's modernbert_data.json; None for shards without one."""
     source = config.data.train[0]
-    folder = source.remote or source.local
-    metadata = storage.join(folder, METADATA_FILE) if folder else None
-    if not metadata or not storage.exists(metadata):
+    metadata = storage.join(source_folder(source), METADATA_FILE)
+    if not storage.exists(metadata):
         return None
     recorded = read_metadata(metadata, f"data.train.0.{'remote' if source.remote else 'local'}").get(
         "tokenizer", {}
@@ -124,9 +123,9 @@ def check_shards_match(config: TrainConfig, info: TokenizerInfo) -> None:
     }
     for split in ("train", "eval"):
         for i, source in enumerate(getattr(config.data, split)):
-            folder = source.remote or source.local
-            metadata = storage.join(folder, METADATA_FILE) if folder else None
-            if not metadata or not storage.exists(metadata):
+            folder = source_folder(source)
+            metadata = storage.join(folder, METADATA_FILE)
+            if not storage.exists(metadata):
                 continue
             where = f"data.{split}.{i}.{'remote' if source.remote else 'local'}"
             theirs = read_metadata(metadata, where).get("tokenizer", {})

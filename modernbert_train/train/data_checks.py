@@ -25,8 +25,7 @@ def check_sources(config: TrainConfig, tokenizer_file: Path) -> None:
         for i, source in enumerate(getattr(config.data, split)):
             where = "remote" if source.remote else "local"
             key = f"data.{split}.{i}.{where}"
-            base = source.remote or source.local
-            folder = storage.join(base, source.split) if source.split else str(base)
+            folder = source_folder(source)
             files = set(storage.list_files(folder))
             _check_shards(key, folder, files)
             theirs, where = _recorded_identity(key, folder, files)
@@ -40,6 +39,13 @@ def check_sources(config: TrainConfig, tokenizer_file: Path) -> None:
                     f"{key}: {folder} was tokenized with another tokenizer (its {where} differs from the "
                     f"run's {tokenizer_file} in {IDENTITY_PARTS})"
                 )
+
+
+def source_folder(source) -> str:
+    """Where a source's shards and modernbert_data.json are: its remote (else local) folder, in its `split`
+    subfolder when it names one (as streaming reads it)."""
+    base = source.remote or source.local
+    return storage.join(base, source.split) if source.split else str(base)
 
 
 def read_metadata(path: str, key: str) -> dict:
