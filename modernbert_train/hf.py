@@ -322,7 +322,7 @@ def _unk_token(tokenizer) -> str | None:
     return None
 
 
-def _check_vocabulary(size: int, config: ModernBertConfig) -> None:
+def check_vocabulary(size: int, config: ModernBertConfig) -> None:
     if size > config.vocab_size:
         raise HFCheckpointError(
             f"tokenizer: its {size} tokens do not fit the model's vocab_size={config.vocab_size}; export the "
@@ -336,7 +336,7 @@ def save_tokenizer(tokenizer, out_dir: Path, config: ModernBertConfig) -> None:
     from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
     if isinstance(tokenizer, PreTrainedTokenizerBase):
-        _check_vocabulary(len(tokenizer), config)
+        check_vocabulary(len(tokenizer), config)
         for role in ("cls", "sep", "pad", "mask"):
             theirs, ours = getattr(tokenizer, f"{role}_token_id"), getattr(config, f"{role}_token_id")
             if theirs != ours:
@@ -354,7 +354,7 @@ def save_tokenizer(tokenizer, out_dir: Path, config: ModernBertConfig) -> None:
             raise HFCheckpointError(f"tokenizer: {file} does not exist") from None
     else:
         tokenizer = Tokenizer.from_str(tokenizer.to_str())  # a copy: the post-processor may be set below
-    _check_vocabulary(tokenizer.get_vocab_size(with_added_tokens=True), config)
+    check_vocabulary(tokenizer.get_vocab_size(with_added_tokens=True), config)
     special = {}
     for role in ("cls", "sep", "pad", "mask"):
         token_id = getattr(config, f"{role}_token_id")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from modernbert_train import storage
-from modernbert_train.hf import HFCheckpointError, _check_vocabulary, from_hf, read_hf_config
+from modernbert_train.hf import HFCheckpointError, check_vocabulary, from_hf, read_hf_config
 from modernbert_train.model import ModernBertConfig, ModernBertForMaskedLM
 
 from .data import Examples, FinetuneError, read_examples
@@ -88,7 +88,7 @@ def load_tokenizer(model_dir: Path, config: ModernBertConfig) -> Tokenizer:
     except Exception as error:  # tokenizers raises its own Exception type for a damaged file
         raise FinetuneError(f"{file}: not a tokenizer.json the tokenizers library reads ({error})") from None
     try:
-        _check_vocabulary(tokenizer.get_vocab_size(with_added_tokens=True), config)
+        check_vocabulary(tokenizer.get_vocab_size(with_added_tokens=True), config)
     except HFCheckpointError as error:  # ids past the embedding table: an IndexError deep in training
         raise FinetuneError(f"{model_dir}: {error}") from None
     return tokenizer
