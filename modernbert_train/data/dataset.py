@@ -461,11 +461,16 @@ def _not_read(lists: list[np.ndarray], counts: np.ndarray, rule: int) -> list[np
     if rule == 1:
         return [counts[ids] == 0 for ids in lists]
     flat = np.concatenate(lists) if lists else np.zeros(0, dtype=np.int64)
-    order = np.argsort(flat, kind="stable")
-    ordered = flat[order]
-    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]]) if len(flat) else np.zeros(0, int)
-    first_of_group = np.repeat(starts, np.diff(np.r_[starts, len(flat)]))
-    occurrence = np.empty(len(flat), dtype=np.int64)
-    occurrence[order] = np.arange(len(flat)) - first_of_group
-    unread = occurrence >= counts[flat]
+    unread = np.ones(len(flat), dtype=bool)
+    # Only the entries of ids read before are ranked (the epoch's rest may be a billion documents).
+    where = np.flatnonzero(counts[flat] > 0)
+    if len(where):
+        ids = flat[where]
+        order = np.argsort(ids, kind="stable")  # each id's entries, in list order
+        ordered = ids[order]
+        starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+        first_of_group = np.repeat(starts, np.diff(np.r_[starts, len(ids)]))
+        occurrence = np.empty(len(ids), dtype=np.int64)
+        occurrence[order] = np.arange(len(ids)) - first_of_group
+        unread[where] = occurrence >= counts[ids]
     return np.split(unread, np.cumsum([len(ids) for ids in lists])[:-1])
