@@ -366,6 +366,27 @@ def test_bad_sources_give_one_line_errors(sources, message):
     assert "\n" not in str(error.value)
 
 
+def test_a_source_whose_weight_draws_no_document_is_refused(tmp_path):
+    """streaming rounds each source's draws down and hands the remainder out once, by seed: a tiny
+    proportion drew nothing in every epoch, silently."""
+    write_synthetic_mds(tmp_path / "a", 50, seed=1, median=20)
+    write_synthetic_mds(tmp_path / "b", 50, seed=2, median=20)
+    sources = [
+        {"local": str(tmp_path / "a"), "proportion": 1},
+        {"name": "rare", "local": str(tmp_path / "b")},
+    ]
+    sources[1]["proportion"] = 1e-5
+    with pytest.raises(ValueError) as error:
+        build_train_dataset(sources, tokenizer=INFO, max_seq_len=64, global_batch_size=2, seed=1)
+    assert str(error.value) == (
+        "data source 1 (rare): its proportion 1e-05 draws none of its 50 documents in any epoch (of 100 "
+        "drawn); raise it, or leave the source out"
+    )
+    sources[1] = {"local": str(tmp_path / "b"), "repeat": 0.001}
+    with pytest.raises(ValueError, match="data source 0: its repeat 0.001 draws none of its 50 documents"):
+        build_train_dataset(sources[1:], tokenizer=INFO, max_seq_len=64, global_batch_size=2, seed=1)
+
+
 def test_bad_batch_size_warmup_is_named(corpus):
     with pytest.raises(ValueError, match="batch_size_warmup: expected"):
         build_train_dataset(

@@ -116,7 +116,8 @@ def build_sample_space(
             try:
                 # fresh Streams each time: streaming writes its resolved proportions into those it is given
                 streams = [Stream(**{k: v for k, v in source.items() if k != "name"}) for source in sources]
-                return _SampleSpace(streams=streams, **kwargs)
+                samples = _SampleSpace(streams=streams, **kwargs)
+                break
             except FileExistsError:
                 # A streaming job outside this lock took the prefix between our look and our creation.
                 # One process may look again (nothing was registered); ranks would leave the protocol at
@@ -124,6 +125,17 @@ def build_sample_space(
                 if not single or attempt == PREFIX_ATTEMPTS - 1:
                     raise
                 time.sleep(rng.uniform(0.05, 0.5))
+    for i, (source, stream) in enumerate(zip(sources, samples.streams)):
+        if stream.choose == 0:  # streaming rounds each source's draws down, then hands out the remainder
+            where = f"data source {i}" + (f" ({source['name']})" if "name" in source else "")
+            weighted = [f"{key} {source[key]}" for key in ("proportion", "repeat") if key in source]
+            weight = weighted[0] if weighted else "share"
+            held = int(samples.samples_per_stream[i])
+            raise ValueError(
+                f"{where}: its {weight} draws none of its {held} documents in any epoch (of "
+                f"{samples.epoch_size} drawn); raise it, or leave the source out"
+            )
+    return samples
 
 
 class _SampleSpace(StreamingDataset):
