@@ -187,32 +187,32 @@ def _s3_call(uri: Uri, doing: str, call, **kwargs):
 
 
 # -- the other schemes through streaming's clients -------------------------------------------------------
-def _streaming_uploader(folder: Uri):
-    from streaming.base.storage.upload import CloudUploader
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
+
+@contextmanager
+def _streaming_client(uri: Uri, folder: Uri, doing: str) -> Iterator[tuple]:
+    """streaming's client for `folder` (its scheme's) and a local staging folder for it, removed after; the
+    client's own errors (no credentials, no network, its package missing) as one-line StorageErrors about
+    `uri`. Nothing of ours is left in /tmp, refused or not."""
     staging = tempfile.mkdtemp(prefix="modernbert-upload-")
     try:
-        return CloudUploader.get((staging, str(folder)), keep_local=True), staging
-    except BaseException:  # no client for the scheme, no credentials: nothing of ours left in /tmp
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        from streaming.base.storage.upload import CloudUploader
 
-
-def _streaming_list(uri: Uri) -> list[str]:
-    """The object names under `uri` through streaming's client for its scheme; the client's own errors
-    (no credentials, no network, its package missing) as one-line StorageErrors."""
-    staging = None
-    try:
-        uploader, staging = _streaming_uploader(Uri(uri.scheme, uri.bucket, ""))
-        return list(uploader.list_objects(uri.key))
+        yield CloudUploader.get((staging, str(folder)), keep_local=True), staging
     except StorageError:
         raise
     except Exception as e:
-        reason = " ".join(str(e).split()) or type(e).__name__
-        raise StorageError(f"{uri}: cannot list it: {reason}") from None
+        raise StorageError(f"{uri}: cannot {doing}: {_one_line(e)}") from None
     finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _streaming_list(uri: Uri) -> list[str]:
+    """The object names under `uri` through streaming's client for its scheme."""
+    with _streaming_client(uri, Uri(uri.scheme, uri.bucket, ""), "list it") as (client, _):
+        return list(client.list_objects(uri.key))
 
 
 # -- conditional writes (s3 only): what a lock in a bucket is built on ------------------------------------
@@ -272,8 +272,7 @@ def check(path: str | os.PathLike, what: str) -> None:
     except StorageError as e:
         raise StorageError(f"{what} {e}") from None
     except Exception as e:  # the other clients' own errors (credentials, network)
-        reason = " ".join(str(e).split()) or type(e).__name__
-        raise StorageError(f"{what} {uri}: cannot reach it: {reason}") from None
+        raise StorageError(f"{what} {uri}: cannot reach it: {_one_line(e)}") from None
 
 
 def list_files(folder: str | os.PathLike) -> list[str]:
@@ -333,8 +332,7 @@ def download_file(path: str | os.PathLike, local: str | os.PathLike) -> Path:
         except FileNotFoundError:
             raise FileNotFoundError(str(uri)) from None
         except Exception as e:  # the scheme's client: no credentials, no network, its package missing
-            reason = " ".join(str(e).split())[:300] or type(e).__name__
-            raise StorageError(f"{uri}: cannot read: {reason}") from None
+            raise StorageError(f"{uri}: cannot read: {_one_line(e)[:300]}") from None
     partial.replace(local)
     return local
 
@@ -357,17 +355,9 @@ def upload_file(local: str | os.PathLike, path: str | os.PathLike) -> None:
         _s3_call(uri, "write", _s3().upload_file, Filename=str(local), Bucket=uri.bucket, Key=uri.key)
         return
     parent, _, name = uri.key.rpartition("/")
-    staging = None
-    try:
-        uploader, staging = _streaming_uploader(Uri(uri.scheme, uri.bucket, parent))
+    with _streaming_client(uri, Uri(uri.scheme, uri.bucket, parent), "write") as (client, staging):
         shutil.copyfile(local, Path(staging, name))
-        uploader.upload_file(name)
-    except Exception as e:  # the client's own errors (no credentials, no network) as one line
-        reason = " ".join(str(e).split()) or type(e).__name__
-        raise StorageError(f"{uri}: cannot write: {reason}") from None
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
+        client.upload_file(name)
 
 
 def move(path: str | os.PathLike, target: str | os.PathLike) -> None:
