@@ -120,20 +120,42 @@ def display(path: str | os.PathLike) -> str:
 
 
 # -- s3 through boto3 --------------------------------------------------------------------------------------
+# How long an S3 request may go without a byte from the endpoint, and how many times it is tried: an endpoint
+# that accepts connections and never answers is reported in about S3_TRIES x the wait, not after minutes.
+S3_READ_TIMEOUT_DEFAULT = 30.0
+S3_TRIES = 3
+
+
+def s3_read_timeout() -> float:
+    """`S3_READ_TIMEOUT` (seconds, > 0) or the default."""
+    text = os.environ.get("S3_READ_TIMEOUT", "").strip()
+    if not text:
+        return S3_READ_TIMEOUT_DEFAULT
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise StorageError(f"S3_READ_TIMEOUT={text}: must be a number of seconds above 0")
+    return seconds
+
+
 @cache
-def _s3_client(endpoint: str | None):
+def _s3_client(endpoint: str | None, read_timeout: float):
     import boto3
     from botocore.config import Config
 
-    # Few retries and short connect timeouts: an unreachable endpoint is reported in seconds, not minutes.
-    config = Config(connect_timeout=5, read_timeout=120, retries={"max_attempts": 3, "mode": "standard"})
+    # botocore's standard retry mode counts the first try in max_attempts.
+    config = Config(
+        connect_timeout=5, read_timeout=read_timeout, retries={"max_attempts": S3_TRIES, "mode": "standard"}
+    )
     return boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
 
 
 def _s3():
-    endpoint = os.environ.get("S3_ENDPOINT_URL") or None
+    endpoint, read_timeout = os.environ.get("S3_ENDPOINT_URL") or None, s3_read_timeout()
     try:
-        return _s3_client(endpoint)
+        return _s3_client(endpoint, read_timeout)
     except ValueError as e:  # botocore's "Invalid endpoint", raised while the client is built
         raise StorageError(
             f"S3_ENDPOINT_URL={endpoint}: not an endpoint URL ({' '.join(str(e).split())})"
@@ -151,8 +173,13 @@ def _s3_error(uri: Uri, error: Exception, doing: str) -> StorageError:
         if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
             return StorageError(f"{uri}: access denied while trying to {doing} ({message})")
         return StorageError(f"{uri}: cannot {doing}: {message}")
+    from botocore.exceptions import ReadTimeoutError
+
     endpoint = os.environ.get("S3_ENDPOINT_URL") or "the default AWS endpoint"
     reason = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, ReadTimeoutError):
+        wait = f"no answer within {s3_read_timeout():g} s, {S3_TRIES} tries"
+        reason += f" ({wait}; S3_READ_TIMEOUT sets the wait)"
     return StorageError(f"{uri}: cannot {doing} at {endpoint}: {reason}")
 
 

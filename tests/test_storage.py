@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,35 @@ def test_missing_bucket_and_unreachable_endpoint_are_one_line_errors(s3_server, 
     message = str(caught.value)
     assert message.startswith("save_folder s3://bucket/run: cannot check at http://127.0.0.1:")
     assert "\n" not in message
+
+
+def test_an_endpoint_that_never_answers_is_a_one_line_error_after_the_set_wait(monkeypatch):
+    """An endpoint that accepts the connection and never answers (a hung proxy, a stopped server behind a
+    load balancer): refused after S3_TRIES waits of S3_READ_TIMEOUT, naming the wait; botocore's default
+    would wait 60 s per try, ours 30 s by default."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)  # the kernel accepts the connections; nobody reads or answers
+        monkeypatch.setenv("S3_ENDPOINT_URL", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        monkeypatch.setenv("S3_READ_TIMEOUT", "0.5")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        started = time.monotonic()
+        with pytest.raises(StorageError) as caught:
+            storage.read_text("s3://bucket/run/x.txt")
+        waited = time.monotonic() - started
+    message = str(caught.value)
+    assert message.startswith("s3://bucket/run/x.txt: cannot read at http://127.0.0.1:"), message
+    assert f"no answer within 0.5 s, {storage.S3_TRIES} tries; S3_READ_TIMEOUT sets the wait" in message
+    assert "\n" not in message
+    assert 0.5 * storage.S3_TRIES <= waited < 30, waited
+    for bad in ("0", "-1", "ten", "inf", "nan"):
+        monkeypatch.setenv("S3_READ_TIMEOUT", bad)
+        refused = rf"^S3_READ_TIMEOUT={bad}: must be a number of seconds above 0$"
+        with pytest.raises(StorageError, match=refused):
+            storage.exists("s3://bucket/x")
+    monkeypatch.delenv("S3_READ_TIMEOUT")
+    assert storage.s3_read_timeout() == storage.S3_READ_TIMEOUT_DEFAULT == 30
 
 
 def test_a_failed_upload_and_another_schemes_client_are_one_line_errors(s3_server, tmp_path):
