@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 import pickle
 import re
 import sys
@@ -220,6 +221,44 @@ def test_resume_on_another_worker_count_keeps_a_repeated_sources_later_repeats(t
     assert sum(missing.values()) == skipped_chunks(caplog.text)  # only the old packers' waiting chunks
     small_chunks = set(epoch_chunks(small, 128))
     assert sum(n for piece, n in trained.items() if piece in small_chunks) > 3 * len(small_chunks)
+
+
+def test_another_topologys_reads_are_recomputed_once_per_rank_not_in_every_worker(
+    corpus, corpus_documents, tmp_path, monkeypatch, caplog
+):
+    """Each topology's partition is the whole epoch's sample ids (GBs at a billion documents, several
+    copies while streaming builds it): the main process works out what the old producers read once, before
+    its workers fork, and hands each worker one bit per sample id. Counted through a file the forked
+    workers append to: one partition for the old topology and one for this one, whatever the worker count
+    (it was 2 in each of 3 workers)."""
+    import modernbert_train.data.dataset as dataset_module
+
+    calls = tmp_path / "calls"
+    real = dataset_module.generate_work
+
+    def counted(*args, **kwargs):
+        with open(calls, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dataset_module, "generate_work", counted)
+
+    def dataset():
+        return build_train_dataset(
+            [{"local": corpus}], tokenizer=INFO, max_seq_len=128, global_batch_size=4, seed=3, lookahead=48,
+            drop_last=False,
+        )  # fmt: skip
+
+    first = dataset()
+    head, state = run(first, build_dataloader(first, num_workers=2), epochs=1, stop_after=5)
+    assert not calls.exists()  # the plain path: streaming's own partition, shared per node
+    resumed = dataset()
+    resumed.load_state_dict(state)
+    with caplog.at_level(logging.WARNING, logger="modernbert_train.data.dataset"):
+        tail = [b for b in build_dataloader(resumed, num_workers=3) if resumed.observe(b) is None]
+    assert calls.read_text().split() == [str(os.getpid())] * 2
+    pieces = [piece for batch in head + tail for piece in batch_pieces(batch)]
+    check_one_epoch(pieces, corpus_documents, skipped_chunks(caplog.text), old_producers=2)
 
 
 def test_an_epoch_reads_every_producers_part_however_unevenly_the_tokens_fell(tmp_path):

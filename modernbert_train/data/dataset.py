@@ -41,9 +41,11 @@ index and the rows trained go on. A state keeps these earlier topologies (`histo
 so a later change still knows them.
 """
 
+import hashlib
 import json
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -168,6 +170,8 @@ class PackedMLMDataset(IterableDataset):
         self._next_producer = plan["next_producer"]
         self._dry = set(plan.setdefault("dry", []))
         self._iterated = True
+        if plan["history"]:
+            plan["unread"] = self._unread_parts(plan)
         self._plan = plan
         return plan
 
@@ -308,20 +312,24 @@ class PackedMLMDataset(IterableDataset):
             self.samples.num_canonical_nodes = own_canonical_nodes
         return counts
 
-    def _unread_part(self, epoch: int, plan: dict[str, Any], producer: int, own: np.ndarray) -> np.ndarray:
-        """`own` (this producer's sample ids) without what earlier topologies of the epoch read."""
+    def _unread_parts(self, plan: dict[str, Any]) -> dict[int, "UnreadPart"]:
+        """Which entries of each of this rank's producers' sample ids earlier topologies of the epoch left
+        unread. Computed once per rank here, in the main process before the workers start (they inherit
+        it), not in every producer: each topology's partition is the whole epoch's sample ids (8 bytes per
+        document drawn, several times over while streaming builds it), too much for every worker of every
+        rank of a node at once. A producer gets one bit per sample id."""
+        epoch, num_producers = plan["epoch"], plan["num_producers"]
         counts = self._read_counts(epoch, plan["history"])
+        lists = self._topology_lists(epoch, self.num_nodes, self.world_size, num_producers)
         rule = plan.get("read_rule", 1)
-        if rule == 1:
-            return own[_not_read([own], counts, 1)[0]]
         # Rule 2: a sample the mixture repeats appears several times in an epoch: as many of its
         # occurrences are left out as were read, the first ones over this topology's producers in (rank,
-        # producer) order, so every producer decides alike.
-        lists = self._topology_lists(epoch, self.num_nodes, self.world_size, plan["num_producers"])
-        index = self.rank * plan["num_producers"] + producer
-        if not np.array_equal(lists[index], own):
-            raise RuntimeError("data: streaming's partition for this producer differs from the epoch's work")
-        return own[_not_read(lists, counts, rule)[index]]
+        # producer) order, so every rank decides alike. Rule 1 decides per list.
+        ours = slice(self.rank * num_producers, (self.rank + 1) * num_producers)
+        mine = lists[ours]
+        unread = _not_read(mine, counts, 1) if rule == 1 else _not_read(lists, counts, rule)[ours]
+        del lists, counts
+        return {producer: UnreadPart.of(ids, keep) for producer, (ids, keep) in enumerate(zip(mine, unread))}
 
     def _rank_state(self, num_samples: int) -> dict[str, Any]:
         if self._pending is not None:
@@ -368,7 +376,7 @@ class PackedMLMDataset(IterableDataset):
         if producer in plan.get("dry", ()):
             return  # it ran dry before the state was saved
         if plan["history"]:
-            sample_ids = self._unread_part(epoch, plan, producer, sample_ids)
+            sample_ids = plan["unread"][producer].apply(sample_ids)
         packer = BestFitPacker(self.max_seq_len, self.lookahead)
         cursor, emitted = 0, 0
         stream = 0 if self.resumable else 1  # row starts: a generator per (stream, rank, global batch)
@@ -453,6 +461,29 @@ def batch_num_rows(batch: dict[str, Any]) -> int:
 def batch_num_tokens(batch: dict[str, Any]) -> int:
     """Real (non-pad) tokens in a batch."""
     return int(torch.count_nonzero(batch["attention_mask"]))
+
+
+@dataclass(frozen=True)
+class UnreadPart:
+    """A producer's sample ids of the epoch left unread by earlier topologies: which (one bit each), and
+    a fingerprint of the ids it was decided for."""
+
+    length: int
+    digest: bytes
+    bits: np.ndarray  # np.packbits of the keep mask
+
+    @classmethod
+    def of(cls, ids: np.ndarray, keep: np.ndarray) -> "UnreadPart":
+        return cls(len(ids), _digest(ids), np.packbits(keep))
+
+    def apply(self, ids: np.ndarray) -> np.ndarray:
+        if len(ids) != self.length or _digest(ids) != self.digest:
+            raise RuntimeError("data: streaming's partition for this producer differs from the epoch's work")
+        return ids[np.unpackbits(self.bits, count=self.length).astype(bool)]
+
+
+def _digest(ids: np.ndarray) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(ids, dtype=np.int64).tobytes(), digest_size=16).digest()
 
 
 def _not_read(lists: list[np.ndarray], counts: np.ndarray, rule: int) -> list[np.ndarray]:
