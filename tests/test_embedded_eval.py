@@ -51,6 +51,17 @@ def run_main(capsys, *argv) -> tuple[int, str]:
         ("eval", "needs a suffix such as .json (the work folder is OUTPUT without it)"),
         ("file.txt/eval.json", "cannot create it: {tmp}/file.txt is a file"),
         ("taken.json", "its work folder {tmp}/taken is a file"),
+        # The exported folder is handed on as it is: the task and its runs were written into it.
+        (
+            "model.json",
+            "its work folder {tmp}/model would write the task and its runs into the model folder "
+            "{tmp}/model; name a file outside it, such as runs/default/eval.json",
+        ),
+        (
+            "model/eval.json",
+            "its work folder {tmp}/model/eval would write the task and its runs into the "
+            "model folder {tmp}/model; name a file outside it, such as runs/default/eval.json",
+        ),
     ],
 )
 def test_output_problems_are_refused_before_any_work(tmp_path, capsys, fake_training, output, expected):

@@ -60,10 +60,18 @@ def build_task(name: str, mask: str, folder: Path) -> dict[str, Path]:
     return keyword_task.build_task(folder, mask_token=mask)
 
 
-def check_output(output: Path) -> Path:
+def check_output(output: Path, model_dir: str | Path | None = None) -> Path:
     """--output, checked before any work: a file to write (replacing an earlier one), with the task's work
-    folder (OUTPUT without its suffix) beside it. Returns the work folder."""
+    folder (OUTPUT without its suffix) beside it, neither in a local `model_dir` (a folder meant to be
+    handed on as it is). Returns the work folder."""
     work = output.with_suffix("")  # runs/default/eval.json -> runs/default/eval/ for the task and runs
+    if model_dir is not None and not storage.is_uri(model_dir):
+        model = Path(model_dir).resolve()
+        if model == work.resolve() or model in work.resolve().parents:
+            raise FinetuneError(
+                f"--output {output}: its work folder {work} would write the task and its runs into the "
+                f"model folder {model_dir}; name a file outside it, such as runs/default/eval.json"
+            )
     if output.is_dir():
         raise FinetuneError(f"--output {output}: is a folder; name a file for the scores, such as eval.json")
     if work == output:
@@ -91,7 +99,7 @@ def evaluate(
 ) -> dict:
     settings = {**SETTINGS, **(settings or {})}
     FinetuneSettings(**settings).check()
-    work = check_output(output)
+    work = check_output(output, model_dir)
     mask = mask_token(model_dir)
     start = time.perf_counter()
     scores = {}
@@ -141,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     try:
-        check_output(args.output)  # before a model URI is fetched (evaluate checks it again)
+        check_output(args.output, args.model_dir)  # before a model URI is fetched (evaluate checks it again)
         with storage.local_folder(args.model_dir) as model_dir:
             summary = evaluate(model_dir, args.output, args.task, shown=storage.display(args.model_dir))
     except (FinetuneError, HFCheckpointError, ModelConfigError, storage.StorageError) as error:
