@@ -29,7 +29,8 @@ from benchmarks.devices import device_slug, package_version, peak_flops
 
 RESULTS = Path(__file__).parent / "results"
 # The top-level keys of a result (DESIGN.md); they describe the fastest benchmark configuration.
-HEADLINE = ("device", "mfu", "tokens_per_second_per_gpu", "seq_len", "model", "torch", "attention_backend")
+HEADLINE = ("device", "mfu", "tokens_per_second_per_gpu", "seq_len", "rows_per_step", "model", "torch",
+            "attention_backend")  # fmt: skip
 
 
 def wheel_distribution(wheel: Path) -> str:
@@ -177,7 +178,7 @@ def bench_runs(work: Path, stages: dict[str, dict]) -> list[dict]:
     for name, stage in stages.items():
         if not name.startswith("bench-"):
             continue
-        _, backend, mode = name.split("-", 2)
+        _, backend, mode = name.split("-", 2)  # mode: eager|compiled, then -rROWS for another micro-batch
         path = work / "bench" / f"{backend}-{mode}.json"
         if stage["status"] == "ok" and path.is_file():
             runs.append({"status": "ok", "seconds": stage["seconds"], **json.loads(path.read_text())})
@@ -185,7 +186,7 @@ def bench_runs(work: Path, stages: dict[str, dict]) -> list[dict]:
             runs.append(
                 {
                     "attention_backend": backend,
-                    "compile": mode == "compiled",
+                    "compile": mode.split("-")[0] == "compiled",
                     **stage,
                     "error": log_tail(work, name),
                 }
@@ -310,7 +311,8 @@ def print_summary(result: dict) -> None:
     print(f"device {result['device']}, torch {result['torch']}")
     for run in result["runs"]:
         mode = "compiled" if run["compile"] else "eager"
-        print(f"  bench {run['attention_backend']} {mode}: {run['status']}  {figures(run)}")
+        rows = f" {run['rows_per_step']} rows" if run.get("rows_per_step") else ""
+        print(f"  bench {run['attention_backend']} {mode}{rows}: {run['status']}  {figures(run)}")
         optimizers = run.get("optimizers")
         if optimizers:
             composer = optimizers.get("ratio_composer")  # absent from results before 2026-12-07

@@ -43,6 +43,9 @@ def test_cpu_dry_run_writes_the_result(tmp_path):
     assert result["environment"]["host_cpus"] > 0 and "flash_attention_impls" in result["environment"]
     assert "== lscpu" in (tmp_path / "env.txt").read_text()
     assert all(run["status"] == "ok" and run["labelled_tokens_per_step"] > 0 for run in result["runs"])
+    # and the training configuration once more at a larger micro-batch (96 rows on a GPU)
+    assert sorted(run["rows_per_step"] for run in result["runs"]) == [4] * len(result["runs"][1:]) + [8]
+    assert result["rows_per_step"] in (4, 8) and " eager 8 rows: ok" in done.stdout
     # The training configuration's run also times the optimizer implementations against each other.
     [compared] = [run["optimizers"] for run in result["runs"] if run.get("optimizers")]
     assert compared["ratio"] > 0 and compared["ratio_read_loss"] > 0 and compared["foreach_read_loss_s"] > 0
