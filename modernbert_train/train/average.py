@@ -107,8 +107,9 @@ def average_cli(argv: list[str]) -> None:
     )
     parser.add_argument("--average", action="store_true", required=True)
     parser.add_argument(
-        "paths", nargs="+", metavar="CKPT... OUT_DIR", help="checkpoints (.pt), then the folder"
-    )
+        "paths", nargs="+", metavar="CKPT... OUT_DIR",
+        help="checkpoints (.pt files or sharded checkpoint folders), then the output folder",
+    )  # fmt: skip
     parser.add_argument("--tokenizer", help="tokenizer.json to ship instead of the first checkpoint's")
     parser.add_argument(
         "--overwrite", action="store_true", help="replace OUT_DIR even when it holds something else"

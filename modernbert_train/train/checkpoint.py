@@ -16,8 +16,9 @@ import torch.distributed.checkpoint as dcp
 from composer.core import Callback, State
 from composer.loggers import Logger
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
+from modernbert_train import storage
 from modernbert_train.data.tokens import tokenizer_identity
 from modernbert_train.model import ModernBertConfig
 from modernbert_train.train.run_metadata import RunMetadata, decode, metadata_from_checkpoint
@@ -44,11 +45,12 @@ class CheckpointError(ValueError):
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A whole checkpoint file, or of a sharded checkpoint folder what export and averaging read."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is a folder (a sharded checkpoint); give a .pt file")
+        return read_sharded_weights(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
@@ -75,6 +77,7 @@ class CheckpointSummary:
     # The tokenizer it was trained with, as `tokenizer_identity` (the parts that decide the ids) names it
     tokenizer_identity: str | None = None
     wandb_run_id: str | None = None  # the W&B run it logged to (None: none, or saved before ids were kept)
+    model_config: dict[str, Any] | None = None  # the ModernBertConfig it holds, as a dict (None: not kept)
 
 
 def checkpoint_clock(path: str | Path) -> dict[str, int]:
@@ -115,6 +118,7 @@ def checkpoint_summary(path: str | Path) -> CheckpointSummary:
         metadata.get("recipe"),
         tokenizer_identity(tokenizer) if tokenizer else None,
         metadata.get("wandb_run_id"),
+        metadata.get("model_config"),
     )
 
 
@@ -167,6 +171,38 @@ def why_incomplete_sharded(files: Mapping[str, int | None], metadata: Metadata |
     return None
 
 
+def read_sharded_weights(folder: Path) -> dict[str, Any]:
+    """The model weights and run metadata of a sharded checkpoint folder (FSDP's default), gathered on this
+    one process in a whole checkpoint's layout (`{"state": {"model": ..., "callbacks": ...}}`); the optimizer
+    state is not read. A folder that is incomplete or unreadable is a one-line CheckpointError."""
+    if not (folder / ".metadata").is_file():
+        raise CheckpointError(
+            f"checkpoint {folder} is a folder (a sharded checkpoint) without .metadata: not a checkpoint, or "
+            "its save was cut short"
+        )
+    metadata = sharded_metadata(folder)
+    sizes = {p.relative_to(folder).as_posix(): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
+    if (reason := why_incomplete_sharded(sizes, metadata)) is not None:
+        raise CheckpointError(f"checkpoint {folder} {reason}")
+    prefix = "state.model."
+    model = {
+        key.removeprefix(prefix): torch.empty(stored.size, dtype=stored.properties.dtype)
+        for key, stored in metadata.state_dict_metadata.items()
+        if key.startswith(prefix) and isinstance(stored, TensorStorageMetadata)
+    }
+    if not model:
+        raise CheckpointError(f"checkpoint {folder} is not a Composer checkpoint (no state/model)")
+    checkpoint: dict[str, Any] = {"state": {"model": model}}
+    if f"state.callbacks.{RunMetadata.__qualname__}.json" in metadata.state_dict_metadata:
+        checkpoint["state"]["callbacks"] = {RunMetadata.__qualname__: {"json": ""}}
+    try:
+        _load_sharded(checkpoint, folder)
+    except (Exception, CheckpointException) as e:  # torch's CheckpointException is a BaseException
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {folder} cannot be read (damaged): {reason}") from None
+    return checkpoint
+
+
 def _load_sharded(state: dict[str, Any], folder: Path) -> None:
     """Fill `state`'s keys from a sharded checkpoint, on this one process."""
     with warnings.catch_warnings():  # one process reads on purpose; torch warns that it does
@@ -183,11 +219,11 @@ def model_weights(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
 def explain_mismatch(
     path: str | Path, model: torch.nn.Module, config: ModernBertConfig, shown: str | None = None
 ) -> str | None:
-    """Why the checkpoint at `path` does not fit `model` (a ModernBertForMaskedLM), or None if it does; it is
-    named `shown` (where it was fetched from), else `path`."""
-    checkpoint = read_checkpoint(path)
+    """Why the checkpoint at `path` (a file, or a sharded checkpoint's folder) does not fit `model` (a
+    ModernBertForMaskedLM), or None if it does; it is named `shown` (where it was fetched from), else
+    `path`. Of a sharded folder only the shapes in its .metadata and its run metadata are read."""
+    saved_config, shapes = _saved_model(Path(path))
     path = shown or path
-    saved_config = (metadata_from_checkpoint(checkpoint) or {}).get("model_config")
     if saved_config:
         differing = [
             f"{k}={saved_config[k]} there, {v} here"
@@ -196,20 +232,64 @@ def explain_mismatch(
         ]
         if differing:
             return f"checkpoint {path} holds another model: {'; '.join(differing)}"
-    weights = model_weights(checkpoint)
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(weights))
+    missing = sorted(set(expected) - set(shapes))
     if missing:
         return f"checkpoint {path} lacks weight '{missing[0]}' ({len(missing)} missing in all)"
-    unexpected = sorted(set(weights) - set(expected))
+    unexpected = sorted(set(shapes) - set(expected))
     if unexpected:
         return f"checkpoint {path} has weight '{unexpected[0]}' that this model lacks"
     for name, tensor in expected.items():
-        if tuple(weights[name].shape) != tuple(tensor.shape):
-            return (
-                f"checkpoint {path}: weight '{name}' is {list(weights[name].shape)} there but "
-                f"{list(tensor.shape)} in this model"
-            )
+        if shapes[name] != list(tensor.shape):
+            here = list(tensor.shape)
+            return f"checkpoint {path}: weight '{name}' is {shapes[name]} there but {here} in this model"
+    return None
+
+
+def _saved_model(path: Path) -> tuple[dict[str, Any] | None, dict[str, list[int]]]:
+    """A checkpoint's model config (None where it kept none) and its weights' shapes, by name."""
+    prefix = "state.model.model."
+    if not path.is_dir():
+        checkpoint = read_checkpoint(path)
+        shapes = {name: list(weight.shape) for name, weight in model_weights(checkpoint).items()}
+        return (metadata_from_checkpoint(checkpoint) or {}).get("model_config"), shapes
+    if not (path / ".metadata").is_file():
+        read_sharded_weights(path)  # raises its one-line error
+    stored = sharded_metadata(path).state_dict_metadata
+    shapes = {
+        key.removeprefix(prefix): list(value.size)
+        for key, value in stored.items()
+        if key.startswith(prefix) and isinstance(value, TensorStorageMetadata)
+    }
+    return checkpoint_summary(path).model_config, shapes
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """Whether `path` is a sharded checkpoint's folder (locally, or a bucket prefix that is no object)."""
+    if storage.is_uri(path):
+        return not storage.exists(path) and bool(storage.list_files(path))
+    return Path(path).is_dir()
+
+
+def why_not_loadable(checkpoint: str | Path, state_dict_type: str | None) -> str | None:
+    """Why a run whose `parallelism.fsdp.state_dict_type` is `state_dict_type` (None: no FSDP) cannot load
+    `checkpoint`, or None when it can. Composer reads a checkpoint the way this run saves them, not the way
+    it was saved: a sharded folder only into a run saving sharded state dicts (on any number of ranks), a
+    whole file only into one that does not (DDP, or FSDP with full state dicts). The other way it fails
+    mid-start ("Is a directory", "load_path must be a directory")."""
+    sharded_here = state_dict_type == "sharded"
+    if is_sharded_checkpoint(checkpoint) and not sharded_here:
+        return (
+            f"checkpoint {checkpoint} is sharded (a folder) and this run loads whole checkpoint files: set "
+            "parallelism.fsdp.state_dict_type=sharded to continue it (on any number of ranks), or start a "
+            "run without FSDP from its weights (modernbert-export, then model.init_from_hf)"
+        )
+    if sharded_here and not is_sharded_checkpoint(checkpoint):
+        return (
+            f"checkpoint {checkpoint} is a whole file and this run loads sharded checkpoints "
+            "(parallelism.fsdp.state_dict_type=sharded): set parallelism.fsdp.state_dict_type=full to "
+            "continue it (on any number of ranks)"
+        )
     return None
 
 

@@ -22,7 +22,12 @@ from modernbert_train.cli_parser import OneLineErrorParser
 from modernbert_train.data.tokens import tokenizer_identity
 from modernbert_train.hf import to_hf
 from modernbert_train.model import ModernBertConfig, ModernBertForMaskedLM
-from modernbert_train.train.checkpoint import CheckpointError, model_weights, read_checkpoint
+from modernbert_train.train.checkpoint import (
+    CheckpointError,
+    is_sharded_checkpoint,
+    model_weights,
+    read_checkpoint,
+)
 from modernbert_train.train.run_metadata import metadata_from_checkpoint
 
 # What an export writes (to_hf, and save_tokenizer through transformers).
@@ -122,13 +127,17 @@ def read_checkpoint_at(path: str | Path) -> dict:
     if is_transformers_folder(path):
         raise CheckpointError(
             f"checkpoint {path} is already a transformers model folder (config.json, model.safetensors): "
-            "nothing to export; load it with from_pretrained, or give a .pt checkpoint"
+            "nothing to export; load it with from_pretrained, or give a Composer checkpoint"
         )
+    # A bucket's checkpoint is fetched, read, then dropped: a file, or a sharded one's folder (a prefix).
+    sharded = storage.is_uri(path) and is_sharded_checkpoint(path)
     try:
-        with storage.local_file(path) as local:  # a bucket's checkpoint is fetched, read, then dropped
+        with (storage.local_folder if sharded else storage.local_file)(path) as local:
             return read_checkpoint(local)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {path}") from None
+    except CheckpointError as error:  # named by its URI, not the download's
+        raise CheckpointError(str(error).replace(str(local), str(path))) from None
 
 
 def is_transformers_folder(path: str | Path) -> bool:
@@ -190,7 +199,9 @@ def cli(argv: list[str] | None = None) -> None:
         average_cli(argv)
         return
     parser = OneLineErrorParser(prog="modernbert-export", description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="a Composer checkpoint (.pt) written by modernbert-train")
+    parser.add_argument(
+        "checkpoint", help="a Composer checkpoint written by modernbert-train (.pt, or a sharded folder)"
+    )
     parser.add_argument("out_dir", help="folder to write config.json, model.safetensors and the tokenizer to")
     parser.add_argument(
         "--tokenizer",

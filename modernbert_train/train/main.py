@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"modernbert-train: error: {where}{reason} while setting up the run; nothing was trained: fix "
               "it and rerun the same command", file=sys.stderr)  # fmt: skip
         sys.exit(1)
-    except Exception as e:
+    except (Exception, _checkpoint_exception()) as e:  # a BaseException of torch's
         if lock is not None:
             lock.drop()
         where = _write_traceback(config, _rank())
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     except CheckpointSaveError as e:
         print(f"modernbert-train: error: {e}", file=sys.stderr)
         sys.exit(1)
-    except Exception as e:
+    except (Exception, _checkpoint_exception()) as e:  # a BaseException of torch's
         where = _write_traceback(config, dist.get_global_rank())
         print(f"modernbert-train: error: {_one_line(e)} (traceback in {where})", file=sys.stderr)
         sys.exit(1)
@@ -123,13 +123,16 @@ def export_if_missing(config: TrainConfig, checkpoint: str | None) -> None:
     hf_dir = config.export.hf_dir
     if not hf_dir or checkpoint is None or storage.exists(storage.join(hf_dir, "config.json")):
         return
-    if not storage.exists(checkpoint):  # a sharded checkpoint is a folder: it needs a trainer to gather
-        print(f"modernbert-train: warning: export.hf_dir {hf_dir} is missing and the final checkpoint "
-              f"{checkpoint} is sharded, which modernbert-export cannot read; nothing was exported",
-              file=sys.stderr)  # fmt: skip
-        return
-    export_checkpoint(checkpoint, hf_dir)
+    export_checkpoint(checkpoint, hf_dir)  # a whole file, or a sharded checkpoint's folder
     print(f"modernbert-train: exported the final checkpoint {checkpoint} to {hf_dir} (it was missing)")
+
+
+def _checkpoint_exception() -> type[BaseException]:
+    """torch.distributed.checkpoint's error (a sharded checkpoint's save or load failed): a BaseException,
+    which `except Exception` lets through as a traceback. Imported when an error is being handled."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return CheckpointException
 
 
 def _one_line(error: Exception) -> str:

@@ -73,7 +73,9 @@ RULES = {
     "reset_time": FREE,
     "allow_schedule_change": FREE,
     "loggers": FREE,
-    "parallelism": FREE,  # another world size or FSDP setting: the data state and Composer's load handle it
+    # Another world size or FSDP setting: the data state and Composer's load handle it, except a change
+    # between sharded and whole checkpoints (state_dict_type), which start.py refuses by the checkpoint.
+    "parallelism": FREE,
     "dist_timeout": FREE,
     "export": FREE,
 }

@@ -17,6 +17,7 @@ from composer.callbacks import LRMonitor, SpeedMonitor
 from composer.core import Evaluator, Time, TimeUnit
 from composer.loggers import WandBLogger
 from composer.utils import FSDP2Config, collect_env, dist, reproducibility
+from torch.distributed.checkpoint.api import CheckpointException
 
 from modernbert_train import storage
 from modernbert_train.data.tokens import IDENTITY_PARTS, tokenizer_identity
@@ -270,18 +271,23 @@ def _check_tokenizer(start: RunStart, tokenizer_file: Path) -> None:
 def _why_not_loaded(load_path: str, model: ModernBertMLM) -> str | None:
     """Why the Trainer could not load `load_path` (a checkpoint of another model, or none there), in one
     line; None when it is not the checkpoint's fault (the Trainer's own error is then raised). A bucket's
-    checkpoint file is fetched to compare; a sharded folder is not compared."""
+    checkpoint (a file, or a sharded one's folder) is fetched to compare; a sharded folder's shapes are
+    read from its .metadata."""
     if storage.is_uri(load_path):
         if storage.exists(load_path):
-            with storage.local_file(load_path) as local:
-                try:
-                    return explain_mismatch(local, model.model, model.config, shown=load_path)
-                except CheckpointError as e:  # unreadable: named as the bucket's, not the download's
-                    return str(e).replace(str(local), load_path)
-        return None if storage.list_files(load_path) else f"checkpoint not found: {load_path}"
-    if Path(load_path).is_file():
+            fetch = storage.local_file
+        elif storage.list_files(load_path):
+            fetch = storage.local_folder
+        else:
+            return f"checkpoint not found: {load_path}"
+        with fetch(load_path) as local:
+            try:
+                return explain_mismatch(local, model.model, model.config, shown=load_path)
+            except CheckpointError as e:  # unreadable: named as the bucket's, not the download's
+                return str(e).replace(str(local), load_path)
+    if Path(load_path).exists():
         return explain_mismatch(load_path, model.model, model.config)
-    return None if Path(load_path).exists() else f"checkpoint not found: {load_path}"
+    return f"checkpoint not found: {load_path}"
 
 
 def build_run(
@@ -409,7 +415,7 @@ def build_run(
     cpu_model_without_a_subprocess()
     try:
         trainer = StepTrainer(**trainer_kwargs)
-    except Exception as e:
+    except (Exception, CheckpointException) as e:  # torch's CheckpointException is a BaseException
         if load_path is None:
             raise
         problem = _why_not_loaded(load_path, model)

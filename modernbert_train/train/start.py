@@ -41,6 +41,7 @@ from modernbert_train.train.checkpoint import (
     sharded_metadata,
     sharded_summary_files,
     why_incomplete_sharded,
+    why_not_loadable,
 )
 from modernbert_train.train.checkpoint_files import (
     checkpoint_order,
@@ -117,6 +118,11 @@ def _picklable(error: Exception) -> bool:
 
 def _decide(config: TrainConfig) -> RunStart:
     start = _choose(config)
+    if start.checkpoint is not None and start.kind is not StartKind.COMPLETE:
+        fsdp = config.parallelism.fsdp
+        problem = why_not_loadable(start.checkpoint, fsdp.state_dict_type if fsdp else None)
+        if problem is not None:
+            raise CheckpointError(problem)
     if start.kind in (StartKind.FRESH, StartKind.LOAD, StartKind.PHASE_CHANGE) and not config.autoresume:
         start = dataclasses.replace(start, earlier_run=_earlier_run(config))
     return start
