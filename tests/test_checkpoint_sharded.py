@@ -177,3 +177,16 @@ def test_runs_that_cannot_load_a_sharded_checkpoint_stop_in_one_line_before_trai
         f"modernbert-train: error: checkpoint {folder} holds another model: intermediate_size=96 there, "
         "128 here" in done.stderr
     )
+
+
+@pytest.mark.slow
+def test_a_finished_sharded_run_rerun_exports_its_missing_hf_folder(sharded_run, tmp_path):
+    """A run killed after its last (sharded) checkpoint but before exporting: the rerun of its command
+    exports it, where it warned that the folder could not be read and exported nothing."""
+    hf = tmp_path / "hf"
+    done = train(
+        sharded_run.parent / "recipe.yaml", "max_duration=4ba", "autoresume=true", f"export.hf_dir={hf}"
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"exported the final checkpoint {sharded_run / 'ep0-ba4'} to {hf} (it was missing)" in done.stdout
+    assert from_hf(hf).config.intermediate_size == 96
