@@ -166,16 +166,18 @@ def skipped_chunks(log: str) -> int:
     return int(match[2])
 
 
-def test_resume_on_another_worker_count_reads_no_document_twice(corpus, corpus_documents, caplog):
-    def dataset():
-        return build_train_dataset(
-            [{"local": corpus}], tokenizer=INFO, max_seq_len=128, global_batch_size=4, seed=3, lookahead=48,
-            drop_last=False,
-        )  # fmt: skip
+def whole_epoch_dataset(corpus: str):
+    """Batches of 4 rows of 128 tokens, the epoch's last partial batch kept."""
+    return build_train_dataset(
+        [{"local": corpus}], tokenizer=INFO, max_seq_len=128, global_batch_size=4, seed=3, lookahead=48,
+        drop_last=False,
+    )  # fmt: skip
 
-    first = dataset()
+
+def test_resume_on_another_worker_count_reads_no_document_twice(corpus, corpus_documents, caplog):
+    first = whole_epoch_dataset(corpus)
     head, state = run(first, build_dataloader(first, num_workers=2), epochs=1, stop_after=5)
-    resumed = dataset()
+    resumed = whole_epoch_dataset(corpus)
     resumed.load_state_dict(state)
     with caplog.at_level(logging.WARNING, logger="modernbert_train.data.dataset"):
         tail = [b for b in build_dataloader(resumed) if resumed.observe(b) is None]  # the rest of the epoch
@@ -243,16 +245,10 @@ def test_another_topologys_reads_are_recomputed_once_per_rank_not_in_every_worke
 
     monkeypatch.setattr(dataset_module, "generate_work", counted)
 
-    def dataset():
-        return build_train_dataset(
-            [{"local": corpus}], tokenizer=INFO, max_seq_len=128, global_batch_size=4, seed=3, lookahead=48,
-            drop_last=False,
-        )  # fmt: skip
-
-    first = dataset()
+    first = whole_epoch_dataset(corpus)
     head, state = run(first, build_dataloader(first, num_workers=2), epochs=1, stop_after=5)
     assert not calls.exists()  # the plain path: streaming's own partition, shared per node
-    resumed = dataset()
+    resumed = whole_epoch_dataset(corpus)
     resumed.load_state_dict(state)
     with caplog.at_level(logging.WARNING, logger="modernbert_train.data.dataset"):
         tail = [b for b in build_dataloader(resumed, num_workers=3) if resumed.observe(b) is None]
