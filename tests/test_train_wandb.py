@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from conftest import run_train
+from conftest import REPO, run_train
 from test_train_start import write_recipe as finished_recipe
 
 from modernbert_train.train.checkpoint import checkpoint_summary
@@ -33,6 +33,13 @@ def read_records(path):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(data)
         yield record
+
+
+def logged_config(records) -> dict:
+    """The run's config as W&B would show it: the run record's, then each config update in order."""
+    updates = [r.run.config for r in records if r.WhichOneof("record_type") == "run"]
+    updates += [r.config for r in records if r.WhichOneof("record_type") == "config"]
+    return {item.key: json.loads(item.value_json) for update in updates for item in update.update}
 
 
 def offline_run(wandb_dir):
@@ -59,7 +66,7 @@ def test_wandb_offline_run_has_config_and_metrics(write_recipe, tmp_path):
     records = list(read_records(next(run_dir.glob("run-*.wandb"))))
     (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert run.project == "mbt-test" and list(run.tags) == ["tiny", "ci"] and run.display_name == "test"
-    config = {item.key: json.loads(item.value_json) for item in run.config.update}
+    config = logged_config(records)
     assert config["max_duration"] == "3ba"
     assert config["model"]["preset"] == "tiny"
     assert config["optimizer"]["lr"] == 3e-3
@@ -151,3 +158,36 @@ def test_phase_change_gets_a_new_wandb_run(first_attempt, tmp_path):
     run, steps = offline_run(tmp_path)
     assert run.run_id != run_id and steps == [0, 1]
     assert "continuing W&B run" not in done.stderr
+
+
+@needs_wandb
+def test_a_continued_run_may_change_its_config(tmp_path, monkeypatch):
+    """A continued W&B run holds its earlier starts' config; a resume that changes a value (max_duration, the
+    ranks per node) made wandb.config.update raise ConfigError while the Trainer was built."""
+    import wandb
+
+    from modernbert_train.train.run import RecipeWandBLogger
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    destination = RecipeWandBLogger(
+        {"max_duration": "3ba", "model": {"preset": "tiny"}}, project="mbt-test", name="attempts",
+        init_kwargs={"mode": "offline", "dir": str(tmp_path)},
+    )  # fmt: skip
+    destination.init(SimpleNamespace(run_name="attempts"), None)
+    try:
+        destination.log_hyperparameters({"max_duration": "5ba", "num_nodes": 2})
+        assert wandb.config["max_duration"] == "5ba" and wandb.config["model"] == {"preset": "tiny"}
+        assert wandb.config["num_nodes"] == 2
+    finally:
+        destination.post_close()
+
+
+def test_wandb_run_id_opens_that_run_for_every_start(monkeypatch):
+    """WANDB_RUN_ID alone was left to W&B, without resume="allow": a second start with it did not continue."""
+    from modernbert_train.train.config import load_config
+    from modernbert_train.train.run import loggers
+
+    monkeypatch.setenv("WANDB_RUN_ID", "shared-run")
+    config = load_config(REPO / "yamls" / "default.yaml", ["loggers.wandb.mode=offline", "save_folder=null"])
+    [destination] = [d for d in loggers(config) if not hasattr(d, "every")]
+    assert destination._init_kwargs["id"] == "shared-run" and destination._init_kwargs["resume"] == "allow"

@@ -24,11 +24,15 @@ _PRE_BATCH_COUNTERS = (
     "time/token",
     "time/token_in_epoch",
 )
+# Composer's evaluators log `metrics/<label>/<metric>`: an evaluation's row is written whatever the log
+# interval, since an eval_interval off it (25ba against 10ba, or in tok or dur) would otherwise lose it.
+_EVAL_METRICS = "metrics/"
 
 
 class JSONLLogger(LoggerDestination):
-    """One row per optimizer step: `batch` (steps done), `samples`, `tokens`, `loss/train/total`, the learning
-    rates, throughput, and the eval metrics when an eval ran after that step.
+    """One row per logged optimizer step: `batch` (steps done), `samples`, `tokens`, `loss/train/total`, the
+    learning rates, throughput, and the eval metrics when an eval ran after that step. Logged: every
+    `log_every_n_batches`-th batch, the first, the last, and any with an evaluation or a non-finite value.
 
     A row gathers everything logged for one batch (its training step, then any eval after it) and is written
     at the batch's checkpoint event, before a checkpoint of that batch is saved: a run killed after a save
@@ -112,6 +116,10 @@ class JSONLLogger(LoggerDestination):
         self._flush()
 
     def close(self, state: State, logger: Logger) -> None:
+        if self.row and all(key.startswith(_EVAL_METRICS) for key in self.row):
+            # The evaluation Composer runs after FIT_END when the last batch was off eval_interval: its
+            # metrics join the last batch's row, written before its checkpoint.
+            self._add_to_last_row(state.timestamp.batch.value)
         if "batch" not in self.row and self.row:
             # The batch that stopped the run before its end (the non-finite guard, before or after the clock
             # moved on): its row still goes in.
@@ -129,6 +137,25 @@ class JSONLLogger(LoggerDestination):
         if self.remote and dist.get_global_rank() == 0 and self.path.is_file():
             # One plain PUT: no transfer threads, so it also works from Composer's close at interpreter exit.
             storage.write_bytes(self.remote, self.path.read_bytes())
+
+    def _add_to_last_row(self, batch: int) -> None:
+        row, self.row = self.row, {}
+        if dist.get_global_rank() != 0 or not self.path.is_file() or self.lock_lost() is not None:
+            return
+        lines = self.path.read_text().splitlines(keepends=True)
+        try:
+            last = json.loads(lines[-1])
+        except (IndexError, json.JSONDecodeError):
+            return
+        if last.get("batch") != batch:
+            return
+        last.update({k: v if math.isfinite(v) else str(v) for k, v in row.items()})
+        non_finite = [k for k, v in row.items() if not math.isfinite(v)]
+        if non_finite:
+            last["non_finite"] = last.get("non_finite", []) + non_finite
+        staged = self.path.with_name(self.path.name + ".tmp")
+        staged.write_text("".join(lines[:-1]) + json.dumps(last) + "\n")
+        staged.replace(self.path)
 
     def _drop_rows_after(self, batch: int) -> None:
         lines = self.path.read_text().splitlines(keepends=True)
@@ -155,8 +182,9 @@ class JSONLLogger(LoggerDestination):
             or ("loss/train/total" not in row and not non_finite)
         ):
             return
-        if row["batch"] % self.every and row["batch"] != 1 and not self.final and not non_finite:
-            return  # off the log interval; a row with a non-finite value is always written
+        evaluated = any(key.startswith(_EVAL_METRICS) for key in row)
+        if row["batch"] % self.every and row["batch"] != 1 and not (self.final or non_finite or evaluated):
+            return  # off the log interval; a row with a non-finite value or an evaluation is always written
         for key, value in self.average_throughput.items():
             row.setdefault(key, value)
         ordered = {

@@ -191,7 +191,7 @@ def loggers(
         destinations.append(JSONLLogger(metrics, every_n, config.save_interval, lock_lost))
     wandb = config.loggers.wandb
     if wandb is not None:
-        init_kwargs = {"config": to_dict(config)}
+        init_kwargs = {}
         if wandb.mode:
             init_kwargs["mode"] = wandb.mode
         run_id = wandb_run_id_for(config, start)
@@ -203,7 +203,8 @@ def loggers(
                     file=sys.stderr,
                 )
         destinations.append(
-            WandBLogger(
+            RecipeWandBLogger(
+                to_dict(config),
                 project=wandb.project,
                 entity=wandb.entity,
                 group=wandb.group,
@@ -216,15 +217,37 @@ def loggers(
     return destinations
 
 
+class RecipeWandBLogger(WandBLogger):
+    """Composer's W&B logger, logging the resolved recipe as the run's config, where a value may change: a
+    continued W&B run holds the config of its earlier starts, and a resume may change a value (max_duration,
+    the ranks per node, the node's name in Composer's own hyperparameters), which `wandb.config.update`
+    refuses (a ConfigError traceback while the Trainer is built)."""
+
+    def __init__(self, recipe: dict, **kwargs):
+        super().__init__(**kwargs)
+        self._recipe = recipe
+
+    def init(self, state, logger) -> None:
+        super().init(state, logger)
+        self.log_hyperparameters(self._recipe)
+
+    def log_hyperparameters(self, hyperparameters: dict) -> None:
+        if self._enabled:
+            import wandb
+
+            wandb.config.update(hyperparameters, allow_val_change=True)
+
+
 def wandb_run_id_for(config: TrainConfig, start: RunStart | None) -> str | None:
-    """The W&B run to log to: the recipe's `loggers.wandb.id`; else WANDB_RUN_ID's, which W&B reads itself
-    (None here); else, for a resume or a clock-continuing load, the one its checkpoint logged to, so restarts
-    after a crash or preemption continue one run; else None: W&B creates a new one."""
+    """The W&B run to log to: the recipe's `loggers.wandb.id`; else WANDB_RUN_ID; else, for a resume or a
+    clock-continuing load, the one its checkpoint logged to, so restarts after a crash or preemption continue
+    one run; else None: W&B creates a new one. Any of them is opened with resume="allow" (created where
+    there is none), so every start with the same id logs to one run."""
     if config.loggers.wandb.id:
         return config.loggers.wandb.id
-    if os.environ.get("WANDB_RUN_ID") or start is None:
-        return None
-    return start.wandb_run_id
+    if os.environ.get("WANDB_RUN_ID"):
+        return os.environ["WANDB_RUN_ID"]
+    return None if start is None else start.wandb_run_id
 
 
 # What eval_subset_num_batches=-1 (the whole eval split) passes to Composer: a count no split reaches (a
