@@ -40,11 +40,11 @@ def main(argv: list[str] | None = None) -> None:
         from composer.utils import dist
 
         from modernbert_train.train.export import check_export_target
-        from modernbert_train.train.run_lock import hold_run_lock
+        from modernbert_train.train.run_lock import hold_run_lock_on_rank_0
         from modernbert_train.train.start import StartKind, decide_start, replace_earlier_run
 
-        if config.save_folder and dist.get_global_rank() == 0:
-            lock = hold_run_lock(config.save_folder)  # before anything in the folder is read or changed
+        if config.save_folder:  # every rank: a refusal reaches all of them, not rank 0 alone
+            lock = hold_run_lock_on_rank_0(config.save_folder, config.dist_timeout)  # before anything is read
         if config.export.hf_dir:
             check_export_target(config.export.hf_dir, overwrite=False)
         start = decide_start(config)

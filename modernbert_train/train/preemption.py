@@ -9,6 +9,9 @@ With several ranks, a scheduler signals them with some skew, or only some of the
 flag at each batch's checkpoint (an all-reduce MAX), so that all of them save the same checkpoint and stop
 together, rather than one saving (a collective) while the others train on into the next batch's.
 
+A scheduler may signal every process of the job (SLURM) or its process group, DataLoader workers included:
+they ignore a SIGTERM that is not their rank's (`_heed_sigterm_from_rank_only`), and the rank stops them.
+
 A run that lost its bucket run lock (train/run_lock.py: another run holds the save_folder now, or may) stops
 the same way but saves nothing: no checkpoint, no export, and the metrics logger uploads no more rows. It
 exits with EXIT_LOCK_LOST (1: a failure; rerunning it would meet the other run). Only rank 0 holds the lock:
@@ -16,14 +19,18 @@ its loss travels in the same agreement, and outranks a SIGTERM. It is asked once
 the export (`check_lock`).
 """
 
+import functools
 import logging
+import os
 import signal
+import threading
 from collections.abc import Callable
 
 import torch
 from composer.core import Callback, Event, State
 from composer.loggers import Logger
 from composer.utils import create_interval_scheduler, dist
+from torch.utils.data import DataLoader
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +66,20 @@ class SaveOnSigterm(Callback):
     def init(self, state: State, logger: Logger) -> None:
         signal.signal(signal.SIGTERM, self._on_sigterm)
 
+    def fit_start(self, state: State, logger: Logger) -> None:
+        # For the workers forked from now on (each iteration forks its own).
+        loaders = [state.train_dataloader] + [
+            evaluator.dataloader.dataloader for evaluator in state.evaluators
+        ]
+        for loader in loaders:
+            if isinstance(loader, DataLoader) and loader.num_workers > 0:
+                loader.worker_init_fn = functools.partial(_heed_sigterm_from_rank_only, loader.worker_init_fn)
+
     def _on_sigterm(self, signum, frame) -> None:
-        if self.agreed:
-            return  # already stopping: Composer's launcher signals the ranks still closing (see post_close)
+        if self.agreed or self.requested:
+            # Already stopping: Composer's launcher passes its own SIGTERM on to the ranks, which a scheduler
+            # may have signalled too, and signals the ranks still closing (see post_close).
+            return
         if self.saves:
             log.warning("SIGTERM: saving a checkpoint after this batch, then stopping")
         else:
@@ -131,3 +149,23 @@ class SaveOnSigterm(Callback):
         if not self.stopped_early:
             return 0
         return EXIT_PREEMPTED if self.saves else EXIT_TERMINATED
+
+
+def _heed_sigterm_from_rank_only(worker_init_fn: Callable[[int], None] | None, worker_id: int) -> None:
+    """A DataLoader worker's start: a SIGTERM from anyone but its rank is ignored; one from its rank (ending
+    a worker that did not stop when asked) ends it, as torch's own handler does. A scheduler signals every
+    process of a job (SLURM) or its process group, and torch's handler died of it: the rank then failed on
+    the lost worker instead of saving, and the other ranks waited for it in their next collective. SIGTERM
+    is blocked in the worker (its later threads inherit that) and taken by one thread that sees who sent
+    it."""
+    if hasattr(signal, "sigwaitinfo"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        threading.Thread(target=_end_on_sigterm_from, args=(os.getppid(),), daemon=True).start()
+    if worker_init_fn is not None:
+        worker_init_fn(worker_id)
+
+
+def _end_on_sigterm_from(rank_pid: int) -> None:
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != rank_pid:
+        pass
+    os._exit(0)

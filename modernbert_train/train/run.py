@@ -397,7 +397,7 @@ def build_run(
             )
         )
     save_resolved_config(config)
-    remote_resume = storage.is_uri(config.save_folder) and start.kind is StartKind.RESUME
+    resume = start.kind is StartKind.RESUME
     trainer_kwargs = dict(
         model=model,
         train_dataloader=data_spec(data.train_loader),
@@ -422,14 +422,16 @@ def build_run(
         save_interval=sigterm.save_interval,
         save_num_checkpoints_to_keep=config.save_num_checkpoints_to_keep,
         save_overwrite=not config.autoresume,
-        # A bucket's run resumes from the checkpoint decide_start found, loaded like a load_path. Composer's
-        # autoresume only where decide_start found one to resume: without one it would ask every logger for a
-        # `latest` checkpoint, and W&B's fails offline (no entity) or searches the project's artifacts.
-        autoresume=start.kind is StartKind.RESUME and not remote_resume,
-        # The checkpoint decide_start chose: a resume's in a bucket, or the one load_path names (the newest of
-        # another run's save_folder). A local resume's Composer finds itself.
-        load_path=start.checkpoint if remote_resume or start.kind in LOADS else None,
-        load_weights_only=config.load_weights_only and not remote_resume,
+        # Never Composer's autoresume: a resume loads the checkpoint decide_start found, like a load_path.
+        # Composer's would ask every logger for a `latest` checkpoint (W&B's fails offline, or searches the
+        # project's artifacts), and on several nodes every node's first rank writes, then removes, one signal
+        # file of the same name in a shared save_folder: the second removal fails, so no multi-node run
+        # could resume.
+        autoresume=False,
+        # The checkpoint decide_start chose: a resume's, or the one load_path names (the newest of another
+        # run's save_folder).
+        load_path=start.checkpoint if resume or start.kind in LOADS else None,
+        load_weights_only=config.load_weights_only and not resume,
         load_ignore_keys=phase_change.ignore_keys if phase_change else None,
         parallelism_config=parallelism(config),
         dist_timeout=config.dist_timeout,

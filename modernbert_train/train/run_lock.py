@@ -4,7 +4,8 @@ the holder (host, pid, start time), so a second run on the folder is refused wit
 A local folder's lock is an flock. The kernel releases it when its process dies, however it dies; a lock file
 still naming a holder but no longer held is a dead run's, and is taken over (and said so). The holder is
 written once the run is known to train (a rerun of a finished run changes nothing in the folder); a run that
-ends normally empties it.
+ends normally empties it. A file system that cannot lock (Lustre without its flock mount option) gets no lock,
+and is told so. On several nodes only rank 0 takes the lock (`hold_run_lock_on_rank_0`).
 
 A bucket has no flock and its holder may be on another host: the lock is an object created only if absent
 (S3's conditional write) and renewed by the run every LEASE_SECONDS / 5 (a write conditional on the version
@@ -167,6 +168,30 @@ class BucketRunLock:
                 storage.remove(self.uri)
 
 
+def hold_run_lock_on_rank_0(folder: str | Path, dist_timeout: float) -> RunLock | BucketRunLock | None:
+    """`hold_run_lock` on rank 0 (None on the other ranks), whose refusal every rank raises: on several nodes
+    a rank 0 that exited alone left the other nodes' ranks waiting for it at their first collective until
+    dist_timeout, to fail naming a lost connection (their launchers do not know of rank 0's exit). Every rank
+    calls it; it sets up the process group as the Trainer would (the Trainer reuses it)."""
+    from composer.utils import dist, get_device
+
+    if dist.get_world_size() == 1:
+        return hold_run_lock(folder)
+    dist.initialize_dist(get_device(None), dist_timeout)
+    lock, error, failure = None, None, [None]
+    if dist.get_global_rank() == 0:
+        try:
+            lock = hold_run_lock(folder)
+        except Exception as e:  # a bucket's failing too: every rank stops
+            error, failure[0] = e, str(e)
+    dist.broadcast_object_list(failure, src=0)
+    if error is not None:
+        raise error
+    if failure[0] is not None:
+        raise RunLockError(failure[0])
+    return lock
+
+
 def hold_run_lock(folder: str | Path) -> RunLock | BucketRunLock | None:
     """Take the save folder's lock for the rest of this process (None where the scheme has no way to lock).
     Raises RunLockError."""
@@ -187,6 +212,14 @@ def hold_run_lock(folder: str | Path) -> RunLock | BucketRunLock | None:
             f"save_folder {folder} is in use by another run ({holder}); wait for it to end or use another "
             f"save_folder"
         ) from None
+    except OSError as e:  # a file system without locks (Lustre without its flock mount option: ENOSYS)
+        os.close(fd)
+        print(
+            f"modernbert-train: warning: {folder / LOCK_FILE} cannot be locked ({e.strerror}): make sure no "
+            "other run uses this save_folder",
+            file=sys.stderr,
+        )
+        return None
     previous = _read(fd)
     if previous:
         print(

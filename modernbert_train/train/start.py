@@ -15,13 +15,16 @@ would give another lr at the batch it goes on from (unless allow_schedule_change
 A resume and a clock-continuing load also continue the W&B run the checkpoint logged to; the other starts get
 a new one.
 
-Rank 0 reads the files and broadcasts its answer, so all ranks start the same way, or all exit.
+Rank 0 reads the files and broadcasts its answer, so all ranks start the same way, or all exit. On several
+nodes every rank then checks that it sees the save folder rank 0 read (a node-local disk is refused).
 """
 
 import copy
 import dataclasses
 import math
 import pickle
+import secrets
+import socket
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -105,7 +108,42 @@ def decide_start(config: TrainConfig) -> RunStart:
     dist.broadcast_object_list(decision, src=0)
     if isinstance(decision[0], Exception):
         raise decision[0]
+    _check_folder_shared(config.save_folder)
     return decision[0]
+
+
+def _check_folder_shared(save_folder: str | None) -> None:
+    """On several nodes a local save_folder must be one folder that every node sees (a network file system):
+    the checkpoints rank 0 writes are read back by every node on resume, and a sharded checkpoint is one
+    folder of every rank's files. A node-local disk under the same path trains, then fails or splits its
+    checkpoints; so rank 0 writes a probe file there, every rank looks for it, and each rank raises the same
+    one-line CheckpointError naming the nodes that do not see it. Every rank calls it (collectives)."""
+    if not save_folder or storage.is_uri(save_folder) or dist.get_world_size() == dist.get_local_world_size():
+        return
+    probe = [None]
+    if dist.get_global_rank() == 0:
+        name = f".node-probe-{secrets.token_hex(8)}"
+        try:
+            Path(save_folder).mkdir(parents=True, exist_ok=True)
+            Path(save_folder, name).touch()
+            probe[0] = name
+        except OSError as e:
+            probe[0] = CheckpointError(f"save_folder {save_folder} cannot be written: {e.strerror}")
+    dist.broadcast_object_list(probe, src=0)
+    if isinstance(probe[0], Exception):
+        raise probe[0]
+    seen = Path(save_folder, probe[0]).is_file()
+    views = dist.all_gather_object((dist.get_node_rank(), socket.gethostname(), seen))
+    if dist.get_global_rank() == 0:
+        Path(save_folder, probe[0]).unlink(missing_ok=True)
+    blind = sorted({(node, host) for node, host, saw in views if not saw})
+    if blind:
+        nodes = ", ".join(f"node {node} ({host})" for node, host in blind)
+        raise CheckpointError(
+            f"save_folder {save_folder} is not shared by the nodes: {nodes} cannot see the file node 0 wrote "
+            "there (a node-local disk?); on several nodes save_folder must be one folder all of them mount "
+            "(a network file system) or a bucket (s3://...)"
+        )
 
 
 def _picklable(error: Exception) -> bool:
