@@ -16,7 +16,8 @@ from .train import FinetuneSettings, finetune
 
 def parser() -> argparse.ArgumentParser:
     defaults = FinetuneSettings()
-    p = OneLineErrorParser(prog="modernbert-finetune", description=__doc__.splitlines()[0])
+    description = " ".join(__doc__.split("\n\n")[0].split())  # the first paragraph, whole
+    p = OneLineErrorParser(prog="modernbert-finetune", description=description)
     p.add_argument(
         "model_dir",
         metavar="MODEL_DIR",

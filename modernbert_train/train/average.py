@@ -103,7 +103,7 @@ def average_cli(argv: list[str]) -> None:
     parser = OneLineErrorParser(
         prog="modernbert-export",
         usage="modernbert-export --average CKPT [CKPT ...] OUT_DIR [--tokenizer FILE] [--overwrite]",
-        description=__doc__.splitlines()[0],
+        description=" ".join(__doc__.split("\n\n")[0].split()),  # the first paragraph, whole
     )
     parser.add_argument("--average", action="store_true", required=True)
     parser.add_argument(

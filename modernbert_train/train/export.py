@@ -198,7 +198,12 @@ def cli(argv: list[str] | None = None) -> None:
 
         average_cli(argv)
         return
-    parser = OneLineErrorParser(prog="modernbert-export", description=__doc__.splitlines()[0])
+    parser = OneLineErrorParser(
+        prog="modernbert-export",
+        description=__doc__.splitlines()[0],
+        epilog="modernbert-export --average CKPT [CKPT ...] OUT_DIR averages checkpoints into one folder "
+        "(modernbert-export --average --help)",
+    )
     parser.add_argument(
         "checkpoint", help="a Composer checkpoint written by modernbert-train (.pt, or a sharded folder)"
     )
