@@ -296,7 +296,7 @@ class PackedMLMDataset(IterableDataset):
     def _read_counts(self, epoch: int, history: list[dict[str, Any]]) -> np.ndarray:
         """How many times the producers of earlier topologies read each sample id of `epoch`: each its own
         order, minus what the topologies before it read (by its `read_rule`), up to its cursor."""
-        counts = np.zeros(self.samples.num_samples, dtype=np.int64)
+        counts = np.zeros(self.samples.num_samples, dtype=np.int32)  # reads per id: a few, not billions
         own_canonical_nodes = self.samples.num_canonical_nodes
         try:
             for segment in history:
