@@ -27,6 +27,9 @@ TIED_KEY = "decoder.weight"
 EMBEDDING_KEY = "model.embeddings.tok_embeddings.weight"
 # transformers 5's rope_parameters entries and the transformers 4 key each stands for.
 ROPE_LAYER_TYPES = {"full_attention": "global_rope_theta", "sliding_attention": "local_rope_theta"}
+# Each special role's BERT and RoBERTa spellings, as data_prep looks them up.
+ROLE_SPELLINGS = {"cls": ("[CLS]", "<s>"), "sep": ("[SEP]", "</s>"), "pad": ("[PAD]", "<pad>"),
+                  "mask": ("[MASK]", "<mask>")}  # fmt: skip
 
 
 class HFCheckpointError(ValueError):
@@ -229,7 +232,64 @@ def read_hf_config(path: str | Path) -> ModernBertConfig:
     values = _read_json(config_file)
     if not isinstance(values, dict):
         raise HFCheckpointError(f"{config_file}: not a model config (a JSON object)")
-    return config_from_hf(values, _mask_token_id_from_tokenizer(folder))
+    mask_token_id = _mask_token_id_from_tokenizer(folder)
+    try:
+        return config_from_hf(values, mask_token_id)
+    except HFCheckpointError as error:  # "config.json: ..." -> the file's path, so a user knows which folder
+        message = str(error)
+        if message.startswith("config.json"):
+            message = f"{config_file}{message.removeprefix('config.json')}"
+        raise HFCheckpointError(message) from None
+
+
+def check_data_tokenizer(path: str | Path, data_tokenizer: str | Path) -> None:
+    """Continued pretraining feeds the checkpoint's embeddings the data's ids, so the data must be sharded
+    with the checkpoint's own tokenizer, or one that only adds tokens after its ids (domain tokens in the
+    padded vocabulary's spare rows). Equal special ids and vocabulary sizes do not show that (two tokenizers
+    trained alike share both): the tokenizer.json beside the checkpoint, where there is one, is compared
+    with the data's by what decides the ids (read through `tokenizers`, so a copy written by another
+    tokenizers version, merges as "a b" or as pairs, is the same tokenizer)."""
+    file = storage.join(path, "tokenizer.json") if storage.is_uri(path) else Path(path, "tokenizer.json")
+    if not (storage.exists(file) if storage.is_uri(path) else file.is_file()):
+        return
+    from .data.tokens import IDENTITY_PARTS, tokenizer_identity  # here: hf.py otherwise needs no data code
+
+    theirs, ours = _tokenizer_json(file), _tokenizer_json(data_tokenizer)
+    if tokenizer_identity(json.dumps(theirs)) == tokenizer_identity(json.dumps(ours)):
+        return
+    size = _tokenizer_size(theirs)
+    kept = {**ours, "added_tokens": [t for t in ours.get("added_tokens") or [] if t.get("id", 0) < size]}
+    if tokenizer_identity(json.dumps(kept)) == tokenizer_identity(json.dumps(theirs)):
+        return  # the checkpoint's tokenizer with tokens added after its last id
+    raise HFCheckpointError(
+        f"{file} is not the tokenizer the data was sharded with ({data_tokenizer}), nor extended by added "
+        f"tokens after its ids: their {IDENTITY_PARTS} differ, so the checkpoint's embeddings would be fed "
+        f"other tokens' ids; shard the data with modernbert-data shard --tokenizer {path}"
+    )
+
+
+def _tokenizer_json(file: str | Path) -> dict:
+    """A tokenizer.json as `tokenizers` writes it back (one layout whatever version wrote the file)."""
+    from tokenizers import Tokenizer
+
+    try:
+        text = storage.decode_text(storage.read_bytes(file), file)
+        return json.loads(Tokenizer.from_str(text).to_str())
+    except storage.StorageError as error:
+        raise HFCheckpointError(str(error)) from None
+    except OSError as error:
+        raise HFCheckpointError(f"{file}: {error.strerror or error}") from None
+    except Exception as error:  # tokenizers raises plain Exception for a malformed file
+        raise HFCheckpointError(
+            f"{file}: not a tokenizer.json ({' '.join(str(error).split())[:200]})"
+        ) from None
+
+
+def _tokenizer_size(tokenizer: dict) -> int:
+    """One past the highest id of a tokenizer.json's vocabulary and added tokens."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(json.dumps(tokenizer)).get_vocab_size(with_added_tokens=True)
 
 
 def _read_json(file: Path):
@@ -295,17 +355,20 @@ def to_hf(model: ModernBertForMaskedLM, out_dir: str | Path, tokenizer=None) -> 
     if TIED_KEY in weights and not torch.equal(weights[TIED_KEY], weights[EMBEDDING_KEY]):
         # transformers ties them on load: an untied decoder would be replaced by the embeddings silently.
         raise ValueError(f"cannot export: {TIED_KEY} is not tied to {EMBEDDING_KEY}")
+    # The tokenizer is checked before anything is written, and config.json, which marks a model folder,
+    # is written last: a refused tokenizer or a failed write leaves no folder that looks finished.
+    hf_tokenizer = transformers_tokenizer(tokenizer, model.config) if tokenizer is not None else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config_to_hf(model.config), indent=2) + "\n")
     state = {key: value.detach().cpu().contiguous() for key, value in weights.items() if key != TIED_KEY}
     save_file(state, out / "model.safetensors", metadata={"format": "pt"})
     # safetensors 0.8 writes through a temporary file and leaves it 0600; the umask decides, as for the rest.
     umask = os.umask(0)
     os.umask(umask)
     (out / "model.safetensors").chmod(0o666 & ~umask)
-    if tokenizer is not None:
-        save_tokenizer(tokenizer, out, model.config)
+    if hf_tokenizer is not None:
+        hf_tokenizer.save_pretrained(out)
+    (out / "config.json").write_text(json.dumps(config_to_hf(model.config), indent=2) + "\n")
     return out
 
 
@@ -330,8 +393,10 @@ def check_vocabulary(size: int, config: ModernBertConfig) -> None:
         )
 
 
-def save_tokenizer(tokenizer, out_dir: Path, config: ModernBertConfig) -> None:
-    """Save a tokenizer that AutoTokenizer.from_pretrained(out_dir) loads with ModernBERT's special tokens."""
+def transformers_tokenizer(tokenizer, config: ModernBertConfig):
+    """`tokenizer` (see to_hf) as a transformers tokenizer that AutoTokenizer.from_pretrained loads, once
+    saved, with ModernBERT's special tokens at the config's ids; one that does not fit the config is
+    refused."""
     from tokenizers import Tokenizer, processors
     from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
@@ -344,8 +409,7 @@ def save_tokenizer(tokenizer, out_dir: Path, config: ModernBertConfig) -> None:
                     f"tokenizer: its {role}_token_id is {theirs}, the model config's {ours}; export the "
                     "tokenizer the model was trained with"
                 )
-        tokenizer.save_pretrained(out_dir)
-        return
+        return tokenizer
     if isinstance(tokenizer, str | Path):
         file = storage.file_in(tokenizer, "tokenizer.json")
         try:
@@ -361,6 +425,14 @@ def save_tokenizer(tokenizer, out_dir: Path, config: ModernBertConfig) -> None:
         token = tokenizer.id_to_token(token_id)
         if token is None:
             raise HFCheckpointError(f"tokenizer: no token has the config's {role}_token_id={token_id}")
+        # A tokenizer whose [PAD] (say) has another id than the config's is not the one the model was
+        # trained with; exporting it would name some other token the pad token.
+        spelled = next((t for t in ROLE_SPELLINGS[role] if tokenizer.token_to_id(t) is not None), None)
+        if token not in ROLE_SPELLINGS[role] and spelled is not None:
+            raise HFCheckpointError(
+                f"tokenizer: its {spelled} is id {tokenizer.token_to_id(spelled)}, but the model config's "
+                f"{role}_token_id={token_id} is {token!r}; export the tokenizer the model was trained with"
+            )
         special[f"{role}_token"] = token
     unk = _unk_token(tokenizer)
     if unk is not None:
@@ -373,10 +445,9 @@ def save_tokenizer(tokenizer, out_dir: Path, config: ModernBertConfig) -> None:
             pair=f"{cls} $A {sep} $B {sep}",
             special_tokens=[(cls, config.cls_token_id), (sep, config.sep_token_id)],
         )
-    fast = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         model_max_length=config.max_position_embeddings,
         model_input_names=["input_ids", "attention_mask"],
         **special,
     )
-    fast.save_pretrained(out_dir)

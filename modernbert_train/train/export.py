@@ -30,7 +30,7 @@ from modernbert_train.train.checkpoint import (
 )
 from modernbert_train.train.run_metadata import metadata_from_checkpoint
 
-# What an export writes (to_hf, and save_tokenizer through transformers).
+# What an export writes (to_hf: the weights, config.json, and the tokenizer saved through transformers).
 EXPORT_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json"}  # fmt: skip
 # What marks a folder as a transformers model: nothing left to export.

@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from modernbert_train import storage
 from modernbert_train.data.tokens import IDENTITY_PARTS, tokenizer_identity
-from modernbert_train.hf import from_hf, read_hf_config
+from modernbert_train.hf import HFCheckpointError, check_data_tokenizer, from_hf, read_hf_config
 from modernbert_train.model import ModernBertConfig, pad_vocab_size
 from modernbert_train.model.attention import resolve_backend
 from modernbert_train.optim import build_optimizer
@@ -120,7 +120,7 @@ def model_config(
     """
     info = data.tokenizer_info
     if pretrained is not None:
-        check_tokenizer_fits(pretrained, info, config.model.init_from_hf)
+        check_tokenizer_fits(pretrained, info, config.model.init_from_hf, data.tokenizer_file)
         values = {**pretrained.to_dict(), "attn_backend": config.model.attn_backend, **config.model.overrides}
         return ModernBertConfig.from_dict(values)
     from_tokenizer = dict(
@@ -134,7 +134,9 @@ def model_config(
     return ModernBertConfig.from_preset(config.model.preset, **{**from_tokenizer, **config.model.overrides})
 
 
-def check_tokenizer_fits(pretrained: ModernBertConfig, info, path: str) -> None:
+def check_tokenizer_fits(pretrained: ModernBertConfig, info, path: str, tokenizer_file) -> None:
+    """The data's tokenizer is the checkpoint's (or extends it): its special ids, its size, then its
+    tokenizer.json, compared with the one beside the checkpoint where there is one."""
     ids = {"pad_token_id": info.pad_id, "cls_token_id": info.cls_id, "sep_token_id": info.sep_id,
            "mask_token_id": info.mask_id}  # fmt: skip
     for name, data_id in ids.items():
@@ -148,6 +150,10 @@ def check_tokenizer_fits(pretrained: ModernBertConfig, info, path: str) -> None:
             f"model.init_from_hf: {path} has vocab_size={pretrained.vocab_size}, smaller than the data's "
             f"tokenizer ({info.vocab_size}); shard the data with the checkpoint's tokenizer"
         )
+    try:
+        check_data_tokenizer(path, tokenizer_file)
+    except HFCheckpointError as e:
+        raise ConfigError(f"model.init_from_hf: {e}") from None
 
 
 def load_pretrained(model: ModernBertMLM, pretrained: torch.nn.Module, path: str) -> None:
