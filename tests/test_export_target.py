@@ -2,6 +2,7 @@
 --overwrite), and an export is written beside the target and swapped in, so a failed one changes nothing."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -72,6 +73,25 @@ def test_a_failed_export_leaves_the_target_as_it_was(tmp_path):
         raise RuntimeError("disk gone")
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_an_export_killed_here_leaves_no_stale_copy_behind_the_next_one(tmp_path):
+    """A SIGKILL mid-export left `.hf.staging-PID` (a whole model's weights) for good: the rerun, with
+    another pid, never reused or removed it. A dead pid's staging copy goes; its old copy only once the
+    target is a finished export (killed mid-swap, it is the previous export's only copy); a live process's
+    copies stay."""
+    target = tmp_path / "hf"
+    dead, live = 2**31 - 2, os.getppid()  # no pid is that high (pid_max <= 2**22); our parent runs
+    for name in (f".hf.staging-{dead}", f".hf.old-{dead}", f".hf.staging-{live}", ".hf.notes-x"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"weights")
+    with staged_export(target) as staging:  # the target is not an export yet: the dead old copy stays
+        to_hf(tiny_model(0), staging)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted([f".hf.old-{dead}", f".hf.staging-{live}", ".hf.notes-x", "hf"]), left
+    with staged_export(target) as staging:
+        to_hf(tiny_model(1), staging)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f".hf.staging-{live}", ".hf.notes-x", "hf"])
 
 
 def test_a_run_refuses_another_models_folder_as_its_export_before_it_starts(tmp_path, write_recipe, capsys):

@@ -5,8 +5,10 @@ refuses a target folder holding anything but an earlier export (unless overwritt
 written beside it, then swapped in: a failed export leaves the target as it was.
 """
 
+import glob
 import json
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -94,9 +96,34 @@ def staged_export(out_dir: str | Path) -> Iterator[Path | str]:
             print(f"modernbert-export: warning: {error}; delete the earlier content by hand", file=sys.stderr)
         return
     out = Path(out_dir)
+    _remove_stale_copies(out)
     hidden = [out.with_name(f".{out.name}.{what}-{os.getpid()}") for what in ("staging", "old")]
     with storage.staged_folder(out, *hidden) as staging:
         yield staging
+
+
+def _remove_stale_copies(out: Path) -> None:
+    """What an export killed here left beside `out` (named with a pid no process has now): its half-written
+    staging copy (gigabytes for a large model; a rerun, with another pid, never reused it) is deleted; its
+    old copy only once `out` is a finished export (killed mid-swap, it is the previous export's only copy)."""
+    prefix = f".{out.name}."
+    for sibling in out.parent.glob(f"{glob.escape(prefix)}*-*") if out.parent.is_dir() else ():
+        what, _, pid = sibling.name.removeprefix(prefix).rpartition("-")
+        if what not in ("staging", "old") or not pid.isdigit() or _process_runs(int(pid)):
+            continue
+        if what == "old" and not (out / "config.json").is_file():
+            continue
+        shutil.rmtree(sibling, ignore_errors=True)
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def export_checkpoint(
