@@ -4,10 +4,13 @@ from it with save_folder=s3:// and autoresume, SIGKILL after a checkpoint, rerun
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,14 +150,17 @@ def test_a_damaged_checkpoint_in_a_bucket_is_skipped_and_moved_aside(s3_bucket, 
         assert storage.read_text(orphan).split()[0] == sha256(local)
 
 
-def test_a_bucket_keeps_the_newest_checkpoints_across_a_resume(s3_bucket, write_recipe, tmp_path):
+def test_a_bucket_keeps_the_newest_checkpoints_across_a_resume(s3_bucket, write_recipe, tmp_path, request):
     """save_num_checkpoints_to_keep=2 with a checkpoint every batch: once each upload is done, the bucket
     holds the newest 2 with their checksums; the resumed run counts (and deletes) the first attempt's too,
     and the run's other objects (a damaged checkpoint moved aside among them) stay. The metrics' local copy
     is deleted once uploaded."""
     run = storage.join(s3_bucket, "kept")
-    scratch = tmp_path / "tmp"
-    scratch.mkdir()
+    # Short: Composer's uploader starts a multiprocessing Manager whose socket lies in TMPDIR, and a socket
+    # path has at most 107 bytes (pytest's popen-gwN/test_.../tmp under /tmp/pytest-of-USER/pytest-NNN is
+    # past that once NNN has three digits).
+    scratch = Path(tempfile.mkdtemp(prefix="mb-"))
+    request.addfinalizer(lambda: shutil.rmtree(scratch, ignore_errors=True))
 
     def train(duration: str) -> None:
         recipe = write_recipe(

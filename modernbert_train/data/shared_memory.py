@@ -18,6 +18,7 @@ local leader's pick.
 
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import random
@@ -169,6 +170,21 @@ def _holder(path: Path) -> str:
         return "holder unknown"
 
 
+@contextlib.contextmanager
+def _attachments_dropped_after_the_scan() -> Iterator[None]:
+    """streaming's free-prefix scan attaches to each existing prefix's segments through its SharedMemory,
+    which registers an atexit cleanup that holds the attachment (a file descriptor) for the life of the
+    process: every dataset built kept one per segment of every prefix before it, so a process building
+    many (the test suite) held O(datasets^2) descriptors and hit the open-file limit. During the scan its
+    attachments are made without that registration, and closed as soon as the scan lets go of them."""
+    original = streaming_prefix.SharedMemory
+    streaming_prefix.SharedMemory = functools.partial(original, auto_cleanup=False)
+    try:
+        yield
+    finally:
+        streaming_prefix.SharedMemory = original
+
+
 def agreed_shm_prefix(
     streams_local: list[str], streams_remote: list[str | None], world: World, retry: int = 100
 ):
@@ -179,10 +195,11 @@ def agreed_shm_prefix(
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     mine = -1
     if world.is_local_leader:
-        mine = max(
-            streaming_prefix._check_and_find_retrying(streams_local, streams_remote, name, retry)
-            for name in SHM_TO_CLEAN
-        )
+        with _attachments_dropped_after_the_scan():
+            mine = max(
+                streaming_prefix._check_and_find_retrying(streams_local, streams_remote, name, retry)
+                for name in SHM_TO_CLEAN
+            )
     if distributed:
         device = collective_device()
         picks = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size())]
