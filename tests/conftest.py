@@ -251,3 +251,20 @@ _LAUNCHER_VARS = (
     "MASTER_ADDR",
     "MASTER_PORT",
 )
+
+
+# A process that holds the run lock of the folder it is given, as another run would.
+HOLD = "import sys, time; from modernbert_train.train.run_lock import hold_run_lock; " \
+       "hold_run_lock(sys.argv[1]).claim(); print('held', flush=True); time.sleep(300)"  # fmt: skip
+
+
+@pytest.fixture
+def holder(tmp_path):
+    """Another process holding the lock of tmp_path/run."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(tmp_path / "run")], stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout.readline().strip() == "held"
+    yield process
+    process.kill()
+    process.wait()

@@ -12,7 +12,6 @@ import time
 
 import pytest
 from conftest import REPO, free_port, losses_by_batch, read_metrics, run_env, start_ranks, wait_for_ranks
-from test_run_lock import HOLD
 from test_train_distributed import rewind, unshare_works
 
 from modernbert_train.train import run_lock
@@ -152,18 +151,6 @@ def test_sigterm_to_one_nodes_launcher_stops_both_nodes_at_one_checkpoint(write_
     assert os.readlink(folder / "latest-rank0.pt") == f"ep0-ba{stopped_at}-rank0.pt"
     assert f"modernbert-train: preempted: stopped at batch {stopped_at}" in logs[0]
     assert "SIGTERM: saving a checkpoint" in logs[signalled]
-
-
-@pytest.fixture
-def holder(tmp_path):
-    """Another run's process holding the lock of tmp_path/run."""
-    process = subprocess.Popen(
-        [sys.executable, "-c", HOLD, str(tmp_path / "run")], stdout=subprocess.PIPE, text=True
-    )
-    assert process.stdout.readline().strip() == "held"
-    yield process
-    process.kill()
-    process.wait()
 
 
 LOCK_ON_RANK_0 = """

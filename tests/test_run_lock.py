@@ -9,24 +9,10 @@ import sys
 import time
 
 import pytest
+from conftest import HOLD
 
 from modernbert_train.train.main import main
 from modernbert_train.train.run_lock import LEASE_ENV, LOCK_FILE, RunLockError, hold_run_lock
-
-HOLD = "import sys, time; from modernbert_train.train.run_lock import hold_run_lock; " \
-       "hold_run_lock(sys.argv[1]).claim(); print('held', flush=True); time.sleep(300)"  # fmt: skip
-
-
-@pytest.fixture
-def holder(tmp_path):
-    """Another process holding the lock of tmp_path/run."""
-    process = subprocess.Popen(
-        [sys.executable, "-c", HOLD, str(tmp_path / "run")], stdout=subprocess.PIPE, text=True
-    )
-    assert process.stdout.readline().strip() == "held"
-    yield process
-    process.kill()
-    process.wait()
 
 
 def test_a_second_run_is_refused_naming_the_holder(tmp_path, holder, write_recipe, capsys):

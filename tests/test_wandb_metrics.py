@@ -17,8 +17,9 @@ from modernbert_train.train.checkpoint import checkpoint_summary
 from modernbert_train.train.jsonl_logger import JSONLLogger
 
 
-def test_an_evaluation_off_the_log_interval_is_written(tmp_path):
-    path = tmp_path / "metrics.jsonl"
+def seven_batches(path, before_checkpoint):
+    """JSONLLogger (every 4th batch) through 7 batches as Composer drives it, `before_checkpoint(destination,
+    state, logger, batch)` called between each batch's end and its checkpoint event."""
     destination = JSONLLogger(path, log_every_n_batches=4)
     state = State(model=torch.nn.Linear(1, 1), rank_zero_seed=0, run_name="t", device=DeviceCPU(),
                   max_duration="7ba")  # fmt: skip
@@ -28,9 +29,19 @@ def test_an_evaluation_off_the_log_interval_is_written(tmp_path):
         destination.log_metrics({"loss/train/total": 1.0 / batch})
         state.timestamp = state.timestamp.to_next_batch(samples=8, tokens=512)
         destination.batch_end(state, logger)
-        if batch % 3 == 0:  # eval_interval: 3ba, logged between the batch's end and its checkpoint event
-            destination.log_metrics({"metrics/eval/MLMLoss": 2.0 / batch})
+        before_checkpoint(destination, state, logger, batch)
         destination.batch_checkpoint(state, logger)
+    return destination, state, logger
+
+
+def test_an_evaluation_off_the_log_interval_is_written(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+
+    def evaluate_every_third(destination, state, logger, batch):  # eval_interval: 3ba
+        if batch % 3 == 0:
+            destination.log_metrics({"metrics/eval/MLMLoss": 2.0 / batch})
+
+    destination, state, logger = seven_batches(path, evaluate_every_third)
     destination.fit_end(state, logger)
 
     rows = read_metrics(path)
@@ -45,17 +56,11 @@ def test_the_evaluation_after_fit_end_joins_the_last_row(tmp_path):
     """A last batch off eval_interval: Composer evaluates once more after FIT_END, once the last batch's row
     is written (before its checkpoint); those metrics join that row, which keeps its training loss."""
     path = tmp_path / "metrics.jsonl"
-    destination = JSONLLogger(path, log_every_n_batches=4)
-    state = State(model=torch.nn.Linear(1, 1), rank_zero_seed=0, run_name="t", device=DeviceCPU(),
-                  max_duration="7ba")  # fmt: skip
-    logger = Logger(state, [destination])
-    for batch in range(1, 8):
-        destination.batch_start(state, logger)
-        destination.log_metrics({"loss/train/total": 1.0 / batch})
-        state.timestamp = state.timestamp.to_next_batch(samples=8, tokens=512)
-        destination.batch_end(state, logger)
+
+    def write_before_save(destination, state, logger, batch):
         destination.writer_before_save().batch_checkpoint(state, logger)
-        destination.batch_checkpoint(state, logger)
+
+    destination, state, logger = seven_batches(path, write_before_save)
     destination.log_metrics({"time/batch": 7})  # Composer's final counters, then FIT_END, then the eval
     destination.fit_end(state, logger)
     destination.log_metrics({"metrics/eval/MLMLoss": 0.5, "metrics/eval/MLMAccuracy": 0.25})
