@@ -182,6 +182,7 @@ def test_a_continued_run_may_change_its_config(tmp_path, monkeypatch):
         destination.post_close()
 
 
+@needs_wandb
 def test_wandb_run_id_opens_that_run_for_every_start(monkeypatch):
     """WANDB_RUN_ID alone was left to W&B, without resume="allow": a second start with it did not continue."""
     from modernbert_train.train.config import load_config
